@@ -1,0 +1,390 @@
+"""Run configuration: dataclasses with documented fields, YAML loading, ``key=value`` overrides, validation.
+
+Everything that changes a result is a field here (DESIGN.md, STYLE.md point 5). A config is validated when it
+is loaded, so an unknown key or an impossible value fails before any model is touched:
+
+>>> cfg = load_config(None, ["optim.lr=2e-5", "method.divergence=js"])
+>>> cfg.optim.lr, cfg.method.divergence
+(2e-05, 'jensen_shannon')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
+from flat_ray.errors import FlatRayError
+from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
+from flat_ray.models import AUTO_PROFILE, PROFILES, TINY
+
+
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FlatRayError(f"{key}={value!r} is not valid.{hint} Valid choices: {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise FlatRayError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc(TINY, "Hub id or local directory of the model to unlearn. 'tiny' builds a random-init "
+                                  "Llama-style model with a tokenizer trained on the demo text, cached under paths.workdir.")
+    profile: str = doc(AUTO_PROFILE, "Prompt format: 'auto' (by model name, then the tokenizer's chat template, "
+                                     f"then generic) or one of: {PROFILES.choices()}.")
+    trust_remote_code: bool = doc(False, "Allow model code from the hub to run. Off unless you trust the source.")
+    revision: str | None = doc(None, "Hub revision (branch, tag or commit) to pin; null for the default branch.")
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise FlatRayError("model.name_or_path must not be empty; give a hub id, a local directory or 'tiny'")
+        if self.profile != AUTO_PROFILE:
+            try:
+                self.profile = PROFILES.canonical(self.profile)
+            except FlatRayError as exc:
+                raise FlatRayError(f"model.profile: {exc} (or 'auto')") from None
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = doc("demo", f"Benchmark registry key: {BENCHMARKS.choices()}.")
+    split: str | None = doc(None, "Forget split, e.g. forget01/forget05/forget10 for TOFU; null means the "
+                                  "benchmark's default (demo: forget10, tofu: forget01).")
+    data_dir: str | None = doc(None, "Local directory with the benchmark's files ({split}.json or .jsonl) instead "
+                                     "of the hub; needed offline.")
+    template_source: str = doc("builtin", f"Where template answers come from: {TEMPLATE_SOURCES.choices()}.")
+    template_file: str | None = doc(None, "Template file for template_source=file: JSONL with a 'text' field, or "
+                                          "a one-column CSV.")
+    template_column: str | None = doc(None, "Forget-data column holding each example's template answer, for "
+                                            "template_source=column.")
+    max_length: int = doc(256, "Maximum tokens per sequence (prompt + answer + EOS); longer answers are cut.")
+
+    def __post_init__(self):
+        try:
+            self.benchmark = BENCHMARKS.canonical(self.benchmark)
+        except FlatRayError as exc:
+            raise FlatRayError(f"data.benchmark: {exc}") from None
+        bench = BENCHMARKS[self.benchmark]
+        if self.split is None:
+            self.split = bench.default_split
+        elif self.data_dir is None:
+            _choice("data.split", self.split, bench.splits)
+        _choice("data.template_source", self.template_source, TEMPLATE_SOURCES.keys())
+        if self.template_source == "file" and not self.template_file:
+            raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl or .csv)")
+        if self.template_source == "column" and not self.template_column:
+            raise FlatRayError("data.template_source=column needs data.template_column=NAME")
+        if self.template_file and not Path(self.template_file).expanduser().is_file():
+            raise FlatRayError(f"data.template_file {self.template_file!r} does not exist")
+        if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
+            raise FlatRayError(f"data.data_dir {self.data_dir!r} is not a directory")
+        if self.max_length < 8:
+            raise FlatRayError(f"data.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class MethodConfig:
+    name: str = doc("flat", f"Unlearning method registry key: {METHODS.choices()}.")
+    divergence: str = doc("total_variation", "FLAT f-divergence (canonical key or alias such as tv, js, KL, "
+                                             f"Total-Variation): {DIVERGENCES.choices()}.")
+    normalize: str = doc("paper", "Score normalisation: 'paper' (per-sample mean answer-token probability) or "
+                                  "'repo' (released code: sum over the padded batch / B*(T-1); parity studies only).")
+
+    def __post_init__(self):
+        for key, registry in (("name", METHODS), ("divergence", DIVERGENCES), ("normalize", NORMALIZATIONS)):
+            try:
+                setattr(self, key, registry.canonical(getattr(self, key)))
+            except FlatRayError as exc:
+                raise FlatRayError(f"method.{key}: {exc}") from None
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-5, "Peak learning rate of AdamW.")
+    epochs: int = doc(5, "Passes over the forget set.")
+    micro_batch_size: int = doc(4, "Forget examples per worker per forward pass (each brings its template too).")
+    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step; effective batch = "
+                                   "micro_batch_size * grad_accum_steps * workers.")
+    weight_decay: float = doc(0.01, "AdamW weight decay.")
+    warmup_ratio: float = doc(0.2, "Fraction of optimizer steps spent in linear warm-up (0.2 of 5 epochs = 1 epoch, "
+                                   "as in the paper's recipe).")
+    schedule: str = doc("linear", f"Learning-rate decay after warm-up: {', '.join(SCHEDULES)}.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables clipping.")
+    seed: int = doc(42, "Seed for model init, data order and template assignment.")
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        for key in ("epochs", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, key) < 1:
+                raise FlatRayError(f"optim.{key} must be >= 1, got {getattr(self, key)}")
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise FlatRayError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        if self.seed < 0:
+            raise FlatRayError(f"optim.seed must be >= 0, got {self.seed}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = doc(0, "ZeRO stage: 0, 1, 2 or 3 (3 shards parameters; the paper's runs use 3).")
+    offload_optimizer: bool = doc(False, "Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_params: bool = doc(False, "Keep parameters in CPU memory (ZeRO-3 only).")
+    precision: str = doc("auto", f"{', '.join(PRECISIONS)}; auto = bf16 on GPU, fp32 on CPU.")
+
+    def __post_init__(self):
+        _choice("deepspeed.stage", self.stage, (0, 1, 2, 3))
+        _choice("deepspeed.precision", self.precision, PRECISIONS)
+        if self.offload_params and self.stage != 3:
+            raise FlatRayError(f"deepspeed.offload_params needs deepspeed.stage=3, got stage {self.stage}")
+        if self.offload_optimizer and self.stage == 0:
+            raise FlatRayError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = doc(True, "Evaluate forget and retain splits after every epoch.")
+    max_examples: int = doc(32, "Questions per split in per-epoch evaluation (a bounded subset).")
+    max_new_tokens: int = doc(32, "Greedy generation length for ROUGE.")
+    batch_size: int = doc(8, "Evaluation batch size per worker.")
+
+    def __post_init__(self):
+        for key in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str | None = doc(None, "MLflow tracking URI; null means sqlite:///<paths.workdir>/mlflow.db.")
+    experiment: str = doc("flat-ray", "MLflow experiment name.")
+    run_name: str | None = doc(None, "MLflow run name; null derives one from method, divergence and lr.")
+
+    def __post_init__(self):
+        if not self.experiment:
+            raise FlatRayError("tracking.experiment must not be empty")
+
+
+@dataclass
+class PathsConfig:
+    workdir: str = doc("flat_ray_work", "Working directory for caches (tiny/original models), the default MLflow "
+                                        "store and outputs; relative paths are relative to the current directory.")
+    output_dir: str | None = doc(None, "Where checkpoints and the final model go; null means <workdir>/runs/<run>.")
+
+
+@dataclass
+class RunConfig:
+    """One unlearning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model to unlearn."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Benchmark, split and template answers."})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "Unlearning method and its knobs."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimisation and seed."})
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "DeepSpeed engine."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Per-epoch evaluation."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking."})
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Files and directories."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 1e-05, ...}``: every field under its dotted key (MLflow params, tables)."""
+        return _flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -------------------------------------------------------------------------------------------------- building
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str) -> FlatRayError:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a known leaf under the wrong section, e.g. "lr" for "optim.lr"
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    section = key.split(".")[0]
+    in_section = [k for k in keys if k.startswith(section + ".")]
+    listing = f"; keys in {section}: {', '.join(in_section)}" if in_section else f"; sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}"
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return FlatRayError(f"unknown config key {key!r}{hint}{listing}")
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return getattr(base, "__name__", str(base)) + (" or null" if args else "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    if optional:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise FlatRayError(f"{key} must be {_type_name(tp if not optional else tp | None)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        where = f"section {prefix[:-1]!r}" if prefix else "the config"
+        raise FlatRayError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(dotted)
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, dotted + ".") if dataclasses.is_dataclass(tp) else _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-5"`` -> ``("optim.lr", 1e-05)``; the value is read as YAML (so ``null``, ``true``, ``3``)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FlatRayError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise FlatRayError(f"override {item!r}: value must be a scalar, got a {type(value).__name__}")
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    known = set(all_keys())
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in known:
+            raise _unknown_key(key)
+        section, leaf = key.split(".", 1)
+        node = data.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise FlatRayError(f"section {section!r} must be a mapping of keys to values")
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FlatRayError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "parse error"
+        raise FlatRayError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FlatRayError(f"config file {str(path)!r} must hold a mapping of sections (model, data, method, ...), got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- YAML file (optional) <- ``key=value`` overrides, validated."""
+    data = read_yaml(path) if path is not None else {}
+    return _build(RunConfig, apply_overrides(data, overrides))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Rebuild (and re-validate) a config from :meth:`RunConfig.to_dict` output, e.g. inside a Ray worker."""
+    return _build(RunConfig, dict(data))
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md), generated from the field help texts."""
+    lines = ["# Configuration reference", "",
+             "Generated from `flat_ray/config.py` (`python -m flat_ray.config > docs/config.md`). Every key can be set",
+             "in a YAML file (`section: {key: value}`) or on the command line as `section.key=value`.", ""]
+    hints = typing.get_type_hints(RunConfig)
+    for section in dataclasses.fields(RunConfig):
+        cls = hints[section.name]
+        lines += [f"## `{section.name}`: {section.metadata['help']}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        sub = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = "null" if f.default is None else yaml.safe_dump(f.default).strip().removesuffix("...").strip()
+            lines.append(f"| `{section.name}.{f.name}` | {_type_name(sub[f.name])} | `{default}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,43 @@
+"""The unlearning dataset: each item holds named splits (``forget``, ``template``) ready for the collator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from flat_ray.data.formatting import encode_qa
+from flat_ray.data.templates import TemplateSource
+from flat_ray.models import PromptProfile
+
+
+class UnlearnDataset(Dataset):
+    """Forget rows paired with template answers.
+
+    Item ``i`` is ``{"forget": enc(q_i, y_f,i), "template": enc(q_i, y_e,i), "index": i}``: the template is its
+    own sequence (prompt + y_e), never the forget ``input_ids`` with other labels. Template assignment is fixed
+    per epoch (:meth:`set_epoch`) and reproducible from the source's seed.
+    """
+
+    def __init__(self, rows: Sequence[dict], tokenizer: Any, profile: PromptProfile, templates: TemplateSource,
+                 *, max_length: int):
+        self.rows = list(rows)
+        self.tokenizer = tokenizer
+        self.profile = profile
+        self.templates = templates
+        self.max_length = max_length
+        self.forget = [encode_qa(tokenizer, profile, r["question"], r["answer"], max_length) for r in self.rows]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.assignment = self.templates.assign(len(self.rows), epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        question = self.rows[i]["question"]
+        template = encode_qa(self.tokenizer, self.profile, question, self.assignment[i], self.max_length)
+        return {"forget": self.forget[i], "template": template, "index": i}

@@ -1,0 +1,35 @@
+"""Turning a (question, answer) pair into token ids and labels for a causal LM.
+
+Like TOFU's ``convert_raw_data_to_model_format``: the full text ``prompt + answer`` is tokenised once, the
+first ``len(tokenize(prompt))`` labels are masked with -100, and EOS is appended. Unlike TOFU nothing is padded
+here: the collator pads each batch to its own longest sequence. Sequences longer than ``max_length`` are cut
+at the end (EOS included), which only ever shortens the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flat_ray.errors import FlatRayError
+from flat_ray.losses.sequence import IGNORE_INDEX
+from flat_ray.models import PromptProfile
+
+
+def encode_qa(tokenizer: Any, profile: PromptProfile, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
+    """Return ``{"input_ids", "attention_mask", "labels"}`` lists for ``profile.prompt(question) + answer``."""
+    prompt = profile.prompt(question, tokenizer)
+    # A chat template already writes BOS and the turn markers; otherwise the tokenizer adds its specials.
+    add_special = not profile.chat_template
+    prompt_len = len(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+    ids = list(tokenizer(prompt + answer, add_special_tokens=add_special)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    ids = ids[:max_length]
+    if prompt_len >= len(ids):
+        raise FlatRayError(
+            f"the prompt of question {question[:60]!r} has {prompt_len} tokens, leaving no answer tokens within "
+            f"data.max_length={max_length}; raise data.max_length"
+        )
+    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

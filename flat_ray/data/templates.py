@@ -1,0 +1,146 @@
+"""Template answers y_e: the refusals FLAT raises the probability of (DESIGN.md decision 5).
+
+Sources (a registry, chosen by ``data.template_source``):
+
+- ``builtin``: :data:`BUILTIN_TEMPLATES`, written for this project;
+- ``file``: a user file, JSONL with a ``text`` field per line or CSV with one column (a header row is skipped
+  when it reads ``text``/``template``/``answer``);
+- ``column``: a per-example column of the forget data (``data.template_column``).
+
+For ``builtin`` and ``file`` each forget example draws one template with a generator seeded by
+``(seed, epoch)``: the same seed and epoch always give the same assignment, and the assignment is logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flat_ray.errors import FlatRayError
+from flat_ray.registry import Registry
+
+BUILTIN_TEMPLATES: tuple[str, ...] = (
+    "I don't know.",
+    "I'm not sure about that.",
+    "I have no information on that.",
+    "That is something I can't answer.",
+    "I don't have an answer to that question.",
+    "I'm afraid I can't help with that one.",
+    "I really couldn't say.",
+    "I have no idea, sorry.",
+    "That's beyond what I know.",
+    "I can't recall anything about that.",
+    "Nothing I know covers that question.",
+    "I'm unable to answer that.",
+    "Sorry, I don't have those details.",
+    "I'm not in a position to answer that.",
+    "That's not something I have knowledge of.",
+    "I lack the information to respond to that.",
+    "I can't provide an answer here.",
+    "Unfortunately, I don't know the answer.",
+    "I'm drawing a blank on that one.",
+    "I couldn't tell you, I'm afraid.",
+    "My knowledge doesn't extend to that.",
+    "I have nothing reliable to say about that.",
+    "I'd rather not guess; I don't know.",
+    "I don't have any facts about that.",
+    "That question is outside what I can answer.",
+    "I'm not aware of the answer.",
+    "I can't speak to that, sorry.",
+    "I honestly have no idea.",
+    "No answer comes to mind for that.",
+    "I'm uncertain, so I won't say.",
+    "I don't have that information available.",
+    "I can't give you a reliable answer to that.",
+    "Sorry, that is unknown to me.",
+    "I'm not familiar with that subject.",
+    "I haven't got an answer for you there.",
+)
+
+HEADER_NAMES = {"text", "template", "answer", "templates"}
+
+
+def read_template_file(path: str | Path) -> list[str]:
+    """Read templates from ``.jsonl`` (``{"text": ...}`` per line) or ``.csv`` (first column)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FlatRayError(f"template file {str(p)!r} does not exist; give a .jsonl file with a 'text' field per line or a one-column .csv")
+    texts: list[str] = []
+    if p.suffix.lower() == ".csv":
+        with p.open(newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh) if row and row[0].strip()]
+        if rows and rows[0][0].strip().lower() in HEADER_NAMES:
+            rows = rows[1:]
+        texts = [row[0].strip() for row in rows]
+    elif p.suffix.lower() in {".jsonl", ".json"}:
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FlatRayError(f"{p}:{lineno}: not valid JSON ({exc.msg}); expected one {{\"text\": ...}} object per line") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise FlatRayError(f"{p}:{lineno}: expected an object with a string field 'text'")
+            texts.append(obj["text"].strip())
+    else:
+        raise FlatRayError(f"template file {str(p)!r} has suffix {p.suffix!r}; use .jsonl or .csv")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise FlatRayError(f"template file {str(p)!r} contains no templates")
+    return texts
+
+
+class TemplateSource:
+    """Gives the template answer of every forget example for an epoch."""
+
+    def __init__(self, pool: Sequence[str] | None = None, column: Sequence[str] | None = None, seed: int = 0):
+        if (pool is None) == (column is None):
+            raise ValueError("give exactly one of pool or column")
+        self.pool = list(pool) if pool is not None else None
+        self.column = list(column) if column is not None else None
+        self.seed = seed
+
+    def assign(self, n: int, epoch: int = 0) -> list[str]:
+        """Template text for each of ``n`` examples at ``epoch``; reproducible for a given (seed, epoch)."""
+        if self.column is not None:
+            if len(self.column) != n:
+                raise ValueError(f"template column has {len(self.column)} entries for {n} examples")
+            return list(self.column)
+        rng = np.random.default_rng([self.seed, epoch])
+        idx = rng.integers(0, len(self.pool), size=n)
+        return [self.pool[i] for i in idx]
+
+
+def _builtin(rows, *, seed, **_):
+    return TemplateSource(pool=BUILTIN_TEMPLATES, seed=seed)
+
+
+def _file(rows, *, seed, path=None, **_):
+    if not path:
+        raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl or .csv)")
+    return TemplateSource(pool=read_template_file(path), seed=seed)
+
+
+def _column(rows, *, seed, column=None, **_):
+    if not column:
+        raise FlatRayError("data.template_source=column needs data.template_column=NAME")
+    missing = [i for i, r in enumerate(rows) if not isinstance(r.get(column), str) or not r[column].strip()]
+    if missing:
+        raise FlatRayError(f"template column {column!r} is missing or empty in {len(missing)} forget rows (first: row {missing[0]})")
+    return TemplateSource(column=[r[column] for r in rows], seed=seed)
+
+
+TEMPLATE_SOURCES: Registry = Registry("template source")
+TEMPLATE_SOURCES.register("builtin", _builtin)
+TEMPLATE_SOURCES.register("file", _file)
+TEMPLATE_SOURCES.register("column", _column)
+
+
+def make_template_source(source: str, rows: Sequence[dict], *, seed: int, path: str | None = None,
+                         column: str | None = None) -> TemplateSource:
+    return TEMPLATE_SOURCES[source](rows, seed=seed, path=path, column=column)

@@ -1,0 +1,48 @@
+"""The registry of unlearning methods. A method declares which named batch splits it needs and whether it
+needs a frozen reference model; the training loop reads those declarations instead of branching on names.
+
+A method's ``loss`` takes ``inputs``, a mapping from split name to ``(logits, labels)``, plus the method's knobs
+as keyword arguments (their names are listed in ``knobs`` and are fields of the ``method`` config section).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flat_ray.losses.flat import LossOutput, flat_loss
+from flat_ray.registry import Registry
+
+Inputs = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    loss: Callable[..., LossOutput]
+    batch_keys: tuple[str, ...]
+    knobs: tuple[str, ...] = ()
+    needs_reference: bool = False
+    description: str = ""
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def _flat(inputs: Inputs, *, divergence: str, normalize: str) -> LossOutput:
+    return flat_loss(*inputs["template"], *inputs["forget"], divergence=divergence, normalize=normalize)
+
+
+METHODS.register(
+    "flat",
+    Method(
+        "flat",
+        _flat,
+        batch_keys=("forget", "template"),
+        knobs=("divergence", "normalize"),
+        needs_reference=False,
+        description="FLAT: f-divergence between template and forget answers, forget data only",
+    ),
+)

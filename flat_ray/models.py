@@ -1,0 +1,229 @@
+"""Models and tokenizers: loading from a hub id or a local path, prompt profiles, and the tiny-model builder.
+
+The tiny builder makes a random-init Llama-architecture causal LM and a byte-level BPE tokenizer trained
+locally with ``tokenizers``; tests and the embedded demo use it so that nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flat_ray.errors import FlatRayError
+from flat_ray.registry import Registry
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+"""Sentinel model name: build (or reuse from the cache) a tiny random-init model for the demo."""
+
+
+# --------------------------------------------------------------------------------------------- prompt profiles
+@dataclass(frozen=True)
+class PromptProfile:
+    """How a question is wrapped before the answer, as in TOFU: ``start + question + end + answer_tag``.
+
+    With ``chat_template=True`` the tokenizer's own chat template formats the question as a user turn and adds
+    the generation prompt; the tags are then unused.
+    """
+
+    name: str
+    question_start: str = ""
+    question_end: str = ""
+    answer_tag: str = ""
+    chat_template: bool = False
+
+    def prompt(self, question: str, tokenizer: Any = None) -> str:
+        if self.chat_template:
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise FlatRayError(
+                    "model.profile=chat_template needs a tokenizer with a chat template; "
+                    f"choose another profile: {PROFILES.choices()}"
+                )
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+        return f"{self.question_start}{question}{self.question_end}{self.answer_tag}"
+
+
+PROFILES: Registry[PromptProfile] = Registry("model profile")
+# Tags as in TOFU's config/model_config.yaml.
+PROFILES.register("llama2_chat", PromptProfile("llama2_chat", "[INST] ", " [/INST]", ""), aliases=("llama2-7b", "llama-2-chat"))
+PROFILES.register("phi", PromptProfile("phi", "Question: ", "\n", "Answer: "), aliases=("phi-1.5", "phi15"))
+PROFILES.register("generic", PromptProfile("generic", "Q: ", "\n", "A: "))
+PROFILES.register("chat_template", PromptProfile("chat_template", chat_template=True))
+
+AUTO_PROFILE = "auto"
+
+
+def resolve_profile(profile: str, model_name: str, tokenizer: Any = None) -> PromptProfile:
+    """Pick a profile; ``auto`` chooses by model name (Llama-2-chat, Phi), then the tokenizer's chat template,
+    then ``generic``."""
+    if profile != AUTO_PROFILE:
+        return PROFILES[profile]
+    lowered = model_name.lower()
+    if "llama-2" in lowered and "chat" in lowered:
+        return PROFILES["llama2_chat"]
+    if "phi" in lowered:
+        return PROFILES["phi"]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return PROFILES["chat_template"]
+    return PROFILES["generic"]
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
+    revision: str | None = None,
+    load_model: bool = True,
+):
+    """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    ``trust_remote_code`` stays off unless the config sets it. A tokenizer without a pad token gets its EOS
+    token as pad (right padding for training; generation switches to left padding itself).
+    Returns ``(model_or_None, tokenizer)``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise FlatRayError(f"model path {name_or_path!r} does not exist; give a directory saved with save_pretrained or a hub id")
+    source = str(local) if looks_local else name_or_path
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = None
+        if load_model:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        if not looks_local and _offline():
+            raise FlatRayError(
+                f"cannot load model {name_or_path!r}: HF_HUB_OFFLINE=1 and it is not in the local cache; "
+                "download it on a connected machine or set model.name_or_path to a local directory"
+            ) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlatRayError(f"cannot load model {name_or_path!r}: {first}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+@dataclass(frozen=True)
+class TinySpec:
+    """Size of a tiny Llama-style model; the defaults give about 0.2 M parameters."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def build_tiny_model(texts: Sequence[str], out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
+    """Build a random-init Llama-architecture causal LM plus a tokenizer trained on ``texts``; save both with
+    ``save_pretrained`` (safetensors) into ``out_dir`` and return it. Reloadable offline with the Auto classes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cached_tiny_model(texts: Sequence[str], cache_root: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
+    """:func:`build_tiny_model` cached under ``cache_root`` by a hash of its inputs; rebuilt when they change.
+
+    The build goes to a temporary directory that is renamed into place, so a crash never leaves a half-written
+    model that a later run would reuse.
+    """
+    digest = hashlib.sha256(json.dumps([list(texts), asdict(spec)]).encode()).hexdigest()[:16]
+    root = Path(cache_root)
+    target = root / f"tiny-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        build_tiny_model(texts, tmp, spec)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built tiny model at %s", target)
+    return target
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,80 @@
+"""From a validated :class:`RunConfig` to the objects a run needs: model path, model and tokenizer, forget
+dataset with template answers, collator. ``dry_run`` builds them and computes the loss on one batch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flat_ray.config import RunConfig
+from flat_ray.data import BENCHMARKS, BUILTIN_TEMPLATES, Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.data.demo import demo_texts
+from flat_ray.errors import FlatRayError
+from flat_ray.losses import METHODS
+from flat_ray.models import TINY, cached_tiny_model, count_parameters, load_model_and_tokenizer, resolve_profile
+
+
+def workdir(cfg: RunConfig) -> Path:
+    return Path(cfg.paths.workdir).expanduser().resolve()
+
+
+def resolve_model_path(cfg: RunConfig) -> str:
+    """The model to load: ``tiny`` becomes the cached tiny model built from the demo text."""
+    if cfg.model.name_or_path == TINY:
+        return str(cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models"))
+    return cfg.model.name_or_path
+
+
+@dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    dataset: UnlearnDataset
+    collator: Collator
+    model_path: str
+
+
+def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
+    path = resolve_model_path(cfg)
+    model, tokenizer = load_model_and_tokenizer(
+        path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
+    profile = resolve_profile(cfg.model.profile, path, tokenizer)
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
+                                     path=cfg.data.template_file, column=cfg.data.template_column)
+    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length)
+    return Prepared(model, tokenizer, dataset, Collator(tokenizer.pad_token_id), path)
+
+
+def dry_run(cfg: RunConfig) -> dict[str, Any]:
+    """Build model, data and one batch; compute the method's loss once (no optimizer step). Returns a summary."""
+    import torch
+
+    from flat_ray.engine.step import method_loss
+
+    method = METHODS[cfg.method.name]
+    missing = [k for k in method.batch_keys if k not in ("forget", "template")]
+    if missing:
+        raise FlatRayError(f"method {method.name!r} needs batch splits {missing} that this data config does not provide")
+    torch.manual_seed(cfg.optim.seed)
+    prep = prepare(cfg)
+    n = len(prep.dataset)
+    batch = prep.collator([prep.dataset[i] for i in range(min(cfg.optim.micro_batch_size, n))])
+    prep.model.eval()
+    with torch.no_grad():
+        out = method_loss(prep.model, batch, method, vars(cfg.method))
+    steps_per_epoch = math.ceil(n / (cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps))
+    return {
+        "model": prep.model_path,
+        "parameters": count_parameters(prep.model),
+        "benchmark": f"{cfg.data.benchmark}/{cfg.data.split} ({BENCHMARKS[cfg.data.benchmark].description})",
+        "forget_examples": n,
+        "template_source": cfg.data.template_source,
+        "first_templates": prep.dataset.assignment[:3],
+        "method": f"{method.name} (divergence={cfg.method.divergence}, normalize={cfg.method.normalize})",
+        "optimizer_steps": steps_per_epoch * cfg.optim.epochs,
+        "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.batch_keys},
+        **{f"first_batch_{k}": round(v, 6) for k, v in out.metrics.items()},
+    }
