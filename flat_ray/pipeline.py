@@ -9,11 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from flat_ray.config import RunConfig
-from flat_ray.data import BENCHMARKS, BUILTIN_TEMPLATES, Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.data import (
+    BENCHMARKS,
+    BUILTIN_TEMPLATES,
+    Collator,
+    UnlearnDataset,
+    load_split,
+    make_template_source,
+)
 from flat_ray.data.demo import demo_texts
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS
-from flat_ray.models import TINY, cached_tiny_model, count_parameters, load_model_and_tokenizer, resolve_profile
+from flat_ray.models import (
+    TINY,
+    cached_tiny_model,
+    count_parameters,
+    load_model_and_tokenizer,
+    resolve_profile,
+)
 
 
 def workdir(cfg: RunConfig) -> Path:

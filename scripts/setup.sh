@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install flat-ray with its whole stack. torch is pinned by constraints/cpu.txt to the
+# CPU wheel these machines carry (an unpinned torch would pull a multi-GB CUDA build). Re-running is cheap:
+# the install is skipped while pyproject.toml and the constraints are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+CONSTRAINTS=${FLAT_RAY_CONSTRAINTS:-constraints/cpu.txt}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.flat-ray-installed
+want=$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing flat-ray and its stack into .venv (about 2 minutes the first time)" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]"
+  echo "$want" > "$stamp"
+fi
