@@ -1,9 +1,13 @@
 """Turning a (question, answer) pair into token ids and labels for a causal LM.
 
-Like TOFU's ``convert_raw_data_to_model_format``: the full text ``prompt + answer`` is tokenised once, the
-first ``len(tokenize(prompt))`` labels are masked with -100, and EOS is appended. Unlike TOFU nothing is padded
-here: the collator pads each batch to its own longest sequence. Sequences longer than ``max_length`` are cut
-at the end (EOS included), which only ever shortens the answer.
+The full text ``prompt + answer`` is tokenised once and EOS is appended. Labels are -100 on the prompt: every
+token that lies wholly inside the prompt's characters (found with the fast tokenizer's offsets). A token that
+straddles the boundary, such as `` Kalo`` after ``Answer:``, belongs to the answer. TOFU instead masks the first
+``len(tokenize(prompt))`` tokens, which for a prompt ending in a space also masks the answer's first word; the
+offsets avoid that, and the masked prefix is exactly the prompt a generator should be given.
+
+Nothing is padded here: the collator pads each batch to its own longest sequence. Sequences longer than
+``max_length`` are cut at the end (EOS included), which only ever shortens the answer.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ def encode_qa(tokenizer: Any, profile: PromptProfile, question: str, answer: str
     prompt = profile.prompt(question, tokenizer)
     # A chat template already writes BOS and the turn markers; otherwise the tokenizer adds its specials.
     add_special = not profile.chat_template
-    prompt_len = len(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
-    ids = list(tokenizer(prompt + answer, add_special_tokens=add_special)["input_ids"])
+    enc = tokenizer(prompt + answer, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    boundary = len(prompt)
+    # special tokens carry (0, 0) offsets and so count as prompt
+    prompt_len = next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > boundary), len(ids))
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
