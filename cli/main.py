@@ -77,7 +77,11 @@ def train(args: tuple[str, ...], dry_run: bool) -> None:
     if not dry_run:
         raise FlatRayError("training on Ray Train workers is not available in this version yet; "
                            "run `flat-ray train --dry-run` to check a config end to end")
+    from transformers.utils import logging as hf_logging
+
     from flat_ray.pipeline import dry_run as run_dry
+
+    hf_logging.disable_progress_bar()
 
     summary = run_dry(cfg)
     width = max(map(len, summary))

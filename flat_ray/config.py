@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
+from flat_ray.data.files import find_split_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, PROFILES, TINY
@@ -93,8 +94,8 @@ class DataConfig:
             raise FlatRayError("data.template_source=column needs data.template_column=NAME")
         if self.template_file and not Path(self.template_file).expanduser().is_file():
             raise FlatRayError(f"data.template_file {self.template_file!r} does not exist")
-        if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
-            raise FlatRayError(f"data.data_dir {self.data_dir!r} is not a directory")
+        if self.data_dir:
+            find_split_file(self.data_dir, self.split)  # names the splits that are there when this one is not
         if self.max_length < 8:
             raise FlatRayError(f"data.max_length must be >= 8, got {self.max_length}")
 

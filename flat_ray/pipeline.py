@@ -50,11 +50,12 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
+    # data first: a bad data file should fail before a model is built or downloaded
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     path = resolve_model_path(cfg)
     model, tokenizer = load_model_and_tokenizer(
         path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
     profile = resolve_profile(cfg.model.profile, path, tokenizer)
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
                                      path=cfg.data.template_file, column=cfg.data.template_column)
     dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length)

@@ -22,7 +22,6 @@ from flat_ray.data import (
     make_template_source,
 )
 from flat_ray.data import collator as collator_module
-from flat_ray.data import demo
 from flat_ray.data.templates import TemplateSource, read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.models import PROFILES
