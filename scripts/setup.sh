@@ -11,6 +11,8 @@ stamp=.venv/.flat-ray-installed
 want=$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing flat-ray and its stack into .venv (about 2 minutes the first time)" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]"
+  # this machine's pip config lists local wheel folders that may be absent; drop those warnings only
+  { .venv/bin/python -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]" 2>&1 1>&3 \
+      | { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }; } 3>&1
   echo "$want" > "$stamp"
 fi
