@@ -25,7 +25,7 @@ from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
 from flat_ray.data.files import find_split_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
-from flat_ray.models import AUTO_PROFILE, PROFILES, TINY
+from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
@@ -46,8 +46,10 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = doc(TINY, "Hub id or local directory of the model to unlearn. 'tiny' builds a random-init "
-                                  "Llama-style model with a tokenizer trained on the demo text, cached under paths.workdir.")
+    name_or_path: str = doc(TINY, f"Hub id or local directory of the model. '{TINY}' builds a random-init Llama-style "
+                                  "model with a tokenizer trained on the demo text; "
+                                  f"'{DEMO_ORIGINAL}' is that model fine-tuned on all demo authors (the demo's "
+                                  "original model). Both are cached under paths.workdir.")
     profile: str = doc(AUTO_PROFILE, "Prompt format: 'auto' (by model name, then the tokenizer's chat template, "
                                      f"then generic) or one of: {PROFILES.choices()}.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub to run. Off unless you trust the source.")
@@ -152,7 +154,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = doc(0, "ZeRO stage: 0, 1, 2 or 3 (3 shards parameters; the paper's runs use 3).")
+    stage: int = doc(3, "ZeRO stage: 0, 1, 2 or 3 (3 shards parameters; the paper's runs use 3).")
     offload_optimizer: bool = doc(False, "Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = doc(False, "Keep parameters in CPU memory (ZeRO-3 only).")
     precision: str = doc("auto", f"{', '.join(PRECISIONS)}; auto = bf16 on GPU, fp32 on CPU.")
@@ -168,13 +170,16 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = doc(True, "Evaluate forget and retain splits after every epoch.")
+    enabled: bool = doc(True, "Evaluate forget and retain splits before training and after every epoch.")
+    retain_split: str | None = doc(None, "Split used as the retain set in per-epoch evaluation; null means the "
+                                         "benchmark's (retain_perturbed for demo and TOFU).")
+    every_epochs: int = doc(1, "Evaluate every N epochs (always before training and after the last epoch).")
     max_examples: int = doc(32, "Questions per split in per-epoch evaluation (a bounded subset).")
     max_new_tokens: int = doc(32, "Greedy generation length for ROUGE.")
     batch_size: int = doc(8, "Evaluation batch size per worker.")
 
     def __post_init__(self):
-        for key in ("max_examples", "max_new_tokens", "batch_size"):
+        for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -183,11 +188,32 @@ class EvalConfig:
 class TrackingConfig:
     mlflow_uri: str | None = doc(None, "MLflow tracking URI; null means sqlite:///<paths.workdir>/mlflow.db.")
     experiment: str = doc("flat-ray", "MLflow experiment name.")
-    run_name: str | None = doc(None, "MLflow run name; null derives one from method, divergence and lr.")
+    run_name: str | None = doc(None, "Run name (MLflow and Ray); null derives one from method, divergence, lr "
+                                     "and the start time.")
+    log_model: bool = doc(True, "Upload the final model directory as an MLflow artifact; false logs only its "
+                                "path (for large models).")
 
     def __post_init__(self):
         if not self.experiment:
             raise FlatRayError("tracking.experiment must not be empty")
+
+
+@dataclass
+class LaunchConfig:
+    num_workers: int = doc(2, "Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = doc(0.99, "CPUs reserved per worker; just under 1 so that 2 workers fit on a 2-CPU "
+                                       "machine next to Ray's own actors.")
+    gpus_per_worker: float = doc(0.0, "GPUs per worker; > 0 trains on GPUs (NCCL), 0 on CPUs (gloo).")
+    address: str | None = doc(None, "Ray cluster to join (e.g. 'auto' or ray://host:10001); null starts a local "
+                                    "Ray sized to this machine.")
+    storage_path: str | None = doc(None, "Where Ray Train keeps checkpoints; null means <workdir>/ray_results. Use "
+                                         "shared storage (NFS, s3://) on a multi-node cluster.")
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise FlatRayError(f"launch.num_workers must be >= 1, got {self.num_workers}")
+        _positive("launch.cpus_per_worker", self.cpus_per_worker)
+        _positive("launch.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 
 
 @dataclass
@@ -208,6 +234,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "DeepSpeed engine."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Per-epoch evaluation."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking."})
+    launch: LaunchConfig = field(default_factory=LaunchConfig, metadata={"help": "Ray cluster and workers."})
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Files and directories."})
 
     def to_dict(self) -> dict[str, Any]:
@@ -356,9 +383,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults <- YAML file (optional) <- ``key=value`` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+PRESETS = ("demo", "finetune", "demo_finetune")
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A packaged partial config from ``flat_ray/presets/{name}.yaml``."""
+    from importlib.resources import files
+
+    _choice("preset", name, PRESETS)
+    return yaml.safe_load(files("flat_ray.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")) or {}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), presets: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- presets (in order) <- YAML file (optional) <- ``key=value`` overrides, validated."""
+    data: dict[str, Any] = {}
+    for name in presets:
+        data = _merge(data, preset(name))
+    if path is not None:
+        data = _merge(data, read_yaml(path))
     return _build(RunConfig, apply_overrides(data, overrides))
 
 

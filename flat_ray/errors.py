@@ -1,8 +1,17 @@
-"""Exceptions that mean "the user asked for something invalid".
+"""Exceptions that mean "the user asked for something invalid" or "the run could not finish".
 
-The CLI turns these into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
+The CLI turns these into one line on stderr and exit code ``exit_code``. Anything else is a bug and keeps its
+traceback.
 """
 
 
 class FlatRayError(ValueError):
     """A user mistake: bad config, unknown key, missing file. The message is shown verbatim, on one line."""
+
+    exit_code = 2
+
+
+class RunFailed(FlatRayError):
+    """A run started but did not finish (diverged, worker error); its MLflow run is marked FAILED."""
+
+    exit_code = 1

@@ -21,7 +21,9 @@ from flat_ray.data.demo import demo_texts
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS
 from flat_ray.models import (
+    DEMO_ORIGINAL,
     TINY,
+    TinySpec,
     cached_tiny_model,
     count_parameters,
     load_model_and_tokenizer,
@@ -33,10 +35,26 @@ def workdir(cfg: RunConfig) -> Path:
     return Path(cfg.paths.workdir).expanduser().resolve()
 
 
+# The demo's model: big enough (about 1 M parameters) to keep forget and retain authors apart, small enough to
+# fine-tune on two CPU cores in a couple of minutes.
+DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4)
+
+
+def tiny_model_path(cfg: RunConfig) -> Path:
+    """The cached tiny model, built from the demo text and the built-in templates on first use."""
+    return cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models", DEMO_SPEC)
+
+
 def resolve_model_path(cfg: RunConfig) -> str:
-    """The model to load: ``tiny`` becomes the cached tiny model built from the demo text."""
+    """The model a dry run loads: ``tiny`` is built; ``demo`` is the cached original model when a real run has
+    built it, else the untrained tiny model (a dry run never trains)."""
+    if cfg.model.name_or_path == DEMO_ORIGINAL:
+        from flat_ray.launch.driver import demo_original_path
+
+        cached = demo_original_path(cfg)
+        return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
     if cfg.model.name_or_path == TINY:
-        return str(cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models"))
+        return str(tiny_model_path(cfg))
     return cfg.model.name_or_path
 
 

@@ -54,7 +54,7 @@ def test_docs_config_reference_is_current():
         (["optim.micro_batch_size=0"], r"optim.micro_batch_size must be >= 1"),
         (["optim.epochs=2.5"], r"optim.epochs must be int"),
         (["deepspeed.stage=4"], r"Valid choices: 0, 1, 2, 3"),
-        (["deepspeed.offload_optimizer=true"], r"needs deepspeed.stage >= 1"),
+        (["deepspeed.stage=0", "deepspeed.offload_optimizer=true"], r"needs deepspeed.stage >= 1"),
         (["data.benchmark=tofu", "data.split=forget02"], r"data.split='forget02' is not valid.*forget01"),
         (["data.template_source=column"], r"needs data.template_column"),
         (["method.name=npoo"], r"unknown method 'npoo'.*Valid choices: flat"),

@@ -31,6 +31,7 @@ class Benchmark:
     default_split: str
     retain_of: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    eval_retain_split: str = "retain_perturbed"
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")

@@ -17,10 +17,11 @@ class UnlearnDataset(Dataset):
 
     Item ``i`` is ``{"forget": enc(q_i, y_f,i), "template": enc(q_i, y_e,i), "index": i}``: the template is its
     own sequence (prompt + y_e), never the forget ``input_ids`` with other labels. Template assignment is fixed
-    per epoch (:meth:`set_epoch`) and reproducible from the source's seed.
+    per epoch (:meth:`set_epoch`) and reproducible from the source's seed. With ``templates=None`` (methods that
+    need no template, such as fine-tuning) items hold only ``forget``: the rows of the configured split.
     """
 
-    def __init__(self, rows: Sequence[dict], tokenizer: Any, profile: PromptProfile, templates: TemplateSource,
+    def __init__(self, rows: Sequence[dict], tokenizer: Any, profile: PromptProfile, templates: TemplateSource | None,
                  *, max_length: int):
         self.rows = list(rows)
         self.tokenizer = tokenizer
@@ -32,12 +33,14 @@ class UnlearnDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.assignment = self.templates.assign(len(self.rows), epoch)
+        self.assignment = self.templates.assign(len(self.rows), epoch) if self.templates else []
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        question = self.rows[i]["question"]
-        template = encode_qa(self.tokenizer, self.profile, question, self.assignment[i], self.max_length)
-        return {"forget": self.forget[i], "template": template, "index": i}
+        item: dict[str, Any] = {"forget": self.forget[i], "index": i}
+        if self.templates:
+            item["template"] = encode_qa(self.tokenizer, self.profile, self.rows[i]["question"], self.assignment[i],
+                                         self.max_length)
+        return item

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flat_ray.losses.flat import LossOutput, flat_loss
+from flat_ray.losses.sequence import token_logprobs
 from flat_ray.registry import Registry
 
 Inputs = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -44,5 +45,24 @@ METHODS.register(
         knobs=("divergence", "normalize"),
         needs_reference=False,
         description="FLAT: f-divergence between template and forget answers, forget data only",
+    ),
+)
+
+
+def _sft(inputs: Inputs) -> LossOutput:
+    """Next-token cross-entropy averaged over all answer tokens of the batch (fine-tuning, e.g. the original
+    and retain models of TOFU-style benchmarks)."""
+    logp, mask = token_logprobs(*inputs["forget"])
+    loss = -logp.sum() / mask.sum().clamp(min=1)
+    return LossOutput(loss, {"loss": loss.detach()})
+
+
+METHODS.register(
+    "sft",
+    Method(
+        "sft",
+        _sft,
+        batch_keys=("forget",),
+        description="supervised fine-tuning on the configured split (used by `flat-ray finetune`)",
     ),
 )

@@ -1,0 +1,146 @@
+"""Everything DeepSpeed: the only module that imports it.
+
+The DeepSpeed config is a dict built from the run config (DESIGN.md decision 7): explicit batch sizes, stage,
+offload and precision; no ``"auto"`` and no JSON path. Under ZeRO-3 the model is created partitioned
+(transformers' ``HfDeepSpeedConfig`` hook) and every rank takes part in saving and exporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from flat_ray.config import RunConfig
+
+log = logging.getLogger(__name__)
+TAG = "state"  # one DeepSpeed tag per checkpoint directory; Ray Train keeps the directories apart
+
+
+def version() -> str:
+    return deepspeed.__version__
+
+
+def on_gpu() -> bool:
+    return get_accelerator().device_name() == "cuda"
+
+
+def precision(cfg: RunConfig) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if on_gpu() else "fp32"
+
+
+def init_distributed(rank: int, world_size: int, local_rank: int) -> None:
+    """Join the process group Ray Train created (gloo on CPU, nccl on GPU). DeepSpeed reads these variables when
+    it is not started by its own launcher."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks."""
+    o, d = cfg.optim, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": d.stage}
+    if d.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
+    prec = precision(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum_steps,
+        "train_batch_size": o.micro_batch_size * o.grad_accum_steps * world_size,
+        "gradient_clipping": o.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "weight_decay": o.weight_decay,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                # DeepSpeed's fused Adam needs CUDA; on CPU (without offload) use torch's AdamW
+                "torch_adam": not on_gpu() and not d.offload_optimizer,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_model(path: str, ds_config: dict[str, Any], *, trust_remote_code: bool = False):
+    """Load a causal LM; under ZeRO-3 it is created partitioned (never materialised whole on one rank)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hook = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else (torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model._flat_ray_ds_hook = hook  # keep transformers' ZeRO-3 hook alive as long as the model
+    return model
+
+
+def build_engine(model, ds_config: dict[str, Any], lr_lambda: Callable[[int], float]):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and a LambdaLR schedule (warm-up + decay)."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        # stepped by engine.step() at accumulation boundaries and saved in its checkpoints
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
+    )
+    return engine
+
+
+def save_checkpoint(engine, directory: str | Path, client_state: dict[str, Any]) -> None:
+    """Every rank writes its own shard (DeepSpeed's file names carry the rank)."""
+    engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state)
+
+
+def load_checkpoint(engine, directory: str | Path) -> dict[str, Any]:
+    _, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+    if client_state is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+    return client_state
+
+
+def gathered_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:
+    """Full parameters on rank 0 (empty elsewhere), gathered one tensor at a time so that no rank holds more
+    than one extra full parameter under ZeRO-3. All ranks must call this."""
+    state: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.data.detach().to("cpu", copy=True)
+    if rank == 0:
+        for name, buf in engine.module.named_buffers():
+            if name in engine.module.state_dict():
+                state[name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def export_hf(engine, tokenizer, out_dir: str | Path, rank: int) -> Path | None:
+    """Consolidated Hugging Face directory (safetensors + config + tokenizer), written by rank 0."""
+    state = gathered_state_dict(engine, rank)
+    if rank != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

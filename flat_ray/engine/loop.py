@@ -1,0 +1,199 @@
+"""The training loop run by every worker, written out: data, engine, per-step logging, per-epoch evaluation
+and checkpoints, final export. Framework glue (Ray) stays outside: the launcher passes ``report`` (called the
+same number of times on every rank) and the directory to restore from.
+
+The loop reads hyperparameters only from its payload; rank and world size arrive as ints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from flat_ray import tracking
+from flat_ray.config import config_from_dict
+from flat_ray.data import BENCHMARKS, Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.engine import ds
+from flat_ray.engine.schedule import lr_multiplier, warmup_steps
+from flat_ray.engine.step import method_loss
+from flat_ray.eval.quick import evaluate_qa
+from flat_ray.losses import METHODS
+from flat_ray.models import load_model_and_tokenizer, resolve_profile
+
+log = logging.getLogger("flat_ray.train")
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; the run stops on every rank."""
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _to(batch: Any, device: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _divergence(loss: float, grad_norm: float | None) -> str | None:
+    """Why training cannot go on, or None. DeepSpeed reports an overflowed gradient norm as the largest float."""
+    if not math.isfinite(loss):
+        return f"loss became {loss}"
+    if grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm >= 1e300):
+        return "gradient norm overflowed"
+    return None
+
+
+def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None = None) -> None:
+    """Run one training job on this rank. ``payload`` = {"run": RunConfig dict, "model_path", "output_dir",
+    "mlflow": {"uri", "run_id"}}."""
+    cfg = config_from_dict(payload["run"])
+    rank, world = ctx.rank, ctx.world_size
+    out_dir = Path(payload["output_dir"])
+    ds.init_distributed(rank, world, ctx.local_rank)
+    tracker = tracking.open_run(payload["mlflow"]["uri"], payload["mlflow"]["run_id"], rank)
+    info = log.info if rank == 0 else (lambda *args: None)  # progress lines from rank 0 only
+    torch.manual_seed(cfg.optim.seed)
+
+    # ---- data
+    method = METHODS[cfg.method.name]
+    _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
+                                            load_model=False)
+    profile = resolve_profile(cfg.model.profile, cfg.model.name_or_path, tokenizer)
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    templates = None
+    if "template" in method.batch_keys:
+        templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
+                                         path=cfg.data.template_file, column=cfg.data.template_column)
+    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length)
+    # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.optim.seed)
+    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
+                        collate_fn=Collator(tokenizer.pad_token_id))
+    accum = cfg.optim.grad_accum_steps
+    total_steps = max(1, (len(loader) * cfg.optim.epochs) // accum)
+    warmup = warmup_steps(total_steps, cfg.optim.warmup_ratio)
+
+    # ---- engine
+    ds_config = ds.build_config(cfg, world)
+    model = ds.load_model(payload["model_path"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
+    engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(s, total_steps, warmup, cfg.optim.schedule))
+    device = engine.device
+    start_epoch, global_step = 0, 0
+    if restore_dir:
+        state = ds.load_checkpoint(engine, Path(restore_dir) / "ds")
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        info("resumed after epoch %d (step %d)", start_epoch, global_step)
+        tracker.set_tags({"resumed_from_epoch": start_epoch})
+
+    # ---- evaluation subsets (bounded)
+    bench = BENCHMARKS[cfg.data.benchmark]
+    eval_sets = {"forget": rows[: cfg.eval.max_examples]}
+    if cfg.eval.enabled:
+        retain_split = cfg.eval.retain_split or bench.eval_retain_split
+        eval_sets["retain"] = load_split(cfg.data.benchmark, retain_split, cfg.data.data_dir)[: cfg.eval.max_examples]
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
+        if not cfg.eval.enabled or not due:
+            return {}
+        metrics: dict[str, float] = {}
+        for name, split_rows in eval_sets.items():
+            res = evaluate_qa(engine.module, tokenizer, profile, split_rows, max_length=cfg.data.max_length,
+                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
+                              world_size=world, device=device)
+            metrics[f"eval/{name}_prob"] = res["prob"]
+            metrics[f"eval/{name}_rougeL_recall"] = res["rougeL_recall"]
+        tracker.log_metrics({**metrics, "epoch": epoch}, step=epoch)
+        info("epoch %d eval: %s", epoch, ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    if start_epoch == 0:
+        report({"epoch": 0, "global_step": 0, **evaluate(0)}, None)
+
+    # ---- train
+    knobs = vars(cfg.method)
+    engine.train()
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        if rank == 0 and dataset.assignment:
+            (out_dir / "templates").mkdir(parents=True, exist_ok=True)
+            (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(dataset.assignment, indent=0))
+        window_start, window_tokens = time.perf_counter(), 0
+        for batch in loader:
+            batch = _to(batch, device)
+            boundary = engine.is_gradient_accumulation_boundary()
+            out = method_loss(engine, batch, method, knobs)
+            engine.backward(out.loss)
+            engine.step()
+            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.batch_keys)
+            if not boundary:
+                continue
+            global_step += 1
+            metrics = out.metrics  # one host sync per optimizer step, where we log anyway
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+            problem = _divergence(metrics["loss"], grad_norm)
+            # one collective per step: any rank's divergence stops every rank, and tokens are summed
+            flags = _all_reduce(torch.tensor([1.0 if problem else 0.0, float(window_tokens)]))
+            if flags[0] > 0:
+                reason = f"{problem or 'another rank diverged'} at step {global_step} (epoch {epoch + 1}); lower optim.lr"
+                tracker.set_tags({"diverged": "true", "diverged_step": global_step, "diverged_reason": reason})
+                raise DivergedError(reason)
+            elapsed = time.perf_counter() - window_start
+            step_metrics = {f"train/{k}": v for k, v in metrics.items()}
+            step_metrics.update({"lr": engine.get_lr()[0], "tokens_per_s": flags[1].item() / max(elapsed, 1e-9),
+                                 **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+            tracker.log_metrics(step_metrics, step=global_step)
+            if global_step % max(1, total_steps // 20) == 0 or global_step == total_steps:
+                info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, cfg.optim.epochs, global_step,
+                         total_steps, metrics["loss"], step_metrics["lr"])
+            window_start, window_tokens = time.perf_counter(), 0
+        epoch_metrics = {"epoch": epoch + 1, "global_step": global_step, **evaluate(epoch + 1)}
+        ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{rank}-"))
+        try:
+            ds.save_checkpoint(engine, ckpt / "ds", {"epoch": epoch, "global_step": global_step})
+            report(epoch_metrics, str(ckpt))
+        finally:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    # ---- consolidated export (all ranks gather, rank 0 writes)
+    final = out_dir / "model"
+    tmp = out_dir / ".model-partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    written = ds.export_hf(engine, tokenizer, tmp, rank)
+    if written is not None:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # moved into place only once complete
+        info("exported %s", final)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,32 @@
+"""Schedule math (pure): batch sizes, step counts and the learning-rate multiplier per optimizer step."""
+
+from __future__ import annotations
+
+import math
+
+
+def steps_per_epoch(num_examples: int, micro_batch_size: int, world_size: int, grad_accum_steps: int) -> int:
+    """Optimizer steps per epoch; the last, partial accumulation window still steps."""
+    micro_batches = math.ceil(num_examples / (micro_batch_size * world_size))
+    return math.ceil(micro_batches / grad_accum_steps)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return int(round(total_steps * warmup_ratio))
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from 1/(warmup+1) to 1 over
+    ``warmup`` steps, then ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return DECAYS[schedule](progress)
+
+
+# multiplier after warm-up as a function of progress in [0, 1]; config.SCHEDULES lists these keys
+DECAYS = {
+    "linear": lambda p: 1.0 - p,
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "constant": lambda p: 1.0,
+}

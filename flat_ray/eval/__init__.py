@@ -1,0 +1,1 @@
+"""Evaluation as a library: used by the training loop (per epoch), and later by `flat-ray eval` and reports."""

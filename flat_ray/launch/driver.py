@@ -1,0 +1,261 @@
+"""The driver of one run: checks, the local or remote Ray, the MLflow run, the TorchTrainer, the summary.
+
+``flat-ray train`` and ``flat-ray finetune`` both come here; they differ only in the method (``sft`` for
+fine-tuning). Everything a user can get wrong is checked before Ray starts or an MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flat_ray import tracking
+from flat_ray.config import RunConfig, load_config
+from flat_ray.data import BENCHMARKS, load_split
+from flat_ray.envinfo import package_versions
+from flat_ray.errors import FlatRayError, RunFailed
+from flat_ray.losses import METHODS
+from flat_ray.models import DEMO_ORIGINAL, TINY
+from flat_ray.pipeline import tiny_model_path, workdir
+
+log = logging.getLogger(__name__)
+STATE_FILE = "flat_ray_run.json"  # next to Ray's own files: which MLflow run and output dir a Ray run belongs to
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_id: str
+    mlflow_uri: str
+    model_dir: Path
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def storage_root(cfg: RunConfig) -> Path:
+    return Path(cfg.launch.storage_path).expanduser().resolve() if cfg.launch.storage_path else workdir(cfg) / "ray_results"
+
+
+# ------------------------------------------------------------------------------------------------- preflight
+def preflight(cfg: RunConfig, uri: str) -> None:
+    """Everything that can be checked without starting Ray or writing anything."""
+    name = cfg.model.name_or_path
+    if name not in (TINY, DEMO_ORIGINAL):
+        local = Path(name).expanduser()
+        if (local.exists() or name.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
+            raise FlatRayError(f"model path {name!r} does not exist or has no config.json; give a directory saved "
+                               "with save_pretrained or a hub id")
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    if not rows:
+        raise FlatRayError(f"data split {cfg.data.split!r} of {cfg.data.benchmark} is empty")
+    if cfg.eval.enabled:
+        load_split(cfg.data.benchmark, cfg.eval.retain_split or BENCHMARKS[cfg.data.benchmark].eval_retain_split,
+                   cfg.data.data_dir)
+    tracking.check_reachable(uri)
+    if cfg.launch.address is None:
+        cpus = os.cpu_count() or 1
+        want = cfg.launch.num_workers * cfg.launch.cpus_per_worker
+        if want > cpus:
+            raise FlatRayError(f"launch.num_workers={cfg.launch.num_workers} x launch.cpus_per_worker="
+                               f"{cfg.launch.cpus_per_worker:g} needs {want:g} CPUs but this machine has {cpus}; "
+                               "lower them or pass --address of a cluster")
+        if cfg.launch.gpus_per_worker > 0:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if cfg.launch.num_workers * cfg.launch.gpus_per_worker > gpus:
+                raise FlatRayError(f"{cfg.launch.num_workers} workers x {cfg.launch.gpus_per_worker:g} GPUs requested "
+                                   f"but this machine has {gpus} GPU(s); lower launch.gpus_per_worker or num_workers")
+
+
+def _start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # the dashboard process serves the state API that Ray Train's controller polls; without it Ray logs
+    # "Failed to query Ray Train Controller actor state" every few seconds
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.launch.address:
+        ray.init(address=cfg.launch.address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    have = ray.cluster_resources()
+    want_cpu = cfg.launch.num_workers * cfg.launch.cpus_per_worker
+    want_gpu = cfg.launch.num_workers * cfg.launch.gpus_per_worker
+    if have.get("CPU", 0) < want_cpu or have.get("GPU", 0) < want_gpu:
+        raise FlatRayError(f"the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; "
+                           f"this run needs {want_cpu:g} CPUs and {want_gpu:g} GPUs (launch.num_workers x per-worker)")
+
+
+# ----------------------------------------------------------------------------------------------- demo models
+def _demo_finetune_config(cfg: RunConfig) -> RunConfig:
+    base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
+    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=cfg.launch, paths=cfg.paths,
+                               tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
+
+
+def resolve_model_path(cfg: RunConfig) -> str:
+    """Sentinels become cached local models: ``tiny`` is built, ``demo`` is built and fine-tuned."""
+    if cfg.model.name_or_path == TINY:
+        return str(tiny_model_path(cfg))
+    if cfg.model.name_or_path == DEMO_ORIGINAL:
+        return str(ensure_demo_original(cfg))
+    return cfg.model.name_or_path
+
+
+def demo_original_path(cfg: RunConfig) -> Path:
+    """Where the demo's original model for ``cfg`` is cached: named by a hash of everything that shapes it (the
+    tiny model, the fine-tuning recipe, workers, ZeRO stage), so a change of any of them rebuilds it."""
+    ft = _demo_finetune_config(cfg)
+    recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
+    recipe["world_size"] = ft.launch.num_workers
+    recipe["tiny"] = tiny_model_path(ft).name
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return workdir(cfg) / "models" / f"demo-original-{digest}"
+
+
+def ensure_demo_original(cfg: RunConfig) -> Path:
+    """Build (once) and return the demo's original model: the tiny model fine-tuned on all demo authors."""
+    target = demo_original_path(cfg)
+    if (target / "config.json").is_file():
+        return target
+    ft = _demo_finetune_config(cfg)
+    digest = target.name.removeprefix("demo-original-")
+    log.info("building the demo's original model (fine-tuning the tiny model on all demo authors)")
+    result = run_training(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=f"demo-original-{digest}")))
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(result.model_dir, tmp)
+    tmp.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------- running
+def _run_name(cfg: RunConfig) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    knob = f"-{cfg.method.divergence}" if "divergence" in METHODS[cfg.method.name].knobs else ""
+    return f"{cfg.method.name}{knob}-lr{cfg.optim.lr:g}-{stamp}"
+
+
+def _params(cfg: RunConfig, model_path: str) -> dict[str, Any]:
+    from flat_ray.engine import ds
+
+    params: dict[str, Any] = dict(cfg.flat())
+    params.update({
+        "resolved.model_path": model_path,
+        "resolved.world_size": cfg.launch.num_workers,
+        "resolved.deepspeed_stage": cfg.deepspeed.stage,
+        "resolved.deepspeed_version": ds.version(),
+        "resolved.precision": ds.precision(cfg),
+        "resolved.seed": cfg.optim.seed,
+        "resolved.git_sha": tracking.git_sha(),
+        "resolved.effective_batch": cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.launch.num_workers,
+    })
+    params.update({f"version.{k}": v for k, v in package_versions().items()})
+    return params
+
+
+def _history_at(uri: str, run_id: str, keys: list[str], first: bool) -> dict[str, float]:
+    out = {}
+    for key in keys:
+        hist = tracking.metric_history(uri, run_id, key)
+        if hist:
+            out[key] = hist[0][1] if first else hist[-1][1]
+    return out
+
+
+def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None) -> TrainResult:
+    """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
+    latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory."""
+    started = time.monotonic()
+    uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
+    storage = storage_root(cfg)
+    name = resume or _run_name(cfg)
+    state_path = storage / name / STATE_FILE
+    if resume and not state_path.is_file():
+        known = sorted(p.parent.name for p in storage.glob(f"*/{STATE_FILE}")) if storage.is_dir() else []
+        raise FlatRayError(f"no run named {resume!r} under {storage}; runs there: {', '.join(known) or 'none'}")
+    if not resume and (storage / name).exists():
+        raise FlatRayError(f"a run named {name!r} already exists under {storage}; pass --resume {name} to continue it "
+                           "or choose another tracking.run_name")
+    preflight(cfg, uri)
+    model_path = resolve_model_path(cfg)
+    _start_ray(cfg)
+
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from flat_ray.launch.worker import train_fn_per_worker
+
+    if resume:
+        state = json.loads(state_path.read_text())
+        tracker = tracking.reopen_run(state["mlflow_uri"], state["run_id"])
+        output_dir = Path(state["output_dir"])
+        uri = state["mlflow_uri"]
+        tracker.set_tags({"resumed": "true"})
+    else:
+        output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
+                "method": cfg.method.name, "divergence": cfg.method.divergence if cfg.method.name == "flat" else "-",
+                "flat_ray.ray_run": name}
+        tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
+        tracker.log_params(_params(cfg, model_path))
+        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        tracker.log_artifact(output_dir / "config.yaml")
+        (storage / name).mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri, "output_dir": str(output_dir)}))
+
+    payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
+               "mlflow": {"uri": uri, "run_id": tracker.run_id},
+               # Ray Train V2 dropped resume_from_checkpoint: a starting checkpoint travels in the config
+               "restore_from": str(Path(resume_from).resolve()) if resume_from else None}
+    gpus = cfg.launch.gpus_per_worker
+    resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                       checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                       failure_config=FailureConfig(max_failures=0)),
+    )
+    log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        tracker.finish("FAILED")
+        tags = tracker.tags()
+        if tags.get("diverged") == "true":
+            raise RunFailed(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
+        first = next((line for line in str(exc).splitlines() if "Error" in line), type(exc).__name__)
+        raise RunFailed(f"run {name} failed: {first.strip()[:300]} (MLflow run {tracker.run_id}; worker logs above)") from exc
+
+    model_dir = output_dir / "model"
+    if (output_dir / "templates").is_dir():
+        tracker.log_artifact(output_dir / "templates", "templates")
+    if cfg.tracking.log_model:
+        tracker.log_artifact(model_dir, "model")
+    tracker.set_tags({"model_dir": str(model_dir)})
+    keys = [f"eval/{s}_{m}" for s in ("forget", "retain") for m in ("prob", "rougeL_recall")]
+    result = TrainResult(name, tracker.run_id, uri, model_dir,
+                         before=_history_at(uri, tracker.run_id, keys, first=True),
+                         after=_history_at(uri, tracker.run_id, keys, first=False),
+                         seconds=time.monotonic() - started)
+    tracker.log_metrics({"duration_s": result.seconds}, step=0)
+    tracker.finish("FINISHED")
+    return result

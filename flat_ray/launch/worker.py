@@ -1,0 +1,51 @@
+"""The per-worker function Ray Train runs: context from Ray, everything else from its config argument."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray.train
+from ray.train import Checkpoint
+
+
+def quiet_worker_logs() -> None:
+    """flat_ray's progress lines at INFO; Ray Train's per-report chatter, torch's deprecation warnings and
+    transformers' progress bars off."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("flat_ray").setLevel(logging.INFO)
+    names = ["ray.train", "ray.tune"]
+    try:  # Ray Train V2 logs every report at INFO under a logger named by its file path
+        from ray.train.v2._internal.execution import context as _ctx
+
+        names.append(_ctx.__file__)
+    except ImportError:
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    from flat_ray.engine.loop import WorkerContext, train_worker
+
+    quiet_worker_logs()
+    ctx = ray.train.get_context()
+    wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    # the run's own latest checkpoint (resume, restart after a failure) wins over a starting checkpoint
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        train_worker(config, wctx, report, restore_dir=config.get("restore_from"))
+        return
+    with checkpoint.as_directory() as restore_dir:
+        train_worker(config, wctx, report, restore_dir=restore_dir)

@@ -1,0 +1,156 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+The driver creates (or, on resume, reopens) a run and passes its id to the workers; rank 0 logs step and epoch
+metrics into it and every other rank gets a :class:`NullTracker`, so the loop has no ``if rank == 0`` around
+logging. The client API is used throughout (no global active run), which keeps driver and worker independent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flat_ray.errors import FlatRayError
+
+log = logging.getLogger(__name__)
+MAX_PARAM = 6000  # MLflow's limit on a param value's length
+
+
+def default_uri(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before anything is trained or written, when the tracking server cannot be reached."""
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        probe = parent
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise FlatRayError(f"MLflow store {uri} is not writable (no write access to {probe}); set tracking.mlflow_uri")
+        return
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise FlatRayError(f"tracking.mlflow_uri {uri!r} is not supported; use sqlite:///PATH or http(s)://HOST:PORT")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests' ConnectionError, ...
+        raise FlatRayError(f"MLflow server {uri} is unreachable ({type(exc).__name__}); start it "
+                           "(mlflow server --host 127.0.0.1) or set tracking.mlflow_uri") from None
+
+
+def git_sha() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class NullTracker:
+    """The tracker off rank 0: accepts every call and does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class Tracker(NullTracker):
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:MAX_PARAM]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+
+def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Path, tags: Mapping[str, Any]) -> Tracker:
+    """Create the experiment if needed (with an explicit artifact location) and a new run in it."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    return Tracker(uri, run.info.run_id)
+
+
+def reopen_run(uri: str, run_id: str) -> Tracker:
+    """Continue a run after a resume: same run id, status back to RUNNING."""
+    client = _client(uri)
+    client.update_run(run_id, status="RUNNING")
+    return Tracker(uri, run_id)
+
+
+def open_run(uri: str | None, run_id: str | None, rank: int) -> NullTracker:
+    """The worker-side tracker: the real one on rank 0, a :class:`NullTracker` elsewhere."""
+    if rank != 0 or not uri or not run_id:
+        return NullTracker()
+    return Tracker(uri, run_id)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one metric, in step order (tests and reports)."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def run_data(uri: str, run_id: str):
+    return _client(uri).get_run(run_id)
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    return [a.path for a in _client(uri).list_artifacts(run_id, path)]

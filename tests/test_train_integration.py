@@ -1,0 +1,194 @@
+"""`flat-ray train` for real: local Ray (2 CPUs), 2 Ray Train workers, DeepSpeed on CPU/gloo, MLflow on SQLite,
+a tiny transformers model. One ZeRO-3 run is shared by several tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flat_ray import tracking
+from flat_ray.config import load_config
+from flat_ray.errors import RunFailed
+from flat_ray.launch.driver import STATE_FILE, run_training, storage_root
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, tiny_model_dir):
+    """Overrides for a small, fast run on the tiny model (10 forget questions, 2 epochs)."""
+    work = tmp_path_factory.mktemp("train")
+    return [f"model.name_or_path={tiny_model_dir}", "data.split=forget05", "data.max_length=64",
+            "optim.micro_batch_size=2", "optim.epochs=2", "optim.lr=2e-3", "optim.warmup_ratio=0.1",
+            "eval.max_examples=4", "eval.max_new_tokens=6", "eval.batch_size=4", f"paths.workdir={work}"]
+
+
+def cfg_for(base, *extra):
+    return load_config(None, [*base, *extra])
+
+
+@pytest.fixture(scope="session")
+def zero3(ray_local, base):
+    cfg = cfg_for(base, "deepspeed.stage=3", "tracking.run_name=zero3")
+    return cfg, run_training(cfg)
+
+
+def loss_curve(result):
+    return [v for _, v in tracking.metric_history(result.mlflow_uri, result.run_id, "train/loss")]
+
+
+def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg, res = zero3
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(res.model_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == after[k].shape for k in before)  # gathered, not ZeRO-3 partitions
+    assert sum(not torch.equal(before[k], after[k]) for k in before) >= len(before) - 2
+    # the consolidated export reloads with the Auto classes and generates
+    model = AutoModelForCausalLM.from_pretrained(res.model_dir)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+    assert (res.model_dir / "tokenizer.json").is_file()
+
+    run = tracking.run_data(res.mlflow_uri, res.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["optim.lr"] == "0.002" and p["method.divergence"] == "total_variation"
+    assert p["resolved.world_size"] == "2" and p["resolved.deepspeed_stage"] == "3"
+    assert p["resolved.deepspeed_version"] and p["version.torch"].startswith("2.") and p["resolved.git_sha"]
+    assert run.data.tags["method"] == "flat" and run.data.tags["divergence"] == "total_variation"
+    # 10 questions / (2 per worker x 2 workers) = 3 micro-batches (last one padded) per epoch, 2 epochs
+    assert len(loss_curve(res)) == 6
+    for key in ("train/score_template", "train/score_forget", "train/weight_template", "train/weight_forget",
+                "lr", "grad_norm", "tokens_per_s"):
+        assert len(tracking.metric_history(res.mlflow_uri, res.run_id, key)) == 6, key
+    lrs = [v for _, v in tracking.metric_history(res.mlflow_uri, res.run_id, "lr")]
+    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] < lrs[1]  # warm-up, then linear decay
+    steps = [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob")]
+    assert steps == [0, 1, 2]  # before training and after each epoch
+    assert set(res.before) == set(res.after) and len(res.before) == 4
+    # FLAT moved the scores the right way on the forget set
+    assert res.after["eval/forget_prob"] < res.before["eval/forget_prob"]
+    arts = tracking.list_artifacts(res.mlflow_uri, res.run_id)
+    assert {"config.yaml", "model", "templates"} <= set(arts)
+    assert "model/model.safetensors" in tracking.list_artifacts(res.mlflow_uri, res.run_id, "model")
+    assert (res.model_dir.parent / "templates" / "epoch_1.json").is_file()
+
+
+def test_zero2_and_zero3_give_the_same_loss_curve(zero3, base):
+    cfg3, res3 = zero3
+    res2 = run_training(cfg_for(base, "deepspeed.stage=2", "tracking.run_name=zero2"))
+    c2, c3 = loss_curve(res2), loss_curve(res3)
+    assert len(c2) == len(c3) == 6
+    assert c2 == pytest.approx(c3, abs=2e-5)
+    assert c3[-1] < c3[0] - 1e-4  # the curve moves (FLAT's TV loss starts near 0 on an untrained model)
+    s2, s3 = (tracking.metric_history(r.mlflow_uri, r.run_id, "train/score_forget") for r in (res2, res3))
+    assert [v for _, v in s2] == pytest.approx([v for _, v in s3], rel=1e-3)
+
+
+def test_resume_from_epoch_one_checkpoint_reproduces_the_uninterrupted_run(zero3, base):
+    cfg, res = zero3
+    storage = storage_root(cfg) / "zero3"
+    checkpoints = sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    resumed = run_training(cfg_for(base, "deepspeed.stage=3", "tracking.run_name=zero3-from-epoch1"),
+                           resume_from=str(checkpoints[0]))
+    full, part = loss_curve(res), loss_curve(resumed)
+    assert len(part) == 3  # only epoch 2 was trained
+    assert part == pytest.approx(full[3:], abs=2e-5)
+    a, b = load_file(res.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_resume_by_name_continues_the_same_mlflow_run(zero3, base):
+    cfg, res = zero3
+    again = run_training(cfg, resume="zero3")
+    assert again.run_id == res.run_id and again.run_name == "zero3"
+    assert len(loss_curve(again)) == 6  # the run was complete: nothing trained twice, nothing duplicated
+    run = tracking.run_data(res.mlflow_uri, res.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    state = json.loads((storage_root(cfg) / "zero3" / STATE_FILE).read_text())
+    assert state["run_id"] == res.run_id
+
+
+def test_divergence_stops_the_run_and_marks_it_failed(ray_local, base):
+    cfg = cfg_for(base, "optim.lr=1e30", "optim.warmup_ratio=0", "deepspeed.stage=2", "tracking.run_name=nan",
+                  "optim.max_grad_norm=0", "eval.enabled=false")
+    with pytest.raises(RunFailed, match=r"diverged: (loss became (nan|inf)|gradient norm overflowed) at step \d+"):
+        run_training(cfg)
+    state = json.loads((storage_root(cfg) / "nan" / STATE_FILE).read_text())
+    run = tracking.run_data(state["mlflow_uri"], state["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["diverged"] == "true" and int(run.data.tags["diverged_step"]) >= 1
+    assert not (Path(state["output_dir"]) / "model").exists()
+
+
+PREFLIGHT_MISTAKES = [
+    (["model.name_or_path={dir}/missing-model"], "does not exist or has no config.json"),
+    (["data.benchmark=tofu", "data.data_dir={dir}/bad", "data.split=forget01"], "not valid JSON"),
+    (["tracking.mlflow_uri=http://127.0.0.1:9"], "MLflow server http://127.0.0.1:9 is unreachable"),
+    (["tracking.mlflow_uri=file:///tmp/mlruns"], "is not supported; use sqlite"),
+    (["launch.num_workers=8"], "needs 7.92 CPUs but this machine has"),
+    (["launch.gpus_per_worker=1"], "GPU(s); lower launch.gpus_per_worker"),
+    (["--resume", "never-ran"], "no run named 'never-ran'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), PREFLIGHT_MISTAKES, ids=[a[0][:40] for a, _ in PREFLIGHT_MISTAKES])
+def test_train_refuses_bad_input_before_anything_is_written(args, message, tmp_path, capsys):
+    from cli.main import main
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "forget01.jsonl").write_text('{"question": "q", "answer": \n')
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["train", *[a.format(dir=tmp_path) for a in args], f"paths.workdir={tmp_path}/wd", "model.name_or_path=tiny"
+            if not any(a.startswith("model.") for a in args) else "data.max_length=64"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no MLflow store, no Ray results, no model cache
+
+
+def test_demo_original_cache_key_follows_its_inputs(tmp_path):
+    from flat_ray.launch.driver import demo_original_path
+
+    a = load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"])
+    b = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])
+    c = load_config(None, [f"paths.workdir={tmp_path}", "optim.lr=1e-5"], presets=["demo"])
+    assert demo_original_path(a) != demo_original_path(b)  # a different engine makes a different original
+    assert demo_original_path(a) == demo_original_path(c)  # the unlearning lr does not touch the original
+
+
+def test_embedded_demo_meets_its_promise(ray_local, tmp_path, capsys):
+    """`flat-ray train` with no arguments: builds and fine-tunes the original model, then FLAT (TV) halves the
+    forget-answer probability while keeping >= 80% of the retain-answer probability."""
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", f"paths.workdir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith(("forget ", "retain "))}
+    forget_before, forget_after = map(float, rows[("forget", "prob")][2:4])
+    retain_before, retain_after = map(float, rows[("retain", "prob")][2:4])
+    assert forget_before > 0.9 and retain_before > 0.9  # the original model learned the authors
+    assert forget_after <= 0.5 * forget_before
+    assert retain_after >= 0.8 * retain_before
+    assert "MLflow run id:" in out and (tmp_path / "mlflow.db").is_file()
+    assert len(list((tmp_path / "models").glob("demo-original-*/model.safetensors"))) == 1
