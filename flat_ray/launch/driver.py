@@ -191,6 +191,12 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     if not resume and (storage / name).exists():
         raise FlatRayError(f"a run named {name!r} already exists under {storage}; pass --resume {name} to continue it "
                            "or choose another tracking.run_name")
+    state: dict[str, str] = {}
+    if resume:
+        state = json.loads(state_path.read_text())
+        # a resumed run continues with the config it started with, whatever the command line says now
+        cfg = load_config(Path(state["output_dir"]) / "config.yaml")
+        uri = state["mlflow_uri"]
     preflight(cfg, uri)
     model_path = resolve_model_path(cfg)
     _start_ray(cfg)
@@ -202,10 +208,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     from flat_ray.launch.worker import train_fn_per_worker
 
     if resume:
-        state = json.loads(state_path.read_text())
-        tracker = tracking.reopen_run(state["mlflow_uri"], state["run_id"])
         output_dir = Path(state["output_dir"])
-        uri = state["mlflow_uri"]
+        tracker = tracking.reopen_run(uri, state["run_id"])
         tracker.set_tags({"resumed": "true"})
     else:
         output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name

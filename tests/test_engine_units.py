@@ -1,0 +1,53 @@
+"""Pure pieces of the engine: schedule math, the DeepSpeed config dict, evaluation sharding."""
+
+from __future__ import annotations
+
+import pytest
+
+from flat_ray.config import load_config
+from flat_ray.engine.schedule import lr_multiplier, steps_per_epoch, warmup_steps
+from flat_ray.eval.quick import rouge_l_recall, shard
+
+
+def test_schedule_warmup_then_decay():
+    total, warm = 10, 2
+    linear = [lr_multiplier(s, total, warm, "linear") for s in range(total)]
+    assert linear[:2] == pytest.approx([1 / 3, 2 / 3]) and linear[2] == 1.0
+    assert all(a > b for a, b in zip(linear[2:], linear[3:], strict=False)) and linear[-1] == pytest.approx(1 / 8)
+    assert [lr_multiplier(s, total, warm, "constant") for s in range(2, total)] == [1.0] * 8
+    cosine = [lr_multiplier(s, total, warm, "cosine") for s in range(2, total)]
+    assert cosine[0] == 1.0 and cosine[4] == pytest.approx(0.5)
+    assert steps_per_epoch(10, 2, 2, 1) == 3 and steps_per_epoch(10, 2, 2, 2) == 2
+    assert warmup_steps(25, 0.2) == 5
+
+
+def test_deepspeed_config_is_explicit():
+    from flat_ray.engine.ds import build_config
+
+    cfg = load_config(None, ["optim.micro_batch_size=3", "optim.grad_accum_steps=4", "deepspeed.stage=3",
+                             "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true", "optim.max_grad_norm=0.5"])
+    d = build_config(cfg, world_size=2)
+    assert d["train_batch_size"] == 24 and d["train_micro_batch_size_per_gpu"] == 3 and d["gradient_accumulation_steps"] == 4
+    assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert d["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and d["gradient_clipping"] == 0.5
+    assert d["bf16"]["enabled"] is False  # auto precision on this CPU machine
+    assert d["optimizer"]["params"]["torch_adam"] is False  # offloaded optimizer steps need DeepSpeed's CPU Adam
+    assert "auto" not in repr(d)
+    plain = build_config(load_config(None, ["deepspeed.stage=2"]), world_size=1)
+    assert "offload_optimizer" not in plain["zero_optimization"] and plain["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 1), (10, 2), (7, 2), (5, 3), (2, 4)])
+def test_eval_shards_cover_every_item_once_with_equal_lengths(n, world):
+    seen = []
+    lengths = set()
+    for rank in range(world):
+        idx, w = shard(n, rank, world)
+        lengths.add(len(idx))
+        seen += [i for i, weight in zip(idx, w, strict=True) if weight]
+    assert sorted(seen) == list(range(n)) and len(lengths) == 1
+
+
+def test_rouge_l_recall_uses_the_stemmer():
+    assert rouge_l_recall("the authors write novels", "the author writes novels") == pytest.approx(1.0)
+    assert rouge_l_recall("nothing", "the author was born in Osaka") == 0.0
