@@ -140,6 +140,7 @@ def test_divergence_stops_the_run_and_marks_it_failed(ray_local, base):
 
 PREFLIGHT_MISTAKES = [
     (["model.name_or_path={dir}/missing-model"], "does not exist or has no config.json"),
+    (["model.name_or_path=some-org/not-cached-model"], "HF_HUB_OFFLINE=1 and it is not in the local cache"),
     (["data.benchmark=tofu", "data.data_dir={dir}/bad", "data.split=forget01"], "not valid JSON"),
     (["tracking.mlflow_uri=http://127.0.0.1:9"], "MLflow server http://127.0.0.1:9 is unreachable"),
     (["tracking.mlflow_uri=file:///tmp/mlruns"], "is not supported; use sqlite"),

@@ -23,7 +23,7 @@ from flat_ray.data import BENCHMARKS, load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import FlatRayError, RunFailed
 from flat_ray.losses import METHODS
-from flat_ray.models import DEMO_ORIGINAL, TINY
+from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
 from flat_ray.pipeline import tiny_model_path, workdir
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         if (local.exists() or name.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
             raise FlatRayError(f"model path {name!r} does not exist or has no config.json; give a directory saved "
                                "with save_pretrained or a hub id")
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    if not rows:
-        raise FlatRayError(f"data split {cfg.data.split!r} of {cfg.data.benchmark} is empty")
+        # the tokenizer is small: loading it here proves a hub id resolves (or fails fast when offline)
+        load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                                 load_model=False)
+    load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty or bad file
     if cfg.eval.enabled:
         load_split(cfg.data.benchmark, cfg.eval.retain_split or BENCHMARKS[cfg.data.benchmark].eval_retain_split,
                    cfg.data.data_dir)
