@@ -71,10 +71,11 @@ def validate(args: tuple[str, ...], print_config: bool) -> None:
 
 
 def _summary(result) -> None:
-    rows = [("forget", "prob"), ("retain", "prob"), ("forget", "rougeL_recall"), ("retain", "rougeL_recall")]
+    rows = [("forget", "prob"), ("retain", "prob"), ("forget", "rougeL_recall"), ("retain", "rougeL_recall"),
+            ("forget", "truth_ratio"), ("retain", "truth_ratio"), ("all", "model_utility"), ("forget", "quality")]
     click.echo(f"{'split':<8}{'metric':<15}{'before':>10}{'after':>10}{'after/before':>14}")
     for split, metric in rows:
-        key = f"eval/{split}_{metric}"
+        key = f"eval/{metric}" if split == "all" else f"eval/{split}_{metric}"
         if key in result.before and key in result.after:
             b, a = result.before[key], result.after[key]
             ratio = f"{a / b:.3f}" if b else "-"
@@ -140,6 +141,74 @@ def finetune(args: tuple[str, ...], dry_run: bool, resume: str | None, address: 
     """
     has_file = any("=" not in a for a in args)
     _run(args, ["finetune"] if has_file else ["finetune", "demo_finetune"], dry_run, resume, address)
+
+
+def _print_summary(summary: dict) -> None:
+    splits = [s for s in ("forget", "retain", "real_authors", "world_facts") if f"{s}_prob" in summary]
+    click.echo(f"{'split':<14}{'prob':>10}{'rougeL_rec':>12}{'truth_ratio':>13}")
+    for split in splits:
+        click.echo(f"{split:<14}{summary[f'{split}_prob']:>10.4f}{summary[f'{split}_rougeL_recall']:>12.4f}"
+                   f"{summary[f'{split}_truth_ratio']:>13.4f}")
+    if "model_utility" in summary:
+        click.echo(f"model utility   {summary['model_utility']:.6f}  (truth ratio: {summary['truth_ratio_variant']})")
+    if "forget_quality" in summary:
+        click.echo(f"forget quality  {summary['forget_quality']:.4g}  (reference: {summary['forget_quality_reference']})")
+
+
+@cli.command("eval")
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=VALUE]...")
+@click.option("--model", help="Hub id, local model directory, a `flat-ray train` run directory, 'demo' or 'tiny'.")
+@click.option("--benchmark", help="Benchmark registry key (data.benchmark).")
+@click.option("--split", help="Forget split, e.g. forget01 (data.split).")
+@click.option("--data-dir", help="Local directory with the benchmark's files (data.data_dir).")
+@click.option("--reference", metavar="DIR|FILE|RUN_ID",
+              help="Forget-quality reference: TOFU-format eval logs, an open-unlearning result JSON, or the MLflow "
+                   "run id of a `flat-ray eval` of a retain model.")
+@click.option("--truth-ratio", type=click.Choice(["arithmetic", "geometric"]), help="Truth-ratio variant.")
+@click.option("--max-examples", type=click.IntRange(min=1), help="Evaluate only the first N questions per split.")
+@click.option("--tasks", help="lm-eval tasks for utility: 'default' (the paper's set) or a comma-separated list.")
+@click.option("--tasks-include", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAMLs.")
+@click.option("--limit", type=click.IntRange(min=1), help="lm-eval: at most N documents per task.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default <workdir>/evals/...).")
+@click.option("--run-id", help="Attach the results to this MLflow run (e.g. a training run) instead of a new one.")
+@click.option("--from-logs", type=click.Path(file_okay=False),
+              help="Recompute the summary from a folder of TOFU-format eval logs; no model is loaded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, max_examples, tasks, tasks_include,
+             limit, out, run_id, from_logs, as_json) -> None:
+    """Evaluate a model on TOFU-style splits (probability, ROUGE-L, truth ratio, model utility, forget quality)
+    and optionally lm-eval tasks; or recompute the summary from eval logs with --from-logs."""
+    import json
+
+    if from_logs:
+        from flat_ray.eval.run import summary_from_logs
+
+        summary = summary_from_logs(from_logs, reference, truth_ratio or "arithmetic")
+    else:
+        from flat_ray.eval.harness import parse_tasks
+        from flat_ray.eval.run import evaluate_model
+
+        overrides = [f"{key}={value}" for key, value in (("model.name_or_path", model), ("data.benchmark", benchmark),
+                     ("data.split", split), ("data.data_dir", data_dir), ("eval.truth_ratio", truth_ratio)) if value]
+        cfg = _load(tuple(args) + tuple(overrides))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        result = evaluate_model(cfg, reference=reference, tasks=parse_tasks(tasks) if tasks else None,
+                                tasks_include=tasks_include, limit=limit, max_examples=max_examples, out_dir=out,
+                                run_id=run_id)
+        summary = {**result.summary, **{f"lm_eval/{t}/{m}": v for t, ms in result.utility.items() for m, v in ms.items()},
+                   "out_dir": str(result.out_dir), "mlflow_run_id": result.run_id}
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    _print_summary(summary)
+    for key, value in summary.items():
+        if key.startswith("lm_eval/"):
+            click.echo(f"{key:<40}{value:.4f}")
+    if "out_dir" in summary:
+        click.echo(f"per-question results: {summary['out_dir']}")
+        click.echo(f"MLflow run id: {summary['mlflow_run_id']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -170,18 +170,26 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = doc(True, "Evaluate forget and retain splits before training and after every epoch.")
-    retain_split: str | None = doc(None, "Split used as the retain set in per-epoch evaluation; null means the "
-                                         "benchmark's (retain_perturbed for demo and TOFU).")
+    enabled: bool = doc(True, "Evaluate the TOFU-style splits (forget, retain, real authors, world facts) before "
+                              "training and after every eval.every_epochs epochs.")
     every_epochs: int = doc(1, "Evaluate every N epochs (always before training and after the last epoch).")
     max_examples: int = doc(32, "Questions per split in per-epoch evaluation (a bounded subset).")
     max_new_tokens: int = doc(32, "Greedy generation length for ROUGE.")
     batch_size: int = doc(8, "Evaluation batch size per worker.")
+    truth_ratio: str = doc("arithmetic", "Truth-ratio variant for the per-split statistic and model utility: "
+                                         "arithmetic (reproduces TOFU's published numbers) or geometric.")
+    reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
+                                      "(eval_log_forget.json; flat-ray eval writes them) or an open-unlearning "
+                                      "result JSON. Null: no forget quality.")
 
     def __post_init__(self):
         for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        _choice("eval.truth_ratio", self.truth_ratio, ("arithmetic", "geometric"))
+        if self.reference and not Path(self.reference).expanduser().exists():
+            raise FlatRayError(f"eval.reference {self.reference!r} does not exist; give TOFU-format eval logs or "
+                               "an open-unlearning result JSON")
 
 
 @dataclass

@@ -28,6 +28,8 @@ def default_uri(workdir: str | Path) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." on every new store
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -154,3 +156,22 @@ def run_data(uri: str, run_id: str):
 
 def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
     return [a.path for a in _client(uri).list_artifacts(run_id, path)]
+
+
+def download_artifacts(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    """Copy a run's artifact folder to ``dst`` (e.g. a reference run's TOFU eval logs)."""
+    try:
+        return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+    except Exception as exc:  # MlflowException: unknown run, missing artifact
+        raise FlatRayError(f"cannot fetch artifacts {path!r} of MLflow run {run_id} from {uri}: "
+                           f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def run_data_or_error(uri: str, run_id: str):
+    missing_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    try:
+        if missing_store:  # do not create an empty store just to find nothing in it
+            raise FileNotFoundError(uri)
+        return _client(uri).get_run(run_id)
+    except Exception:  # MlflowException for an unknown id
+        raise FlatRayError(f"no MLflow run {run_id!r} in {uri}; give the id printed by `flat-ray train`") from None

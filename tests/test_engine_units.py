@@ -6,7 +6,7 @@ import pytest
 
 from flat_ray.config import load_config
 from flat_ray.engine.schedule import lr_multiplier, steps_per_epoch, warmup_steps
-from flat_ray.eval.quick import rouge_l_recall, shard
+from flat_ray.eval.runner import rouge_l_recall, shard
 
 
 def test_schedule_warmup_then_decay():

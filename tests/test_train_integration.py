@@ -193,3 +193,23 @@ def test_embedded_demo_meets_its_promise(ray_local, tmp_path, capsys):
     assert retain_after >= 0.8 * retain_before
     assert "MLflow run id:" in out and (tmp_path / "mlflow.db").is_file()
     assert len(list((tmp_path / "models").glob("demo-original-*/model.safetensors"))) == 1
+
+
+def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
+    """The last per-epoch evaluation of the 2-worker ZeRO-3 run (sharded, gathered) equals a single-process
+    evaluation of the exported model."""
+    from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
+    from flat_ray.eval.tofu import summarize
+    from flat_ray.models import load_model_and_tokenizer, resolve_profile
+
+    cfg, res = zero3
+    model, tok = load_model_and_tokenizer(str(res.model_dir))
+    rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, None, cfg.eval.max_examples)
+    values = evaluate_tofu(model, tok, resolve_profile(cfg.model.profile, cfg.model.name_or_path, tok), rows,
+                           max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                           max_new_tokens=cfg.eval.max_new_tokens)
+    single = summarize(values)
+    logged = {k.removeprefix("eval/"): v for k, v in res.after.items()}
+    assert {"forget_prob", "retain_prob", "forget_truth_ratio", "model_utility"} <= set(logged)
+    for key, value in logged.items():
+        assert value == pytest.approx(single[key], abs=1e-4), key

@@ -31,7 +31,6 @@ class Benchmark:
     default_split: str
     retain_of: dict[str, str] = field(default_factory=dict)
     description: str = ""
-    eval_retain_split: str = "retain_perturbed"
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")

@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from flat_ray import tracking
 from flat_ray.config import config_from_dict
-from flat_ray.data import BENCHMARKS, Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.data import Collator, UnlearnDataset, load_split, make_template_source
 from flat_ray.engine import ds
 from flat_ray.engine.schedule import lr_multiplier, warmup_steps
 from flat_ray.engine.step import method_loss
-from flat_ray.eval.quick import evaluate_qa
+from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
+from flat_ray.eval.tofu import read_reference, summarize
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer, resolve_profile
 
@@ -113,26 +114,22 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         info("resumed after epoch %d (step %d)", start_epoch, global_step)
         tracker.set_tags({"resumed_from_epoch": start_epoch})
 
-    # ---- evaluation subsets (bounded)
-    bench = BENCHMARKS[cfg.data.benchmark]
-    eval_sets = {"forget": rows[: cfg.eval.max_examples]}
-    if cfg.eval.enabled:
-        retain_split = cfg.eval.retain_split or bench.eval_retain_split
-        eval_sets["retain"] = load_split(cfg.data.benchmark, retain_split, cfg.data.data_dir)[: cfg.eval.max_examples]
+    # ---- evaluation: bounded subsets of the TOFU-style splits, sharded over the ranks
+    eval_rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, cfg.eval.max_examples) \
+        if cfg.eval.enabled else {}
+    reference = read_reference(cfg.eval.reference)[0] if cfg.eval.enabled and cfg.eval.reference else None
 
     def evaluate(epoch: int) -> dict[str, float]:
         due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
         if not cfg.eval.enabled or not due:
             return {}
-        metrics: dict[str, float] = {}
-        for name, split_rows in eval_sets.items():
-            res = evaluate_qa(engine.module, tokenizer, profile, split_rows, max_length=cfg.data.max_length,
-                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
-                              world_size=world, device=device)
-            metrics[f"eval/{name}_prob"] = res["prob"]
-            metrics[f"eval/{name}_rougeL_recall"] = res["rougeL_recall"]
+        values = evaluate_tofu(engine.module, tokenizer, profile, eval_rows, max_length=cfg.data.max_length,
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
+                               world_size=world, device=device)
+        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference)
+        metrics = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)}
         tracker.log_metrics({**metrics, "epoch": epoch}, step=epoch)
-        info("epoch %d eval: %s", epoch, ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items()))
+        info("epoch %d eval: %s", epoch, ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
     if start_epoch == 0:

@@ -19,9 +19,11 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
-from flat_ray.data import BENCHMARKS, load_split
+from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import FlatRayError, RunFailed
+from flat_ray.eval.runner import eval_split_rows
+from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
 from flat_ray.pipeline import tiny_model_path, workdir
@@ -59,8 +61,9 @@ def preflight(cfg: RunConfig, uri: str) -> None:
                                  load_model=False)
     load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty or bad file
     if cfg.eval.enabled:
-        load_split(cfg.data.benchmark, cfg.eval.retain_split or BENCHMARKS[cfg.data.benchmark].eval_retain_split,
-                   cfg.data.data_dir)
+        eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, 1)
+        if cfg.eval.reference:
+            read_reference(cfg.eval.reference)
     tracking.check_reachable(uri)
     if cfg.launch.address is None:
         cpus = os.cpu_count() or 1
@@ -256,7 +259,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     if cfg.tracking.log_model:
         tracker.log_artifact(model_dir, "model")
     tracker.set_tags({"model_dir": str(model_dir)})
-    keys = [f"eval/{s}_{m}" for s in ("forget", "retain") for m in ("prob", "rougeL_recall")]
+    keys = [f"eval/{s}_{m}" for s in ("forget", "retain") for m in ("prob", "rougeL_recall", "truth_ratio")]
+    keys += ["eval/model_utility", "eval/forget_quality"]
     result = TrainResult(name, tracker.run_id, uri, model_dir,
                          before=_history_at(uri, tracker.run_id, keys, first=True),
                          after=_history_at(uri, tracker.run_id, keys, first=False),

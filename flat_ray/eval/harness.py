@@ -1,0 +1,62 @@
+"""General utility through lm-evaluation-harness (``lm_eval.simple_evaluate`` over an in-memory model).
+
+The default task list is the FLAT paper's zero-shot set plus wikitext perplexity. Tasks defined as local YAML
+(with local data files) are found through ``include_path``; offline, a task whose dataset is not cached fails
+with a message naming it and the way to provide it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from flat_ray.errors import FlatRayError
+
+log = logging.getLogger(__name__)
+
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa", "piqa",
+               "truthfulqa_mc1", "truthfulqa_mc2", "wikitext")
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """``"default"`` -> the paper's set; otherwise a comma-separated list."""
+    if spec.strip() == "default":
+        return list(PAPER_TASKS)
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise FlatRayError("--tasks needs 'default' or a comma-separated list of lm-eval task names")
+    return tasks
+
+
+def lm_eval_version() -> str:
+    return md.version("lm_eval")
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None,
+                limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for ``tasks`` on an already loaded model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hint = " or define it in a YAML file under --tasks-include" if include_path is None else ""
+        raise FlatRayError(f"unknown lm-eval task(s): {', '.join(unknown)}; see `lm-eval ls tasks`{hint}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  log_samples=False, bootstrap_iters=0)
+    except Exception as exc:  # datasets' offline/ConnectionError/DatasetNotFoundError, arriving wrapped
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise FlatRayError(f"lm-eval could not load the data of task(s) {', '.join(tasks)} ({text}); offline, run "
+                           "once online to fill the datasets cache, or define the task in a local YAML with local "
+                           "data files and pass its folder as --tasks-include") from None
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        out[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not k.startswith("alias") and "_stderr" not in k}
+    return out

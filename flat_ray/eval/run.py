@@ -1,0 +1,110 @@
+"""`flat-ray eval`: the TOFU suite (and optionally lm-eval utility) on one model, written as TOFU-format logs
+and logged to MLflow. Single process: the model is loaded whole on this machine."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flat_ray import tracking
+from flat_ray.config import RunConfig
+from flat_ray.eval.harness import lm_eval_version, run_lm_eval
+from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
+from flat_ray.eval.tofu import read_log_dir, read_reference, summarize, write_log_dir
+from flat_ray.models import load_model_and_tokenizer, resolve_profile
+from flat_ray.pipeline import workdir
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+ARTIFACT_DIR = "tofu_eval"
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]
+    utility: dict[str, dict[str, float]]
+    out_dir: Path | None
+    run_id: str | None
+
+
+def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, str]:
+    """Reference truth ratios from a path (TOFU logs, open-unlearning JSON) or an MLflow run id whose
+    ``tofu_eval`` artifacts flat-ray eval wrote."""
+    if not ref:
+        return None, "none"
+    if not Path(ref).expanduser().exists() and RUN_ID.match(ref):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = tracking.download_artifacts(uri, ref, ARTIFACT_DIR, tmp)
+            values, _ = read_reference(local)
+        return values, f"mlflow-run:{ref}"
+    return read_reference(Path(ref).expanduser())
+
+
+def model_location(cfg: RunConfig) -> str:
+    """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``."""
+    from flat_ray.launch.driver import resolve_model_path
+
+    path = resolve_model_path(cfg)
+    if (Path(path) / "model" / "config.json").is_file():
+        return str(Path(path) / "model")
+    return path
+
+
+def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[str] | None = None,
+                   tasks_include: str | None = None, limit: int | None = None, max_examples: int | None = None,
+                   out_dir: str | None = None, run_id: str | None = None) -> EvalResult:
+    uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
+    # everything a user can get wrong, before the model is loaded or anything is written
+    rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, max_examples)
+    tracking.check_reachable(uri)
+    ref_tr, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
+    if run_id:
+        tracking.run_data_or_error(uri, run_id)
+    path = model_location(cfg)
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
+                                                revision=cfg.model.revision)
+    profile = resolve_profile(cfg.model.profile, cfg.model.name_or_path, tokenizer)
+    values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=ref_tr)
+    summary["forget_quality_reference"] = ref_source
+    utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
+                          batch_size=cfg.eval.batch_size) if tasks else {}
+    meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
+            "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
+            "lm_eval": utility, "lm_eval_version": lm_eval_version() if tasks else None}
+    out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_log_dir(out, values, summary, meta)
+
+    if run_id:
+        tracker = tracking.Tracker(uri, run_id)
+    else:
+        tracker = tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(path).name}",
+                                     workdir(cfg) / "mlartifacts",
+                                     {"kind": "eval", "model": cfg.model.name_or_path,
+                                      "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}"})
+        tracker.log_params({"eval.model": cfg.model.name_or_path, "eval.benchmark": cfg.data.benchmark,
+                            "eval.split": cfg.data.split, "eval.truth_ratio": cfg.eval.truth_ratio,
+                            "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.tasks": ",".join(tasks or []),
+                            "version.lm_eval": lm_eval_version(), "resolved.git_sha": tracking.git_sha()})
+    metrics = {f"tofu/{k}": v for k, v in summary.items() if isinstance(v, float)}
+    metrics.update({f"lm_eval/{t}/{m}": v for t, ms in utility.items() for m, v in ms.items()})
+    tracker.log_metrics(metrics, step=0)
+    tracker.set_tags({"forget_quality_reference": ref_source, "truth_ratio_variant": cfg.eval.truth_ratio})
+    tracker.log_artifact(out, ARTIFACT_DIR)
+    if not run_id:
+        tracker.finish("FINISHED")
+    return EvalResult(summary, utility, out, tracker.run_id)
+
+
+def summary_from_logs(logs: str, reference: str | None, truth_ratio: str) -> dict[str, Any]:
+    """Recompute the TOFU summary from a directory of TOFU-format eval logs (published, or flat-ray's)."""
+    ref_tr, source = read_reference(Path(reference)) if reference else (None, "none")
+    summary = summarize(read_log_dir(logs), truth_ratio=truth_ratio, reference_tr=ref_tr)
+    summary["forget_quality_reference"] = source
+    return summary

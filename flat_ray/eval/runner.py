@@ -1,0 +1,181 @@
+"""Running a model over the TOFU evaluation splits: batched teacher-forced scoring and batched greedy generation.
+
+All candidate answers of a shard (answer, paraphrase, every perturbed answer) are scored in one sorted, batched
+pass; generation is batched with left padding. Under several ranks every rank takes an equal shard, runs the
+same number of forward calls (ZeRO-3 needs every rank in each one) and the per-question values are gathered, so
+the metrics are identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
+from flat_ray.eval.tofu import SplitValues
+from flat_ray.losses import mean_token_nll
+from flat_ray.models import PromptProfile
+
+_SCORER = None
+
+# evaluation split -> the benchmark split holding it, TOFU's names; "{forget}" is the forget split
+EVAL_SPLITS = {
+    "forget": "{forget}_perturbed",
+    "retain": "retain_perturbed",
+    "real_authors": "real_authors_perturbed",
+    "world_facts": "world_facts_perturbed",
+}
+
+
+def eval_split_names(benchmark: str, split: str) -> dict[str, str]:
+    """Benchmark split of each evaluation split. When ``split`` is not a forget split (fine-tuning on ``full`` or
+    ``retain90``), the forget evaluation uses the benchmark's default forget split."""
+    forget = split if split.startswith("forget") else BENCHMARKS[benchmark].default_split
+    return {name: pattern.format(forget=forget) for name, pattern in EVAL_SPLITS.items()}
+
+
+def eval_split_rows(benchmark: str, split: str, data_dir: str | None, max_examples: int | None
+                    ) -> dict[str, list[dict]]:
+    """The rows of every evaluation split (the first ``max_examples`` of each)."""
+    out = {}
+    for name, source in eval_split_names(benchmark, split).items():
+        rows = load_split(benchmark, source, data_dir)
+        out[name] = rows[:max_examples] if max_examples else rows
+    return out
+
+
+def rouge_l_recall(prediction: str, target: str) -> float:
+    """ROUGE-L recall with the Porter stemmer, as TOFU computes it (``rouge_score``)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER.score(target, prediction)["rougeL"].recall
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
+    """Indices of ``rank``'s shard of ``n`` items, padded with repeats so every rank has the same count, and
+    which of them are real (not padding)."""
+    per_rank = math.ceil(n / world_size)
+    idx = [rank + world_size * i for i in range(per_rank)]
+    return [min(i, n - 1) for i in idx], [i < n for i in idx]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _same_count(n: int) -> int:
+    """The largest ``n`` over all ranks, so that every rank runs the same number of forward passes."""
+    if not _distributed():
+        return n
+    t = torch.tensor([n])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def answer_losses(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence[tuple[str, str]], *,
+                  max_length: int, batch_size: int, device: Any = "cpu") -> np.ndarray:
+    """Mean NLL per answer token of each (question, answer) pair, batched in order of length."""
+    encoded = [encode_qa(tokenizer, profile, q, a, max_length) for q, a in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    collate = Collator(tokenizer.pad_token_id)
+    losses = np.zeros(len(encoded))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for b in range(_same_count(len(batches))):
+        if b < len(batches):
+            chunk: list[int] | None = batches[b]
+            items = [encoded[i] for i in chunk]
+        else:  # this rank is done but others are not: join their forward passes with a throwaway batch
+            chunk = None
+            items = [encoded[order[0]]] if encoded else [encode_qa(tokenizer, profile, "?", "?", max_length)]
+        batch = collate(items)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        if chunk is not None:
+            losses[chunk] = mean_token_nll(logits, batch["labels"].to(device)).double().cpu().numpy()
+    return losses
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, profile: PromptProfile, questions: Sequence[str], *, max_length: int,
+             max_new_tokens: int, batch_size: int, device: Any = "cpu") -> tuple[list[str], list[str]]:
+    """Greedy continuations of each question's prompt, batched with left padding. Returns (prompts, texts)."""
+    prompts = []
+    for q in questions:
+        enc = encode_qa(tokenizer, profile, q, "", max_length)  # the masked prefix is the generation prompt
+        n = enc["labels"].count(-100)
+        prompts.append({"input_ids": enc["input_ids"][:n], "attention_mask": [1] * n})
+    collate = Collator(tokenizer.pad_token_id, padding_side="left")
+    texts: list[str] = []
+    n_batches = math.ceil(len(prompts) / batch_size)
+    for b in range(_same_count(n_batches)):
+        chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[-1:]
+        batch = collate(chunk)
+        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             synced_gpus=_distributed())
+        if b < n_batches:
+            texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompt_texts = [tokenizer.decode(p["input_ids"], skip_special_tokens=True) for p in prompts]
+    return prompt_texts, [t.strip() for t in texts]
+
+
+def _gather(values: dict[str, list], keep: list[bool], idx: list[int]) -> dict[str, list]:
+    """Per-question lists from every rank, put back in question order (padding repeats dropped)."""
+    mine = [(i, {k: v[j] for k, v in values.items()}) for j, (i, real) in enumerate(zip(idx, keep, strict=True)) if real]
+    if _distributed():
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        mine = [item for part in parts for item in part]
+    mine.sort(key=lambda item: item[0])
+    return {k: [row[k] for _, row in mine] for k in values}
+
+
+def evaluate_split(model: Any, tokenizer: Any, profile: PromptProfile, rows: Sequence[Mapping[str, Any]], *,
+                   max_length: int, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
+                   device: Any = "cpu") -> SplitValues:
+    """Per-question values of one split; every rank returns the full, gathered result."""
+    idx, keep = shard(len(rows), rank, world_size)
+    mine = [rows[i] for i in idx]
+    pairs: list[tuple[str, str]] = []
+    spans = []
+    for r in mine:
+        perturbed = list(r.get("perturbed_answer") or [])
+        candidates = [r["answer"], r.get("paraphrased_answer") or r["answer"], *perturbed]
+        spans.append((len(pairs), len(perturbed)))
+        pairs += [(r["question"], a) for a in candidates]
+    was_training = model.training
+    model.eval()
+    try:
+        losses = answer_losses(model, tokenizer, profile, pairs, max_length=max_length, batch_size=batch_size,
+                               device=device)
+        prompts, texts = generate(model, tokenizer, profile, [r["question"] for r in mine], max_length=max_length,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    values: dict[str, list] = {"gt": [], "para": [], "pert": [], "rouge": [], "text": []}
+    for r, (start, k), prompt, text in zip(mine, spans, prompts, texts, strict=True):
+        values["gt"].append(losses[start])
+        values["para"].append(losses[start + 1])
+        values["pert"].append(list(losses[start + 2:start + 2 + k]))
+        values["rouge"].append(rouge_l_recall(text, r["answer"]))
+        values["text"].append([prompt, text, r["answer"]])
+    full = _gather(values, keep, idx)
+    width = max((len(p) for p in full["pert"]), default=0)
+    pert = np.array([p + [np.nan] * (width - len(p)) for p in full["pert"]], dtype=float).reshape(len(full["pert"]), width)
+    return SplitValues(np.array(full["gt"]), np.array(full["para"]), pert, np.array(full["rouge"]), full["text"])
+
+
+def evaluate_tofu(model: Any, tokenizer: Any, profile: PromptProfile, split_rows: Mapping[str, Sequence[dict]], *,
+                  max_length: int, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
+                  device: Any = "cpu") -> dict[str, SplitValues]:
+    return {name: evaluate_split(model, tokenizer, profile, rows, max_length=max_length, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, device=device)
+            for name, rows in split_rows.items()}

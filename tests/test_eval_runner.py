@@ -1,0 +1,160 @@
+"""Batched TOFU evaluation on a real (tiny) model, the lm-eval harness on a local task, and `flat-ray eval`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flat_ray.data import load_split
+from flat_ray.errors import FlatRayError
+from flat_ray.eval.harness import PAPER_TASKS, parse_tasks, run_lm_eval
+from flat_ray.eval.runner import evaluate_split, evaluate_tofu
+from flat_ray.eval.tofu import LOG_FILES, summarize
+from flat_ray.losses import mean_token_nll
+from flat_ray.models import PROFILES
+
+PROFILE = PROFILES["generic"]
+
+
+def one_by_one(model, tok, rows, max_new_tokens=6):
+    """The straightforward reference: one question, one candidate, one forward at a time."""
+    from flat_ray.data import encode_qa
+
+    gt, para, pert, texts = [], [], [], []
+    for r in rows:
+        def nll(answer, question=r["question"]):
+            enc = encode_qa(tok, PROFILE, question, answer, 96)
+            logits = model(torch.tensor([enc["input_ids"]])).logits
+            return mean_token_nll(logits, torch.tensor([enc["labels"]])).item()
+        gt.append(nll(r["answer"]))
+        para.append(nll(r.get("paraphrased_answer") or r["answer"]))
+        pert.append([nll(a) for a in r["perturbed_answer"]])
+        enc = encode_qa(tok, PROFILE, r["question"], "", 96)
+        prompt = enc["input_ids"][: enc["labels"].count(-100)]
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip())
+    return np.array(gt), np.array(para), np.array(pert), texts
+
+
+@torch.no_grad()
+def test_batched_evaluation_equals_the_per_question_loop(tiny):
+    model, tok = tiny
+    model.eval()
+    rows = load_split("demo", "forget10_perturbed")[:6] + load_split("demo", "world_facts_perturbed")[:3]
+    for part in (rows[:6], rows[6:]):
+        v = evaluate_split(model, tok, PROFILE, part, max_length=96, batch_size=4, max_new_tokens=6)
+        gt, para, pert, texts = one_by_one(model, tok, part)
+        np.testing.assert_allclose(v.avg_gt_loss, gt, rtol=1e-4)
+        np.testing.assert_allclose(v.avg_paraphrased_loss, para, rtol=1e-4)
+        np.testing.assert_allclose(v.average_perturb_loss, pert, rtol=1e-4)
+        assert [t[1] for t in v.generated_text] == texts
+        assert [t[2] for t in v.generated_text] == [r["answer"] for r in part]
+
+
+@torch.no_grad()
+def test_demo_splits_give_every_tofu_number(tiny):
+    model, tok = tiny
+    rows = {"forget": load_split("demo", "forget10_perturbed")[:4], "retain": load_split("demo", "retain_perturbed")[:4],
+            "real_authors": load_split("demo", "real_authors_perturbed")[:4],
+            "world_facts": load_split("demo", "world_facts_perturbed")[:4]}
+    values = evaluate_tofu(model, tok, PROFILE, rows, max_length=96, batch_size=8, max_new_tokens=4)
+    s = summarize(values, reference_tr=np.array([0.5, 0.7, 0.9, 1.1]))
+    for key in ("model_utility", "forget_quality", "forget_truth_ratio", "world_facts_prob"):
+        assert 0 <= s[key] <= 1, key
+    assert values["forget"].average_perturb_loss.shape == (4, 5) and values["world_facts"].average_perturb_loss.shape == (4, 3)
+
+
+LOCAL_TASK = """task: flatray_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    rows = [{"question": f"What is {i} plus one?", "choices": [str(i + 1), str(i + 7)], "label": 0} for i in range(6)]
+    (d / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "toy.yaml").write_text(LOCAL_TASK.format(data=d / "toy.jsonl"))
+    return d
+
+
+def test_lm_eval_on_a_local_task(tiny, local_task):
+    model, tok = tiny
+    res = run_lm_eval(model, tok, ["flatray_toy"], include_path=str(local_task), batch_size=4)
+    assert 0.0 <= res["flatray_toy"]["acc"] <= 1.0
+
+
+def test_lm_eval_errors_name_the_task(tiny, local_task):
+    model, tok = tiny
+    with pytest.raises(FlatRayError, match="unknown lm-eval task.*no_such_task"):
+        run_lm_eval(model, tok, ["no_such_task"], include_path=str(local_task))
+    with pytest.raises(FlatRayError, match=r"could not load the data of task\(s\) boolq.*--tasks-include"):
+        run_lm_eval(model, tok, ["boolq"], limit=2)
+    assert parse_tasks("default") == list(PAPER_TASKS) and parse_tasks("a, b") == ["a", "b"]
+
+
+def run_cli(args, capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_flat_ray_eval_end_to_end_reference_and_from_logs(tiny_model_dir, tmp_path, capsys, local_task):
+    common = [f"paths.workdir={tmp_path}/wd", "eval.max_new_tokens=4", "--model", str(tiny_model_dir),
+              "--benchmark", "demo", "--split", "forget10", "--max-examples", "5"]
+    code, out, err = run_cli(["eval", *common, "--out", str(tmp_path / "a"), "--json", "--tasks", "flatray_toy",
+                              "--tasks-include", str(local_task), "--limit", "4"], capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert 0 <= first["model_utility"] <= 1 and "forget_quality" not in first and "lm_eval/flatray_toy/acc" in first
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {*LOG_FILES.values(), "summary.json"}
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert saved["lm_eval_version"] and saved["questions"]["forget"] == 5
+    # the same model against its own results: forget quality 1, by path and by MLflow run id
+    for ref in (str(tmp_path / "a"), first["mlflow_run_id"]):
+        code, out, err = run_cli(["eval", *common, "--reference", ref, "--json", "--out", str(tmp_path / "b")], capsys)
+        assert code == 0, err
+        again = json.loads(out)
+        assert again["forget_quality"] == pytest.approx(1.0)
+        assert again["model_utility"] == pytest.approx(first["model_utility"])
+    assert again["forget_quality_reference"] == f"mlflow-run:{first['mlflow_run_id']}"
+    # --from-logs recomputes the same summary from the written logs
+    code, out, _ = run_cli(["eval", "--from-logs", str(tmp_path / "a"), "--json"], capsys)
+    assert json.loads(out)["model_utility"] == pytest.approx(first["model_utility"])
+    # attach to an existing run
+    code, out, err = run_cli(["eval", *common, "--run-id", first["mlflow_run_id"], "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and f"MLflow run id: {first['mlflow_run_id']}" in out and "model utility" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--from-logs", "{tmp}/nothing"], "does not exist"),
+    (["--reference", "{tmp}/missing", "--model", "tiny"], "not found"),
+    (["--run-id", "0123456789abcdef0123456789abcdef", "--model", "tiny"], "no MLflow run"),
+    (["--split", "forget77", "--model", "tiny"], "data.split='forget77' is not valid"),
+    (["--truth-ratio", "harmonic"], "Invalid value for '--truth-ratio'"),
+])
+def test_eval_bad_input(args, message, tmp_path, capsys):
+    code, out, err = run_cli(["eval", f"paths.workdir={tmp_path}/wd", *[a.format(tmp=tmp_path) for a in args]], capsys)
+    assert code == 2 and message in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "wd").exists()  # nothing written
