@@ -41,7 +41,7 @@ def per_question(model, tok, profile, rows, max_length, max_new_tokens):
         gt.append(nll(r["answer"]))
         para.append(nll(r["paraphrased_answer"]))
         pert.append([nll(a) for a in r["perturbed_answer"]])
-        enc = encode_qa(tok, profile, r["question"], "", max_length)
+        enc = encode_qa(tok, profile, r["question"], r["answer"], max_length)
         prompt = enc["input_ids"][: enc["labels"].count(-100)]
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)

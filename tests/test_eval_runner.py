@@ -32,7 +32,7 @@ def one_by_one(model, tok, rows, max_new_tokens=6):
         gt.append(nll(r["answer"]))
         para.append(nll(r.get("paraphrased_answer") or r["answer"]))
         pert.append([nll(a) for a in r["perturbed_answer"]])
-        enc = encode_qa(tok, PROFILE, r["question"], "", 96)
+        enc = encode_qa(tok, PROFILE, r["question"], r["answer"], 96)
         prompt = enc["input_ids"][: enc["labels"].count(-100)]
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)

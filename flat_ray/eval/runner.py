@@ -104,12 +104,16 @@ def answer_losses(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Seq
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, profile: PromptProfile, questions: Sequence[str], *, max_length: int,
-             max_new_tokens: int, batch_size: int, device: Any = "cpu") -> tuple[list[str], list[str]]:
-    """Greedy continuations of each question's prompt, batched with left padding. Returns (prompts, texts)."""
+def generate(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence[tuple[str, str]], *,
+             max_length: int, max_new_tokens: int, batch_size: int, device: Any = "cpu") -> tuple[list[str], list[str]]:
+    """Greedy continuations of each (question, answer) pair's prompt, batched with left padding.
+
+    The prompt is the masked prefix of the tokenised question + answer: exactly the tokens the model was trained
+    to continue (a prompt tokenised alone can end in a lone space token that training never showed it).
+    Returns (prompts, texts)."""
     prompts = []
-    for q in questions:
-        enc = encode_qa(tokenizer, profile, q, "", max_length)  # the masked prefix is the generation prompt
+    for q, a in pairs:
+        enc = encode_qa(tokenizer, profile, q, a, max_length)
         n = enc["labels"].count(-100)
         prompts.append({"input_ids": enc["input_ids"][:n], "attention_mask": [1] * n})
     collate = Collator(tokenizer.pad_token_id, padding_side="left")
@@ -156,7 +160,8 @@ def evaluate_split(model: Any, tokenizer: Any, profile: PromptProfile, rows: Seq
     try:
         losses = answer_losses(model, tokenizer, profile, pairs, max_length=max_length, batch_size=batch_size,
                                device=device)
-        prompts, texts = generate(model, tokenizer, profile, [r["question"] for r in mine], max_length=max_length,
+        prompts, texts = generate(model, tokenizer, profile, [(r["question"], r["answer"]) for r in mine],
+                                  max_length=max_length,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
     finally:
         model.train(was_training)
