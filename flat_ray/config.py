@@ -109,6 +109,13 @@ class MethodConfig:
                                              f"Total-Variation): {DIVERGENCES.choices()}.")
     normalize: str = doc("paper", "Score normalisation: 'paper' (per-sample mean answer-token probability) or "
                                   "'repo' (released code: sum over the padded batch / B*(T-1); parity studies only).")
+    beta: float = doc(0.1, "Inverse temperature of NPO and DPO (0.1 in the NPO paper and the FLAT comparisons).")
+    simnpo_beta: float = doc(2.5, "SimNPO's beta (2.5, the SimNPO paper's TOFU setting).")
+    gamma: float = doc(0.0, "SimNPO's reward margin gamma (0 on TOFU in the SimNPO paper).")
+    retain_weight: float = doc(1.0, "Weight of the retain cross-entropy in grad_diff and idk.")
+    retain_split: str | None = doc(None, "Retain split sampled alongside forget batches by methods that need it "
+                                         "(grad_diff, idk); null means the benchmark's complement of data.split "
+                                         "(e.g. forget10 -> retain90).")
 
     def __post_init__(self):
         for key, registry in (("name", METHODS), ("divergence", DIVERGENCES), ("normalize", NORMALIZATIONS)):
@@ -116,6 +123,9 @@ class MethodConfig:
                 setattr(self, key, registry.canonical(getattr(self, key)))
             except FlatRayError as exc:
                 raise FlatRayError(f"method.{key}: {exc}") from None
+        _positive("method.beta", self.beta)
+        _positive("method.simnpo_beta", self.simnpo_beta)
+        _positive("method.retain_weight", self.retain_weight, allow_zero=True)
 
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -244,6 +254,21 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking."})
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata={"help": "Ray cluster and workers."})
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Files and directories."})
+
+    def __post_init__(self):
+        if "retain" in METHODS[self.method.name].batch_keys:
+            retain = self.retain_split()
+            if retain is None:
+                raise FlatRayError(f"method {self.method.name} needs retain data but benchmark {self.data.benchmark} has "
+                                   f"no retain split for {self.data.split!r}; set method.retain_split")
+            if self.data.data_dir is None:
+                _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
+            else:
+                find_split_file(self.data.data_dir, retain)
+
+    def retain_split(self) -> str | None:
+        """The retain split methods such as grad_diff sample from, or None when there is none."""
+        return self.method.retain_split or BENCHMARKS[self.data.benchmark].retain_of.get(self.data.split)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

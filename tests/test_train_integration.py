@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -213,3 +214,17 @@ def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
     assert {"forget_prob", "retain_prob", "forget_truth_ratio", "model_utility"} <= set(logged)
     for key, value in logged.items():
         assert value == pytest.approx(single[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "idk", "npo", "dpo", "simnpo"])
+def test_every_baseline_trains_under_zero3_with_two_workers(method, ray_local, base, tiny_model_dir):
+    cfg = cfg_for(base, f"method.name={method}", "deepspeed.stage=3", "optim.epochs=1", "eval.enabled=false",
+                  f"tracking.run_name=baseline-{method}", "tracking.log_model=false")
+    res = run_training(cfg)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(res.model_dir / "model.safetensors")
+    assert sum(not torch.equal(before[k], after[k]) for k in before) >= len(before) - 2
+    losses = loss_curve(res)
+    assert len(losses) == 3 and all(map(np.isfinite, losses))
+    run = tracking.run_data(res.mlflow_uri, res.run_id)
+    assert run.data.tags["method"] == method and run.data.params["method.name"] == method

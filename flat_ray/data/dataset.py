@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from flat_ray.data.formatting import encode_qa
@@ -18,22 +19,29 @@ class UnlearnDataset(Dataset):
     Item ``i`` is ``{"forget": enc(q_i, y_f,i), "template": enc(q_i, y_e,i), "index": i}``: the template is its
     own sequence (prompt + y_e), never the forget ``input_ids`` with other labels. Template assignment is fixed
     per epoch (:meth:`set_epoch`) and reproducible from the source's seed. With ``templates=None`` (methods that
-    need no template, such as fine-tuning) items hold only ``forget``: the rows of the configured split.
+    need no template, such as fine-tuning) items hold only ``forget``: the rows of the configured split. With
+    ``retain_rows`` (grad_diff, idk) each item also holds ``retain``, a retain example drawn per epoch from a
+    generator seeded by ``(seed, epoch)``.
     """
 
     def __init__(self, rows: Sequence[dict], tokenizer: Any, profile: PromptProfile, templates: TemplateSource | None,
-                 *, max_length: int):
+                 *, max_length: int, retain_rows: Sequence[dict] | None = None, seed: int = 0):
         self.rows = list(rows)
         self.tokenizer = tokenizer
         self.profile = profile
         self.templates = templates
         self.max_length = max_length
         self.forget = [encode_qa(tokenizer, profile, r["question"], r["answer"], max_length) for r in self.rows]
+        self.retain = [encode_qa(tokenizer, profile, r["question"], r["answer"], max_length) for r in retain_rows or []]
+        self.seed = seed
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.assignment = self.templates.assign(len(self.rows), epoch) if self.templates else []
+        # each forget example is paired with a retain example drawn per epoch, seeded like the templates
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        self.retain_pick = rng.integers(0, len(self.retain), len(self.rows)).tolist() if self.retain else []
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -43,4 +51,6 @@ class UnlearnDataset(Dataset):
         if self.templates:
             item["template"] = encode_qa(self.tokenizer, self.profile, self.rows[i]["question"], self.assignment[i],
                                          self.max_length)
+        if self.retain:
+            item["retain"] = self.retain[self.retain_pick[i]]
         return item

@@ -107,6 +107,20 @@ def build_engine(model, ds_config: dict[str, Any], lr_lambda: Callable[[int], fl
     return engine
 
 
+def build_reference(model, ds_config: dict[str, Any]):
+    """A frozen reference model for methods that need one (NPO, DPO). Under ZeRO-3 it is its own DeepSpeed
+    engine in inference mode, sharded like the trained model; otherwise a full copy on this rank's device.
+    Never a deepcopy of a (possibly partitioned) trained model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ref_config)
+        engine.eval()
+        return engine
+    return model.to(get_accelerator().current_device_name()).eval()
+
+
 def save_checkpoint(engine, directory: str | Path, client_state: dict[str, Any]) -> None:
     """Every rank writes its own shard (DeepSpeed's file names carry the rank)."""
     engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state)

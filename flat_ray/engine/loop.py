@@ -93,7 +93,10 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     if "template" in method.batch_keys:
         templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
                                          path=cfg.data.template_file, column=cfg.data.template_column)
-    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length)
+    retain_rows = load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir) \
+        if "retain" in method.batch_keys else None
+    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
+                             retain_rows=retain_rows, seed=cfg.optim.seed)
     # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.optim.seed)
     loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
@@ -107,6 +110,10 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     model = ds.load_model(payload["model_path"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
     engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(s, total_steps, warmup, cfg.optim.schedule))
     device = engine.device
+    # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
+    ref_model = ds.build_reference(ds.load_model(payload["model_path"], ds_config,
+                                                 trust_remote_code=cfg.model.trust_remote_code), ds_config) \
+        if method.needs_reference else None
     start_epoch, global_step = 0, 0
     if restore_dir:
         state = ds.load_checkpoint(engine, Path(restore_dir) / "ds")
@@ -117,7 +124,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     # ---- evaluation: bounded subsets of the TOFU-style splits, sharded over the ranks
     eval_rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, cfg.eval.max_examples) \
         if cfg.eval.enabled else {}
-    reference = read_reference(cfg.eval.reference)[0] if cfg.eval.enabled and cfg.eval.reference else None
+    reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.enabled and cfg.eval.reference else None
 
     def evaluate(epoch: int) -> dict[str, float]:
         due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
@@ -126,7 +133,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         values = evaluate_tofu(engine.module, tokenizer, profile, eval_rows, max_length=cfg.data.max_length,
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
                                world_size=world, device=device)
-        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference)
+        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
         metrics = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)}
         tracker.log_metrics({**metrics, "epoch": epoch}, step=epoch)
         info("epoch %d eval: %s", epoch, ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()))
@@ -148,7 +155,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         for batch in loader:
             batch = _to(batch, device)
             boundary = engine.is_gradient_accumulation_boundary()
-            out = method_loss(engine, batch, method, knobs)
+            out = method_loss(engine, batch, method, knobs, ref_model)
             engine.backward(out.loss)
             engine.step()
             window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.batch_keys)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flat_ray.losses import IGNORE_INDEX, LossOutput, Method
+from flat_ray.losses import IGNORE_INDEX, LossOutput, Method, sequence_logprob
 
 
 def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], keys: Sequence[str]
@@ -36,10 +36,19 @@ def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], 
     return out
 
 
-def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Mapping[str, Any]) -> LossOutput:
-    """Forward the splits ``method`` declares and return its loss; knobs are the method config fields it lists."""
+def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Mapping[str, Any],
+                reference: Any = None) -> LossOutput:
+    """Forward the splits ``method`` declares and return its loss; knobs are the method config fields it lists.
+    Methods that need a reference model get its per-sample answer log-probs (no gradient) as ``ref_logp``."""
     inputs = concat_forward(model, batch, method.batch_keys)
-    return method.loss(inputs, **{k: knobs[k] for k in method.knobs})
+    extra: dict[str, Any] = {}
+    if method.needs_reference:
+        if reference is None:
+            raise ValueError(f"method {method.name!r} needs a reference model")
+        with torch.no_grad():
+            ref = concat_forward(reference, batch, method.batch_keys)
+        extra["ref_logp"] = {k: sequence_logprob(logits, labels) for k, (logits, labels) in ref.items()}
+    return method.loss(inputs, **{k: knobs[k] for k in method.knobs}, **extra)
 
 
 __all__ = ["IGNORE_INDEX", "concat_forward", "method_loss"]

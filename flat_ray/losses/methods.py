@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flat_ray.losses import baselines
 from flat_ray.losses.flat import LossOutput, flat_loss
 from flat_ray.losses.sequence import token_logprobs
 from flat_ray.registry import Registry
@@ -66,3 +67,20 @@ METHODS.register(
         description="supervised fine-tuning on the configured split (used by `flat-ray finetune`)",
     ),
 )
+
+
+# Baselines (FLAT_SPEC.md §6). Knobs are `method` config fields; `needs_reference` methods get `ref_logp`, the
+# frozen reference model's per-sample answer log-probs of each split in `batch_keys`.
+for _name, _fn, _keys, _knobs, _ref, _desc in (
+    ("grad_ascent", baselines.grad_ascent, ("forget",), (), False, "gradient ascent on the forget answers"),
+    ("grad_diff", baselines.grad_diff, ("forget", "retain"), ("retain_weight",), False,
+     "gradient ascent on forget plus descent on retain"),
+    ("idk", baselines.idk, ("template", "retain"), ("retain_weight",), False,
+     "fine-tune towards the template answer, plus retain"),
+    ("npo", baselines.npo, ("forget",), ("beta",), True, "negative preference optimisation (needs a reference model)"),
+    ("dpo", baselines.dpo, ("forget", "template"), ("beta",), True,
+     "DPO with the template preferred over the forget answer (needs a reference model)"),
+    ("simnpo", baselines.simnpo, ("forget",), ("simnpo_beta", "gamma"), False,
+     "reference-free, length-normalised NPO with margin gamma"),
+):
+    METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, needs_reference=_ref, description=_desc))
