@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from flat_ray import tracking
 from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
 from flat_ray.engine.schedule import lr_multiplier, warmup_steps
 from flat_ray.engine.step import method_loss
@@ -57,10 +59,13 @@ def _to(batch: Any, device: Any) -> Any:
     return batch
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def _rss_now_mb() -> float:
+    """Resident set size of this process now (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
 
 
 def _divergence(loss: float, grad_norm: float | None) -> str | None:
@@ -167,7 +172,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             grad_norm = float(norm) if norm is not None else None
             problem = _divergence(metrics["loss"], grad_norm)
             # one collective per step: any rank's divergence stops every rank, and tokens are summed
-            flags = _all_reduce(torch.tensor([1.0 if problem else 0.0, float(window_tokens)]))
+            flags = all_reduce(torch.tensor([1.0 if problem else 0.0, float(window_tokens)]))
             if flags[0] > 0:
                 reason = f"{problem or 'another rank diverged'} at step {global_step} (epoch {epoch + 1}); lower optim.lr"
                 tracker.set_tags({"diverged": "true", "diverged_step": global_step, "diverged_reason": reason})
@@ -188,6 +193,15 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             report(epoch_metrics, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+    # ---- peak memory of the busiest rank (host RSS; device memory when on GPU)
+    peak = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux reports KiB
+            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+            _rss_now_mb()]
+    peak_t = all_reduce(torch.tensor(peak), op="max")
+    tracker.log_metrics({"peak_rss_mb": peak_t[0].item(), "rss_end_of_training_mb": peak_t[2].item(),
+                         **({"peak_gpu_mem_mb": peak_t[1].item()} if torch.cuda.is_available() else {})},
+                        step=global_step)
 
     # ---- consolidated export (all ranks gather, rank 0 writes)
     final = out_dir / "model"

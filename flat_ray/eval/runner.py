@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
+from flat_ray.distributed import all_reduce
 from flat_ray.eval.tofu import SplitValues
 from flat_ray.losses import mean_token_nll
 from flat_ray.models import PromptProfile
@@ -73,11 +74,7 @@ def _distributed() -> bool:
 
 def _same_count(n: int) -> int:
     """The largest ``n`` over all ranks, so that every rank runs the same number of forward passes."""
-    if not _distributed():
-        return n
-    t = torch.tensor([n])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(all_reduce(torch.tensor([n]), op="max").item())
 
 
 @torch.no_grad()

@@ -1,0 +1,29 @@
+"""Small collective helpers that run the same on one CPU process, gloo (CPU) and NCCL (GPU).
+
+NCCL only reduces device tensors, so values go to the current CUDA device there and come back to the host.
+Outside a process group every helper is the identity, so library code needs no ``if distributed`` branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    if initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum or max of ``t`` over all ranks, returned on the host."""
+    if not initialized():
+        return t
+    x = t.to(collective_device())
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x.cpu()
