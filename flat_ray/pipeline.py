@@ -18,7 +18,6 @@ from flat_ray.data import (
     make_template_source,
 )
 from flat_ray.data.demo import demo_texts
-from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS
 from flat_ray.models import (
     DEMO_ORIGINAL,
@@ -67,6 +66,19 @@ class Prepared:
     model_path: str
 
 
+def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict] | None = None) -> UnlearnDataset:
+    """The training dataset with exactly the splits the configured method needs (forget, template, retain)."""
+    method = METHODS[cfg.method.name]
+    if rows is None:
+        rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
+                                     column=cfg.data.template_column) if "template" in method.batch_keys else None
+    retain_rows = load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir) \
+        if "retain" in method.batch_keys else None
+    return UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
+                          retain_rows=retain_rows, seed=cfg.optim.seed)
+
+
 def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     # data first: a bad data file should fail before a model is built or downloaded
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
@@ -74,9 +86,7 @@ def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     model, tokenizer = load_model_and_tokenizer(
         path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
     profile = resolve_profile(cfg.model.profile, path, tokenizer)
-    templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
-                                     path=cfg.data.template_file, column=cfg.data.template_column)
-    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length)
+    dataset = build_dataset(cfg, tokenizer, profile, rows)
     return Prepared(model, tokenizer, dataset, Collator(tokenizer.pad_token_id), path)
 
 
@@ -87,16 +97,16 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     from flat_ray.engine.step import method_loss
 
     method = METHODS[cfg.method.name]
-    missing = [k for k in method.batch_keys if k not in ("forget", "template")]
-    if missing:
-        raise FlatRayError(f"method {method.name!r} needs batch splits {missing} that this data config does not provide")
     torch.manual_seed(cfg.optim.seed)
     prep = prepare(cfg)
+    # a reference-model method gets a second, frozen load of the same weights, as in training
+    reference = load_model_and_tokenizer(prep.model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                         revision=cfg.model.revision)[0].eval() if method.needs_reference else None
     n = len(prep.dataset)
     batch = prep.collator([prep.dataset[i] for i in range(min(cfg.optim.micro_batch_size, n))])
     prep.model.eval()
     with torch.no_grad():
-        out = method_loss(prep.model, batch, method, vars(cfg.method))
+        out = method_loss(prep.model, batch, method, vars(cfg.method), reference)
     steps_per_epoch = math.ceil(n / (cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps))
     return {
         "model": prep.model_path,
@@ -105,7 +115,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         "forget_examples": n,
         "template_source": cfg.data.template_source,
         "first_templates": prep.dataset.assignment[:3],
-        "method": f"{method.name} (divergence={cfg.method.divergence}, normalize={cfg.method.normalize})",
+        "method": f"{method.name} ({', '.join(f'{k}={getattr(cfg.method, k)}' for k in method.knobs)})",
         "optimizer_steps": steps_per_epoch * cfg.optim.epochs,
         "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.batch_keys},
         **{f"first_batch_{k}": round(v, 6) for k, v in out.metrics.items()},

@@ -100,3 +100,16 @@ def test_retain_methods_need_retain_data_at_config_time(tmp_path):
     assert cfg.method.name == "grad_diff"
     with pytest.raises(FlatRayError, match="method.retain_split='nope' is not valid"):
         load_config(None, ["method.name=idk", "method.retain_split=nope"])
+
+
+@pytest.mark.parametrize("name", ["flat", "grad_ascent", "grad_diff", "idk", "npo", "dpo", "simnpo"])
+def test_dry_run_builds_the_batch_each_method_needs(name, tiny_model_dir, tmp_path):
+    from flat_ray.pipeline import dry_run
+
+    cfg = load_config(None, [f"method.name={name}", f"model.name_or_path={tiny_model_dir}", "optim.micro_batch_size=2",
+                             f"paths.workdir={tmp_path}"])
+    summary = dry_run(cfg)
+    assert set(summary["first_batch"]) == set(METHODS[name].batch_keys)
+    assert math.isfinite(summary["first_batch_loss"])
+    if "retain" in METHODS[name].batch_keys:
+        assert summary["first_batch"]["retain"][0] == 2

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from flat_ray import tracking
 from flat_ray.config import config_from_dict
-from flat_ray.data import Collator, UnlearnDataset, load_split, make_template_source
+from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
 from flat_ray.engine.schedule import lr_multiplier, warmup_steps
@@ -34,6 +34,7 @@ from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
 from flat_ray.eval.tofu import read_reference, summarize
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer, resolve_profile
+from flat_ray.pipeline import build_dataset
 
 log = logging.getLogger("flat_ray.train")
 
@@ -94,14 +95,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
                                             load_model=False)
     profile = resolve_profile(cfg.model.profile, cfg.model.name_or_path, tokenizer)
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    templates = None
-    if "template" in method.batch_keys:
-        templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed,
-                                         path=cfg.data.template_file, column=cfg.data.template_column)
-    retain_rows = load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir) \
-        if "retain" in method.batch_keys else None
-    dataset = UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
-                             retain_rows=retain_rows, seed=cfg.optim.seed)
+    dataset = build_dataset(cfg, tokenizer, profile, rows)
     # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.optim.seed)
     loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
