@@ -10,8 +10,6 @@ import sys
 
 import click
 
-EXIT_USAGE = 2
-
 
 def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
     """``[CONFIG.yaml] [key=value ...]`` -> (config path or None, overrides)."""

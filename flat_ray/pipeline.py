@@ -3,7 +3,6 @@ dataset with template answers, collator. ``dry_run`` builds them and computes th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +93,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     """Build model, data and one batch; compute the method's loss once (no optimizer step). Returns a summary."""
     import torch
 
+    from flat_ray.engine.schedule import steps_per_epoch
     from flat_ray.engine.step import method_loss
 
     method = METHODS[cfg.method.name]
@@ -107,7 +107,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     prep.model.eval()
     with torch.no_grad():
         out = method_loss(prep.model, batch, method, vars(cfg.method), reference)
-    steps_per_epoch = math.ceil(n / (cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps))
+    per_epoch = steps_per_epoch(n, cfg.optim.micro_batch_size, cfg.launch.num_workers, cfg.optim.grad_accum_steps)
     return {
         "model": prep.model_path,
         "parameters": count_parameters(prep.model),
@@ -116,7 +116,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         "template_source": cfg.data.template_source,
         "first_templates": prep.dataset.assignment[:3],
         "method": f"{method.name} ({', '.join(f'{k}={getattr(cfg.method, k)}' for k in method.knobs)})",
-        "optimizer_steps": steps_per_epoch * cfg.optim.epochs,
+        "optimizer_steps": per_epoch * cfg.optim.epochs,
         "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.batch_keys},
         **{f"first_batch_{k}": round(v, 6) for k, v in out.metrics.items()},
     }

@@ -114,9 +114,6 @@ class Tracker(NullTracker):
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
-    def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
-
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 

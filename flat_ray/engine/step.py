@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flat_ray.losses import IGNORE_INDEX, LossOutput, Method, sequence_logprob
+from flat_ray.losses import LossOutput, Method, sequence_logprob
 
 
 def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], keys: Sequence[str]
@@ -51,4 +51,4 @@ def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Map
     return method.loss(inputs, **{k: knobs[k] for k in method.knobs}, **extra)
 
 
-__all__ = ["IGNORE_INDEX", "concat_forward", "method_loss"]
+__all__ = ["concat_forward", "method_loss"]
