@@ -14,6 +14,11 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def multi_process() -> bool:
+    """More than one rank: sharding and gathering are needed."""
+    return initialized() and dist.get_world_size() > 1
+
+
 def collective_device() -> torch.device:
     if initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

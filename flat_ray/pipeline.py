@@ -19,8 +19,6 @@ from flat_ray.data import (
 from flat_ray.data.demo import demo_texts
 from flat_ray.losses import METHODS
 from flat_ray.models import (
-    DEMO_ORIGINAL,
-    TINY,
     TinySpec,
     cached_tiny_model,
     count_parameters,
@@ -41,19 +39,6 @@ DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_h
 def tiny_model_path(cfg: RunConfig) -> Path:
     """The cached tiny model, built from the demo text and the built-in templates on first use."""
     return cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models", DEMO_SPEC)
-
-
-def resolve_model_path(cfg: RunConfig) -> str:
-    """The model a dry run loads: ``tiny`` is built; ``demo`` is the cached original model when a real run has
-    built it, else the untrained tiny model (a dry run never trains)."""
-    if cfg.model.name_or_path == DEMO_ORIGINAL:
-        from flat_ray.launch.driver import demo_original_path
-
-        cached = demo_original_path(cfg)
-        return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
-    if cfg.model.name_or_path == TINY:
-        return str(tiny_model_path(cfg))
-    return cfg.model.name_or_path
 
 
 @dataclass
@@ -81,7 +66,9 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict]
 def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     # data first: a bad data file should fail before a model is built or downloaded
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    path = resolve_model_path(cfg)
+    from flat_ray.launch.driver import resolve_model_path  # no Ray import: the driver imports it lazily
+
+    path = resolve_model_path(cfg, train_original=False)
     model, tokenizer = load_model_and_tokenizer(
         path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
     profile = resolve_profile(cfg.model.profile, path, tokenizer)

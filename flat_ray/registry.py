@@ -8,7 +8,7 @@ of valid choices.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from flat_ray.errors import FlatRayError
@@ -51,12 +51,6 @@ class Registry(Generic[T]):
                 if owner != key:
                     raise ValueError(f"{self.kind} alias {name!r} already points to {owner!r}")
         return obj
-
-    def decorator(self, key: str, *, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
-        def wrap(obj: T) -> T:
-            return self.register(key, obj, aliases=aliases)
-
-        return wrap
 
     def canonical(self, key: str) -> str:
         """Return the canonical key for ``key`` or raise :class:`UnknownKeyError`."""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
-from flat_ray.distributed import all_reduce
+from flat_ray.distributed import all_reduce, multi_process
 from flat_ray.eval.tofu import SplitValues
 from flat_ray.losses import mean_token_nll
 from flat_ray.models import PromptProfile
@@ -66,10 +66,6 @@ def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
     per_rank = math.ceil(n / world_size)
     idx = [rank + world_size * i for i in range(per_rank)]
     return [min(i, n - 1) for i in idx], [i < n for i in idx]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _same_count(n: int) -> int:
@@ -121,7 +117,7 @@ def generate(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence
         batch = collate(chunk)
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             synced_gpus=_distributed())
+                             synced_gpus=multi_process())
         if b < n_batches:
             texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     prompt_texts = [tokenizer.decode(p["input_ids"], skip_special_tokens=True) for p in prompts]
@@ -131,7 +127,7 @@ def generate(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence
 def _gather(values: dict[str, list], keep: list[bool], idx: list[int]) -> dict[str, list]:
     """Per-question lists from every rank, put back in question order (padding repeats dropped)."""
     mine = [(i, {k: v[j] for k, v in values.items()}) for j, (i, real) in enumerate(zip(idx, keep, strict=True)) if real]
-    if _distributed():
+    if multi_process():
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         mine = [item for part in parts for item in part]

@@ -109,12 +109,16 @@ def _demo_finetune_config(cfg: RunConfig) -> RunConfig:
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
 
 
-def resolve_model_path(cfg: RunConfig) -> str:
-    """Sentinels become cached local models: ``tiny`` is built, ``demo`` is built and fine-tuned."""
+def resolve_model_path(cfg: RunConfig, *, train_original: bool = True) -> str:
+    """Sentinels become cached local models: ``tiny`` is built; ``demo`` is built and fine-tuned, or, with
+    ``train_original=False`` (a dry run never trains), the cached original if there is one, else ``tiny``."""
     if cfg.model.name_or_path == TINY:
         return str(tiny_model_path(cfg))
     if cfg.model.name_or_path == DEMO_ORIGINAL:
-        return str(ensure_demo_original(cfg))
+        if train_original:
+            return str(ensure_demo_original(cfg))
+        cached = demo_original_path(cfg)
+        return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
     return cfg.model.name_or_path
 
 
