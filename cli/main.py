@@ -209,6 +209,88 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
         click.echo(f"MLflow run id: {summary['mlflow_run_id']}")
 
 
+@cli.command()
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--space", default="demo", show_default=True, metavar="NAME|PATH",
+              help="A shipped search space (see --list) or a YAML file.")
+@click.option("--name", metavar="NAME", help="Sweep name (MLflow experiment, directories); default <space>-<time>.")
+@click.option("--resume", metavar="NAME", help="Continue an interrupted sweep; finished trials are not re-run.")
+@click.option("--dry-run", is_flag=True, help="Validate the space and print the trial table; start nothing.")
+@click.option("--list", "list_spaces", is_flag=True, help="List the shipped search spaces.")
+@click.option("--address", metavar="ADDR", help="Join this Ray cluster (e.g. auto); default: a local Ray.")
+@click.option("--storage-path", metavar="DIR", help="Shared storage for Ray state and checkpoints (required on "
+                                                    "multi-node clusters: an NFS or bucket mount).")
+@click.option("--mlflow-uri", metavar="URI", help="MLflow tracking URI (an http server on a cluster).")
+@click.option("--workdir", metavar="DIR", help="Where --resume looks for sweeps (default flat_ray_work).")
+def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_path, mlflow_uri, workdir) -> None:
+    """Sweep a search space with Ray Tune: models x benchmarks x methods, sampled hyperparameters.
+
+    Every trial is a `flat-ray train` run (Ray Train workers, DeepSpeed) nested under one MLflow parent run per
+    sweep; the report table ends the sweep. KEY=VALUE overrides apply to every trial (e.g. optim.epochs=2).
+    """
+    from flat_ray.sweep import format_table, load_space, shipped_spaces, trial_table
+
+    if list_spaces:
+        for item in shipped_spaces():
+            sp = load_space(item)
+            click.echo(f"{item:<16}{sp.total_trials():>4} trials  {sp.description}")
+        return
+    if resume and (name or overrides):
+        raise click.UsageError("--resume continues a sweep with its own space and overrides; drop --name and KEY=VALUE")
+    if dry_run:
+        import os
+
+        sp = load_space(space, list(overrides))
+        if resume:
+            from flat_ray.report import find_sweep
+
+            find_sweep(resume, workdir)
+        cpus, gpus = os.cpu_count() or 1, _local_gpus()
+        click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
+                   f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "
+                   f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
+        click.echo(format_table(trial_table(sp, cpus, gpus)))
+        click.echo(f"concurrency computed for this machine ({cpus} CPUs, {gpus} GPUs); nothing was started")
+        return
+    from transformers.utils import logging as hf_logging
+
+    from flat_ray.launch.tune import run_sweep
+
+    hf_logging.disable_progress_bar()
+    result = run_sweep(space, list(overrides), name=name, resume=resume, address=address,
+                       storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir)
+    click.echo(f"sweep {result.name}: {result.trials} trials, {result.errored} errored, {result.seconds:.0f} s")
+    click.echo(f"report: {result.sweep_dir / 'report'}")
+    click.echo(f"browse: mlflow ui --backend-store-uri {result.mlflow_uri} --host 127.0.0.1  "
+               f"(experiment {result.name})")
+    if result.errored:
+        from flat_ray.errors import RunFailed
+
+        raise RunFailed(f"{result.errored} trial(s) failed; their errors are in {result.sweep_dir}/.. Ray logs "
+                        f"and the MLflow runs; `flat-ray tune --resume {result.name}` retries them")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+@cli.command()
+@click.argument("sweep", metavar="NAME|DIR")
+@click.option("--workdir", metavar="DIR", help="Where to look for the sweep by name (default flat_ray_work).")
+def report(sweep: str, workdir: str | None) -> None:
+    """Write and print a sweep's report: per benchmark the best trial of each method, Pareto and loss plots."""
+    from flat_ray.report import find_sweep, write_report
+
+    result = write_report(find_sweep(sweep, workdir))
+    click.echo(result.text)
+    click.echo(f"files: {', '.join(str(p) for p in result.files)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     from flat_ray.errors import FlatRayError

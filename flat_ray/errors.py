@@ -15,3 +15,7 @@ class RunFailed(FlatRayError):
     """A run started but did not finish (diverged, worker error); its MLflow run is marked FAILED."""
 
     exit_code = 1
+
+
+class Diverged(RunFailed):
+    """A run stopped because its loss or gradient norm stopped being finite (lower the learning rate)."""

@@ -122,8 +122,15 @@ def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Pat
     """Create the experiment if needed (with an explicit artifact location) and a new run in it."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+        except Exception:  # another process (a concurrent trial) created it first
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    if exp is not None:
+        exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     return Tracker(uri, run.info.run_id)
 
@@ -172,3 +179,20 @@ def run_data_or_error(uri: str, run_id: str):
         return _client(uri).get_run(run_id)
     except Exception:  # MlflowException for an unknown id
         raise FlatRayError(f"no MLflow run {run_id!r} in {uri}; give the id printed by `flat-ray train`") from None
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id`` (a sweep's trials), oldest first."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000)
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def set_status(uri: str, run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> None:
+    """End a run with ``status`` (e.g. KILLED for a trial a scheduler stopped early)."""
+    tracker = Tracker(uri, run_id)
+    if tags:
+        tracker.set_tags(tags)
+    tracker.finish(status)

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.stats import hmean, ks_2samp
 
 from flat_ray.errors import FlatRayError
+from flat_ray.eval.metrics import add_derived
 
 # TOFU's eval-log file for each evaluation split
 LOG_FILES = {
@@ -94,7 +95,8 @@ def forget_quality(unlearned: np.ndarray, reference: np.ndarray) -> float:
 def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_TRUTH_RATIO,
               reference_tr: np.ndarray | None = None) -> dict[str, Any]:
     """Per-split metrics, model utility (harmonic mean of the nine utility numbers, when all three utility
-    splits are present) and forget quality (when a reference distribution is given)."""
+    splits are present), forget quality (when a reference distribution is given) and the derived scores of
+    :mod:`flat_ray.eval.metrics`."""
     out: dict[str, Any] = {"truth_ratio_variant": truth_ratio}
     utility = []
     for name, values in splits.items():
@@ -106,7 +108,7 @@ def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_T
         out["model_utility"] = float(hmean(utility))
     if reference_tr is not None and "forget" in splits:
         out["forget_quality"] = forget_quality(forget_truth_ratios(splits["forget"]), reference_tr)
-    return out
+    return add_derived(out)
 
 
 # ----------------------------------------------------------------------------------------------------- logs

@@ -21,7 +21,7 @@ from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
 from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
-from flat_ray.errors import FlatRayError, RunFailed
+from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.runner import eval_split_rows
 from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
@@ -185,9 +185,11 @@ def _history_at(uri: str, run_id: str, keys: list[str], first: bool) -> dict[str
     return out
 
 
-def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None) -> TrainResult:
+def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
+                 tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainResult:
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
-    latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory."""
+    latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
+    trial passes extra MLflow ``tags`` (its parent run) and Ray Train ``callbacks`` (reporting to Tune)."""
     started = time.monotonic()
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     storage = storage_root(cfg)
@@ -224,7 +226,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         output_dir.mkdir(parents=True, exist_ok=True)
         tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
                 "method": cfg.method.name, "divergence": cfg.method.divergence if cfg.method.name == "flat" else "-",
-                "flat_ray.ray_run": name}
+                "flat_ray.ray_run": name, **(tags or {})}
         tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
         tracker.log_params(_params(cfg, model_path))
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -244,7 +246,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                       failure_config=FailureConfig(max_failures=0)),
+                                       failure_config=FailureConfig(max_failures=0), callbacks=callbacks),
     )
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
     try:
@@ -253,7 +255,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         tracker.finish("FAILED")
         tags = tracker.tags()
         if tags.get("diverged") == "true":
-            raise RunFailed(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
+            raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
         first = next((line for line in str(exc).splitlines() if "Error" in line), type(exc).__name__)
         raise RunFailed(f"run {name} failed: {first.strip()[:300]} (MLflow run {tracker.run_id}; worker logs above)") from exc
 

@@ -1,0 +1,86 @@
+"""The metric registry: every evaluation number a run reports, its direction and its role.
+
+Sweeps take objective modes from here (``higher_is_better``), reports take their columns from the roles, and
+two derived scores give single-objective schedulers (ASHA) one scalar:
+
+- ``unlearn_score`` = harmonic mean of forget efficacy ``1 - forget_prob`` and ``retain_prob``. It needs no
+  reference model, so it is the demo's objective: the start model scores ~0 (it still knows the forget set), a
+  collapsed model ~0 (it forgot the retain set too), and only selective unlearning scores high.
+- ``tofu_score`` = harmonic mean of ``model_utility`` and a log-scaled forget quality
+  ``q = clip(1 + log10(forget_quality) / 10, 0, 1)`` (FQ 1 -> 1, 0.05 -> 0.87, 1e-5 -> 0.5, <= 1e-10 -> 0).
+  FQ is a p-value spanning twenty orders of magnitude, so a plain harmonic mean with MU would be decided by FQ
+  alone. On TOFU's published Llama-2-7b logs: the fine-tuned model (FQ 1.8e-21 vs retain90) scores 0; the
+  retain90 model against itself (FQ 1, MU 0.575) scores 0.730.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from flat_ray.registry import Registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    higher_is_better: bool
+    role: str  # "forget" (how much was unlearned), "utility" (what was kept) or "objective" (a scalarisation)
+    doc: str
+    derive: Callable[[Mapping[str, float]], float | None] | None = None
+
+    @property
+    def mode(self) -> str:
+        """Ray Tune's ``mode`` for this metric."""
+        return "max" if self.higher_is_better else "min"
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _hmean(a: float, b: float) -> float:
+    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+def fq_scaled(fq: float) -> float:
+    """Forget quality on a 0..1 log scale (see the module docstring)."""
+    return 0.0 if fq <= 0 else min(1.0, max(0.0, 1.0 + math.log10(fq) / 10.0))
+
+
+def _unlearn_score(s: Mapping[str, float]) -> float | None:
+    if "forget_prob" not in s or "retain_prob" not in s:
+        return None
+    return _hmean(1.0 - s["forget_prob"], s["retain_prob"])
+
+
+def _tofu_score(s: Mapping[str, float]) -> float | None:
+    if "forget_quality" not in s or "model_utility" not in s:
+        return None
+    return _hmean(s["model_utility"], fq_scaled(s["forget_quality"]))
+
+
+_SPLIT_DOCS = {"prob": "mean probability of the answer", "rougeL_recall": "ROUGE-L recall of the greedy answer",
+               "truth_ratio": "truth-ratio statistic"}
+for _split, _role in (("forget", "forget"), ("retain", "utility"), ("real_authors", "utility"),
+                      ("world_facts", "utility")):
+    for _name, _doc in _SPLIT_DOCS.items():
+        # forget: low probability / recall is good; TOFU's forget truth-ratio statistic is min(R, 1/R), which
+        # rises towards 1 as the model stops preferring the true answer
+        _higher = _role == "utility" or _name == "truth_ratio"
+        METRICS.register(f"{_split}_{_name}", Metric(_higher, _role, f"{_split}: {_doc}"))
+METRICS.register("model_utility", Metric(True, "utility", "harmonic mean of the nine retain/real-authors/world-facts numbers"))
+METRICS.register("forget_quality", Metric(True, "forget", "KS-test p-value of forget truth ratios vs a retain model",))
+METRICS.register("unlearn_score", Metric(True, "objective", "hmean(1 - forget_prob, retain_prob)", _unlearn_score))
+METRICS.register("tofu_score", Metric(True, "objective", "hmean(model_utility, log-scaled forget_quality)", _tofu_score))
+
+
+def add_derived(summary: Mapping[str, float]) -> dict[str, float]:
+    """``summary`` plus every derived metric its values allow."""
+    out = dict(summary)
+    for name in METRICS:
+        metric = METRICS[name]
+        if metric.derive is not None:
+            value = metric.derive(out)
+            if value is not None:
+                out[name] = float(value)
+    return out

@@ -1,0 +1,330 @@
+"""``flat-ray tune``: search spaces become Ray Tune experiments, one per grid cell, run one after another.
+
+Each trial is a small driver function (``{"CPU": 0.01}``) that builds a Ray Train ``TorchTrainer`` through
+:func:`flat_ray.launch.driver.run_training` with ``TuneReportCallback``, so a trial does exactly what
+``flat-ray train`` does and its MLflow run is a child of the sweep's parent run. Trial names are the cell name
+plus Tune's trial index: the same on every resume, which is what lets a resumed trial find its Ray Train run
+(checkpoints) and its MLflow run again.
+
+Layout: ``<workdir>/sweeps/<sweep>/`` holds ``sweep.json`` (what a resume and ``flat-ray report`` need),
+``space.yaml``, ``trials.txt``, per-trial output dirs and the report; Ray's state lives under
+``<storage>/<sweep>/<cell>`` (Tune) and ``<storage>/<sweep>/train/<trial>`` (Ray Train).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from flat_ray import tracking
+from flat_ray.envinfo import package_versions
+from flat_ray.errors import Diverged, FlatRayError
+from flat_ray.launch.driver import STATE_FILE, ensure_demo_original, preflight, storage_root
+from flat_ray.models import DEMO_ORIGINAL
+from flat_ray.pipeline import workdir
+from flat_ray.sweep import (
+    TRIAL_FN_CPU,
+    Cell,
+    Space,
+    Spec,
+    build_cell_config,
+    format_table,
+    load_space,
+    max_concurrent,
+    space_summary,
+    trial_table,
+    with_constants,
+)
+
+log = logging.getLogger(__name__)
+SWEEP_FILE = "sweep.json"
+REMOTE_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
+
+
+# ------------------------------------------------------------------------------------- space -> ray.tune
+def domain(spec: Spec) -> Any:
+    """The one place the space vocabulary becomes ``ray.tune`` objects."""
+    a = spec.args
+    return {"grid": lambda: tune.grid_search(list(a)), "choice": lambda: tune.choice(list(a)),
+            "uniform": lambda: tune.uniform(*a), "loguniform": lambda: tune.loguniform(*a),
+            "randint": lambda: tune.randint(*a)}[spec.kind]()
+
+
+def param_space(cell: Cell) -> dict[str, Any]:
+    return {key: domain(spec) for key, spec in cell.params.items()}
+
+
+def _searcher(space: Space, cell: Cell, concurrency: int):
+    """Searchers limit concurrency themselves (Tune ignores ``max_concurrent_trials`` for the basic one)."""
+    if space.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        metric = space.objective if len(space.objective) > 1 else space.objective[0]
+        mode = space.modes if len(space.objective) > 1 else space.modes[0]
+        return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=space.seed), max_concurrent=concurrency)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=space.seed, max_concurrent=concurrency)
+
+
+def _scheduler(space: Space, cell: Cell):
+    if space.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # one report per epoch plus the evaluation before training: epochs + 1 iterations
+        max_t = cell.config.optim.epochs + 1
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                             grace_period=min(space.scheduler_args.get("grace_period", 1) + 1, max_t),
+                             reduction_factor=space.scheduler_args.get("reduction_factor", 2))
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+# ------------------------------------------------------------------------------------------ the trial
+def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
+    """One trial: the cell's config with this trial's sampled values, run like ``flat-ray train``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from flat_ray.launch.driver import run_training
+    from flat_ray.launch.worker import quiet_worker_logs
+
+    quiet_worker_logs()
+    trial = tune.get_context().get_trial_name()
+    constants = {**payload["constants"], "tracking.run_name": trial, "tracking.experiment": payload["sweep"],
+                 "paths.output_dir": str(Path(payload["trials_dir"]) / trial)}
+    cfg = build_cell_config(payload["base"], constants, config)
+    train_dir = storage_root(cfg) / trial
+    resume = trial if (train_dir / STATE_FILE).is_file() else None
+    if resume is None:
+        shutil.rmtree(train_dir, ignore_errors=True)  # a start that died before its MLflow run existed
+    tags = {"mlflow.parentRunId": payload["parent_run_id"], "flat_ray.sweep": payload["sweep"],
+            "flat_ray.cell": payload["cell"], "flat_ray.trial": trial, "flat_ray.role": "trial",
+            **{f"flat_ray.{k}": v for k, v in payload["labels"].items()},
+            **{f"sampled.{k}": v for k, v in config.items()}}
+    try:
+        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()])
+    except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
+        logging.getLogger("flat_ray.tune").warning("%s", exc)
+
+
+class _Progress(tune.Callback):
+    """One line per finished or failed trial on the driver's console."""
+
+    def __init__(self, objective: list[str]):
+        self.objective = objective
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        values = ", ".join(f"{m}={result[m]:.4g}" for m in self.objective if m in result)
+        sampled = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        print(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial} FAILED: see {trial.local_path}/error.txt", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: Path
+    parent_run_id: str
+    mlflow_uri: str
+    trials: int
+    errored: int
+    seconds: float
+
+
+def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Path) -> Cell:
+    """Trials run in Ray's processes with their own working directory: make every path absolute."""
+    cfg = cell.config
+    extra: dict[str, Any] = {"paths.workdir": str(workdir(cfg)), "tracking.mlflow_uri": uri,
+                             "launch.storage_path": str(storage / "train")}
+    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("data.data_dir", cfg.data.data_dir),
+                       ("data.template_file", cfg.data.template_file), ("eval.reference", cfg.eval.reference)):
+        if value and Path(value).expanduser().exists():
+            extra[key] = str(Path(value).expanduser().resolve())
+    return with_constants(cell, extra, base)
+
+
+def _connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+
+
+def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: str) -> dict[str, int]:
+    """Concurrency per cell from the cluster's resources; shared storage and a server MLflow on many nodes."""
+    have = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        if not storage_given:
+            raise FlatRayError(f"the Ray cluster has {len(nodes)} nodes: pass --storage-path on shared storage "
+                               "(NFS mount or s3://...) so every node sees the checkpoints")
+        if uri.startswith("sqlite:"):
+            raise FlatRayError(f"the Ray cluster has {len(nodes)} nodes but MLflow is a local SQLite file ({uri}); "
+                               "pass --mlflow-uri http://HEAD:5000 (the server cluster.yaml starts)")
+    out = {}
+    for cell in space.cells:
+        n = max_concurrent(cell.config, have.get("CPU", 0), have.get("GPU", 0))
+        if n == 0:
+            if not address:
+                need = trial_table(space, 0, 0)[space.cells.index(cell)]
+                raise FlatRayError(f"cell {cell.name}: one trial needs {need['cpus/trial']:g} CPUs and "
+                                   f"{need['gpus/trial']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
+                                   f"and {have.get('GPU', 0):g} GPUs; lower resources.num_workers or "
+                                   "resources.cpus_per_worker, or pass --address of a cluster")
+            log.warning("cell %s: no room for a trial on the cluster yet; running 1 at a time while the "
+                        "autoscaler adds nodes", cell.name)
+            n = 1
+        out[cell.name] = n
+    return out
+
+
+def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: str | None,
+               mlflow_uri: str | None) -> tuple[Space, Path, Path, str]:
+    """Resolve paths, run the preflight checks of every cell; nothing is written."""
+    cfg0 = space.cells[0].config
+    root = workdir(cfg0)
+    uri = mlflow_uri or cfg0.tracking.mlflow_uri or tracking.default_uri(root)
+    storage = (Path(storage_path).expanduser().resolve() if storage_path and not storage_path.startswith(REMOTE_STORAGE)
+               else Path(storage_path) if storage_path else root / "ray_results") / name
+    if storage_path and storage_path.startswith(REMOTE_STORAGE):
+        raise FlatRayError(f"--storage-path {storage_path}: use a shared filesystem mount (NFS, FSx, a bucket "
+                           "mounted with s3fs/gcsfuse); flat-ray keeps its run state files there")
+    extra_address = {"launch.address": address} if address else {}
+    cells = [_absolute(with_constants(c, extra_address, space.base) if extra_address else c, space.base, uri, storage)
+             for c in space.cells]
+    seen = set()
+    for cell in cells:
+        key = (cell.config.model.name_or_path, cell.config.data.benchmark, cell.config.data.split,
+               cell.config.eval.reference)
+        if key not in seen:
+            seen.add(key)
+            preflight(cell.config, uri)
+    import dataclasses
+
+    return dataclasses.replace(space, cells=cells), root / "sweeps" / name, storage, uri
+
+
+def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None, resume: str | None = None,
+              address: str | None = None, storage_path: str | None = None,
+              mlflow_uri: str | None = None, workdir_hint: str | None = None) -> SweepResult:
+    """Run (or with ``resume``, continue) a sweep to the end and write its report."""
+    started = time.monotonic()
+    if resume:
+        state_path = _find_sweep(resume, workdir_hint) / SWEEP_FILE
+        state = json.loads(state_path.read_text())
+        space = load_space(str(state_path.parent / "space.yaml"), state["overrides"])
+        name, address = resume, address or state.get("address")
+        storage_path, mlflow_uri = state["storage_path"], state["mlflow_uri"]
+    else:
+        space = load_space(space_name, overrides)
+        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    space, sweep_dir, storage, uri = plan_sweep(space, name=name, address=address, storage_path=storage_path,
+                                                mlflow_uri=mlflow_uri)
+    if not resume and (sweep_dir / SWEEP_FILE).exists():
+        raise FlatRayError(f"a sweep named {name!r} already exists in {sweep_dir.parent}; pass --resume {name} "
+                           "or choose another --name")
+    _connect(address)
+    concurrency = _check_cluster(space, address, storage_path is not None, uri)
+    for cell in space.cells:  # build the demo's original model once, before trials need it
+        if cell.config.model.name_or_path == DEMO_ORIGINAL:
+            ensure_demo_original(cell.config)
+
+    table = format_table(trial_table_with(space, concurrency))
+    if resume:
+        parent = tracking.reopen_run(uri, state["parent_run_id"])
+        parent.set_tags({"resumed": "true"})
+    else:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "space.yaml").write_text(space.text)
+        (sweep_dir / "trials.txt").write_text(table + "\n")
+        parent = tracking.start_run(uri, name, name, workdir(space.cells[0].config) / "mlartifacts",
+                                    {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name})
+        params = {**space_summary(space), "resolved.git_sha": tracking.git_sha(),
+                  **{f"version.{k}": v for k, v in package_versions().items()}}
+        parent.log_params(params)
+        parent.log_artifact(sweep_dir / "space.yaml")
+        parent.log_artifact(sweep_dir / "trials.txt")
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({
+            "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
+            "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
+            "storage_path": storage_path, "address": address, "objective": space.objective, "modes": space.modes,
+            "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
+    print(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
+          f"{parent.run_id}\n{table}", flush=True)
+
+    errored = 0
+    metric = space.objective[0] if len(space.objective) == 1 else None
+    mode = space.modes[0] if len(space.objective) == 1 else None
+    for cell in space.cells:
+        payload = {"sweep": name, "cell": cell.name, "labels": cell.labels, "base": space.base,
+                   "constants": cell.constants, "parent_run_id": parent.run_id,
+                   "trials_dir": str(sweep_dir / "trials")}
+        trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), {"CPU": TRIAL_FN_CPU})
+        path = storage / cell.name
+        if tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+                                       param_space=param_space(cell) or None)
+        else:
+            cell_name = cell.name
+
+            def trial_name(trial, cell_name=cell_name) -> str:
+                return f"{cell_name}-{trial.trial_id.rsplit('_', 1)[-1]}"
+
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(cell),
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency[cell.name]),
+                    scheduler=_scheduler(space, cell), num_samples=space.num_samples,
+                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
+                                          callbacks=[_Progress(space.objective)]))
+        results = tuner.fit()
+        errored += results.num_errors
+    # trials a scheduler stopped early never reach the end of run_training: close their MLflow runs
+    for run in tracking.child_runs(uri, parent.run_id):
+        if run.info.status == "RUNNING":
+            tracking.set_status(uri, run.info.run_id, "KILLED", {"stopped_early": "true"})
+
+    from flat_ray.report import write_report
+
+    report = write_report(sweep_dir)
+    for path in report.files:
+        parent.log_artifact(path, "report")
+    parent.log_metrics({"sweep_s": time.monotonic() - started, "trials_errored": errored}, step=0)
+    parent.finish("FINISHED" if errored == 0 else "FAILED")
+    print(report.text, flush=True)
+    return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
+                       time.monotonic() - started)
+
+
+def trial_table_with(space: Space, concurrency: dict[str, int]) -> list[dict[str, Any]]:
+    rows = trial_table(space, 0, 0)
+    for row in rows:
+        row["concurrent"] = concurrency[row["cell"]]
+    return rows
+
+
+def _find_sweep(name_or_dir: str, workdir_hint: str | None) -> Path:
+    from flat_ray.report import find_sweep
+
+    return find_sweep(name_or_dir, workdir_hint)

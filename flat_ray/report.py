@@ -1,0 +1,234 @@
+"""Reports of finished sweeps, read back from MLflow (the parent run's children), so ``flat-ray report NAME``
+works the same at the end of a sweep, after a resume, or days later.
+
+Per benchmark (and model): a paper-style table (one row per method / divergence with its best trial by the
+sweep's first objective, columns the space's forget and utility metrics, plus the model before unlearning), the
+Pareto front of the forget metric vs the utility metric as a PNG, and the training-loss curves of every trial.
+Files go to ``<sweep dir>/report/``; the sweep logs them on its parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flat_ray import tracking
+from flat_ray.errors import FlatRayError
+from flat_ray.eval.metrics import METRICS
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class Trial:
+    name: str
+    run_id: str
+    status: str  # finished | diverged | stopped early | failed | running
+    model: str
+    benchmark: str
+    method: str
+    divergence: str
+    lr: float
+    final: dict[str, float]
+    before: dict[str, float]
+    loss: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        return self.method if self.divergence in ("", "-") else f"{self.method}/{self.divergence}"
+
+
+@dataclass
+class Report:
+    text: str
+    files: list[Path]
+    tables: dict[str, list[dict[str, Any]]]
+    trials: list[Trial]
+
+
+def find_sweep(name_or_dir: str, workdir: str | None = None) -> Path:
+    """A sweep directory from its name (under ``<workdir>/sweeps``) or its path."""
+    p = Path(name_or_dir).expanduser()
+    if (p / SWEEP_FILE).is_file():
+        return p.resolve()
+    root = Path(workdir or "flat_ray_work").expanduser() / "sweeps"
+    if (root / name_or_dir / SWEEP_FILE).is_file():
+        return (root / name_or_dir).resolve()
+    known = sorted(d.name for d in root.glob("*") if (d / SWEEP_FILE).is_file()) if root.is_dir() else []
+    raise FlatRayError(f"no sweep named {name_or_dir!r} in {root}; sweeps there: {', '.join(known) or 'none'} "
+                       "(or give the sweep directory, or --workdir)")
+
+
+def _status(run) -> str:
+    tags = run.data.tags
+    if tags.get("diverged") == "true":
+        return "diverged"
+    if tags.get("stopped_early") == "true":
+        return "stopped early"
+    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped early"}.get(run.info.status, "running")
+
+
+def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
+    state = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    uri = state["mlflow_uri"]
+    trials = []
+    for run in tracking.child_runs(uri, state["parent_run_id"]):
+        tags, params = run.data.tags, run.data.params
+        final = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+        before = {}
+        for key in final:
+            hist = tracking.metric_history(uri, run.info.run_id, f"eval/{key}")
+            if hist and hist[0][0] == 0:
+                before[key] = hist[0][1]
+        trials.append(Trial(
+            name=tags.get("flat_ray.trial", run.info.run_name), run_id=run.info.run_id, status=_status(run),
+            model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
+            divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
+            before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss")))
+    return state, trials
+
+
+def _better(metric: str, a: float, b: float) -> bool:
+    return a > b if METRICS[metric].higher_is_better else a < b
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if metric == "forget_quality" or metric == "lr":
+        return f"{v:.3g}"
+    return f"{v:.4f}"
+
+
+def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of one benchmark: the model before unlearning, then each method / divergence at its best trial."""
+    rows = []
+    for model in dict.fromkeys(t.model for t in trials):
+        mine = [t for t in trials if t.model == model]
+        first = next((t for t in mine if t.before), None)
+        if first is not None:
+            rows.append({"model": model, "method": "(before unlearning)", "lr": None, "trials": "",
+                         objective: first.before.get(objective), **{c: first.before.get(c) for c in columns}})
+        for group in dict.fromkeys(t.group for t in mine):
+            members = [t for t in mine if t.group == group]
+            done = [t for t in members if t.status == "finished" and objective in t.final]
+            best = None
+            for t in done:
+                if best is None or _better(objective, t.final[objective], best.final[objective]):
+                    best = t
+            counts = ", ".join(f"{sum(t.status == s for t in members)} {s}"
+                               for s in dict.fromkeys(t.status for t in members))
+            row = {"model": model, "method": group, "lr": best.lr if best else None, "trials": counts,
+                   objective: best.final.get(objective) if best else None}
+            row.update({c: (best.final.get(c) if best else None) for c in columns})
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    cells = [[r[c] if isinstance(r[c], str) else _fmt(c, r[c]) for c in cols] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, width, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in width) + "|"
+    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) + " |" for row in cells]
+    return "\n".join([line, rule, *body])
+
+
+def pareto_front(points: list[tuple[float, float]], x_metric: str, y_metric: str) -> list[int]:
+    """Indices of the points no other point beats on both metrics (directions from the registry)."""
+    sx = 1 if METRICS[x_metric].higher_is_better else -1
+    sy = 1 if METRICS[y_metric].higher_is_better else -1
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(sx * x2 >= sx * x and sy * y2 >= sy * y and (sx * x2 > sx * x or sy * y2 > sy * y)
+                        for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", bench)
+    if len(axes) == 2:
+        x_m, y_m = axes
+        done = [t for t in trials if t.status == "finished" and x_m in t.final and y_m in t.final]
+        if done:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            groups = list(dict.fromkeys(t.group for t in done))
+            for g in groups:
+                pts = [t for t in done if t.group == g]
+                ax.scatter([t.final[x_m] for t in pts], [t.final[y_m] for t in pts], label=g, alpha=0.8)
+            points = [(t.final[x_m], t.final[y_m]) for t in done]
+            front = sorted(points[i] for i in pareto_front(points, x_m, y_m))
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+            start = next((t.before for t in trials if x_m in t.before and y_m in t.before), None)
+            if start:
+                ax.scatter([start[x_m]], [start[y_m]], marker="x", color="k", s=60, label="before unlearning")
+            if x_m == "forget_quality":
+                ax.set_xscale("log")
+            ax.set_xlabel(f"{x_m} ({'higher' if METRICS[x_m].higher_is_better else 'lower'} is better)")
+            ax.set_ylabel(f"{y_m} ({'higher' if METRICS[y_m].higher_is_better else 'lower'} is better)")
+            ax.set_title(f"{bench}: forgetting vs utility")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"pareto_{slug}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            files.append(path)
+    curves = [t for t in trials if t.loss]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for t in curves:
+            ax.plot([s for s, _ in t.loss], [v for _, v in t.loss], label=f"{t.group} lr={t.lr:.2g}", lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("train/loss")
+        ax.set_title(f"{bench}: training loss per trial")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out / f"loss_{slug}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write_report(sweep_dir: str | Path) -> Report:
+    """Build the report of a sweep from MLflow and write it under ``<sweep dir>/report/``."""
+    sweep_dir = Path(sweep_dir)
+    state, trials = collect(sweep_dir)
+    objective = state["objective"][0]
+    cfg = state.get("report") or {}
+    columns = [c for c in [*cfg.get("forget", []), *cfg.get("utility", [])] if c != objective]
+    out = sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Sweep {state['name']} (space {state['space']})", "",
+             f"Objective: {', '.join(state['objective'])} ({', '.join(state['modes'])}); each row is the best "
+             f"finished trial of its method by {objective}. MLflow parent run {state['parent_run_id']} in "
+             f"{state['mlflow_uri']}.", ""]
+    tables: dict[str, list[dict[str, Any]]] = {}
+    files: list[Path] = []
+    for bench in dict.fromkeys(t.benchmark for t in trials):
+        mine = [t for t in trials if t.benchmark == bench]
+        rows = table_rows(mine, objective, columns)
+        tables[bench] = rows
+        lines += [f"## {bench}", "", markdown(rows), ""]
+        files += _plots(bench, mine, cfg.get("pareto", []), out)
+    if not trials:
+        lines.append("No trials have been recorded yet.")
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text + "\n")
+    (out / "report.json").write_text(json.dumps({"objective": state["objective"], "tables": tables,
+                                                 "trials": [t.__dict__ for t in trials]}, indent=1, default=str))
+    files = [out / "report.md", out / "report.json", *files]
+    return Report(text, files, tables, trials)
