@@ -138,8 +138,11 @@ class Space:
 def spaces_dir() -> Path:
     """Where the shipped spaces are: the checkout's ``search_spaces/`` (source and editable installs), else
     ``<prefix>/share/flat-ray/search_spaces`` (a normal install puts them there)."""
-    for candidate in (Path(__file__).resolve().parent.parent / "search_spaces",
-                      Path(sys.prefix) / "share" / "flat-ray" / "search_spaces"):
+    here = Path(__file__).resolve()
+    # checkout; <prefix>/lib/pythonX.Y/site-packages/flat_ray -> <prefix>/share (venv, --prefix, --user); sys.prefix
+    prefixes = [here.parents[4]] if len(here.parents) > 4 else []
+    for candidate in (here.parents[1] / "search_spaces",
+                      *(p / "share" / "flat-ray" / "search_spaces" for p in [*prefixes, Path(sys.prefix)])):
         if candidate.is_dir():
             return candidate
     raise FlatRayError(f"the shipped search spaces are missing (looked in the checkout and {sys.prefix}/share); "
@@ -294,7 +297,7 @@ def _base(raw: Any, space_path: str) -> dict[str, Any]:
 
 
 def _cell_name(labels: Mapping[str, str]) -> str:
-    raw = "-".join(v for v in labels.values() if v)
+    raw = "-".join(v for v in labels.values() if v) or "cell"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw) or "cell"
 
 
@@ -383,7 +386,7 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
         consts.update(cli)
         for key in specs:
             consts.pop(key, None)
-        cells.append(_cell(_cell_name(labels), labels, base, consts, specs, algorithm, objective))
+        cells.append(_cell(labels, base, consts, specs, algorithm, objective))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise FlatRayError(f"grid entries give duplicate cell names: {names}")
@@ -398,9 +401,9 @@ def _product(axes: list[list[_Entry]]) -> list[tuple[_Entry, ...]]:
     return out
 
 
-def _cell(name: str, labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any],
+def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any],
           specs: dict[str, Spec], algorithm: str, objective: list[str]) -> Cell:
-    where = f"cell {name}"
+    where = f"cell {_cell_name(labels)}"
     for key, spec in specs.items():
         if algorithm == "optuna" and spec.kind == "grid":
             raise FlatRayError(f"{where}: params.{key} uses grid, which optuna cannot search; use choice")
@@ -413,6 +416,11 @@ def _cell(name: str, labels: dict[str, str], base: Mapping[str, Any], consts: di
         cfg = build_cell_config(base, consts, {k: s.probes()[0] for k, s in specs.items()})
     except FlatRayError as exc:
         raise FlatRayError(f"{where}: {exc}") from None
+    # axes the grid does not list are named after the config (model directory name, benchmark/split, method)
+    labels = {"model": labels["model"] or Path(cfg.model.name_or_path).name,
+              "benchmark": labels["benchmark"] or f"{cfg.data.benchmark}/{cfg.data.split}",
+              "method": labels["method"] or cfg.method.name}
+    name = _cell_name(labels)
     if not cfg.eval.enabled:
         raise FlatRayError(f"{where}: the objective needs per-epoch evaluation; remove eval.enabled=false")
     for metric in objective:

@@ -27,7 +27,7 @@ from ray import tune
 
 from flat_ray import tracking
 from flat_ray.envinfo import package_versions
-from flat_ray.errors import Diverged, FlatRayError
+from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.launch.driver import STATE_FILE, ensure_demo_original, preflight, storage_root
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.pipeline import workdir
@@ -299,11 +299,13 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                 run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
                                           callbacks=[_Progress(space.objective)]))
         results = tuner.fit()
-        errored += results.num_errors
-    # trials a scheduler stopped early never reach the end of run_training: close their MLflow runs
-    for run in tracking.child_runs(uri, parent.run_id):
-        if run.info.status == "RUNNING":
-            tracking.set_status(uri, run.info.run_id, "KILLED", {"stopped_early": "true"})
+        states = _trial_states(results)
+        expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
+        if len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
+            raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
+                            f"`flat-ray tune --resume {name}` (finished trials are kept)")
+        errored += sum(s == "ERROR" for s in states.values())
+        _close_stopped_trials(uri, parent.run_id, states)
 
     from flat_ray.report import write_report
 
@@ -315,6 +317,22 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     print(report.text, flush=True)
     return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
                        time.monotonic() - started)
+
+
+def _trial_states(results) -> dict[str, str]:
+    """Tune's status of every trial of a finished ``Tuner.fit()``, by trial name."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return {str(t): t.status for t in trials}
+
+
+def _close_stopped_trials(uri: str, parent_run_id: str, states: dict[str, str]) -> None:
+    """A trial the scheduler stopped early is TERMINATED for Tune, but its ``run_training`` never finished (it
+    was cut off, so its MLflow run is RUNNING or FAILED): mark it KILLED with ``stopped_early=true``."""
+    for run in tracking.child_runs(uri, parent_run_id):
+        tags = run.data.tags
+        stopped = states.get(tags.get("flat_ray.trial", "")) == "TERMINATED" and tags.get("diverged") != "true"
+        if stopped and run.info.status in ("RUNNING", "FAILED"):
+            tracking.set_status(uri, run.info.run_id, "KILLED", {"stopped_early": "true"})
 
 
 def trial_table_with(space: Space, concurrency: dict[str, int]) -> list[dict[str, Any]]:

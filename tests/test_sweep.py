@@ -1,0 +1,275 @@
+"""Search spaces (validated without Ray), the metric registry's objectives, the Ray Tune translation and the
+report's pure parts."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from flat_ray.errors import FlatRayError
+from flat_ray.eval.metrics import METRICS, add_derived, fq_scaled
+from flat_ray.report import markdown, pareto_front
+from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_baselines"])
+def test_every_shipped_space_validates(name):
+    space = load_space(name)
+    assert space.cells and space.total_trials() >= 4
+    for cell in space.cells:
+        assert cell.config.eval.enabled
+        for key in cell.params:  # an axis is never also a constant
+            assert key not in cell.constants
+
+
+def test_shipped_spaces_are_all_listed_and_tested():
+    assert shipped_spaces() == sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
+    assert set(shipped_spaces()) == {"demo", "demo_baselines", "tofu", "tofu_baselines"}
+
+
+def test_demo_space_is_lr_times_four_divergences():
+    space = load_space("demo")
+    (cell,) = space.cells
+    assert cell.trials(space.num_samples) == 4
+    assert cell.params["method.divergence"].kind == "grid" and len(cell.params["method.divergence"].args) == 4
+    assert cell.params["optim.lr"].kind == "loguniform"
+    assert cell.config.model.name_or_path == "demo" and cell.config.launch.num_workers == 2
+
+
+def test_tofu_space_is_the_model_by_split_grid_with_the_papers_recipe():
+    space = load_space("tofu")
+    assert len(space.cells) == 6
+    models = {c.config.model.name_or_path for c in space.cells}
+    assert models == {"locuslab/tofu_ft_llama2-7b", "locuslab/tofu_ft_phi-1.5"}
+    assert {c.config.data.split for c in space.cells} == {"forget01", "forget05", "forget10"}
+    profiles = {c.labels["model"]: c.config.model.profile for c in space.cells}
+    assert profiles == {"llama2-7b": "llama2_chat", "phi-1.5": "phi"}
+    cfg = space.cells[0].config
+    assert (cfg.optim.epochs, cfg.deepspeed.stage, cfg.deepspeed.precision, cfg.launch.gpus_per_worker) == (5, 3, "bf16", 1)
+
+
+def test_baseline_spaces_give_each_method_its_own_cell():
+    space = load_space("demo_baselines")
+    methods = [c.config.method.name for c in space.cells]
+    assert methods == ["flat", "grad_ascent", "grad_diff", "idk", "npo", "dpo", "simnpo"]
+    assert all(c.trials(space.num_samples) == 2 for c in space.cells)
+    tofu = load_space("tofu_baselines")
+    assert tofu.algorithm == "optuna" and tofu.scheduler == "asha"
+    assert [c.config.method.name for c in tofu.cells][0] == "flat" and tofu.cells[0].config.method.divergence == "kl"
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+base: [demo]
+grid:
+  method:
+    - {name: flat, params: {method.divergence: {grid: [tv, kl, js]}}}
+    - npo
+params:
+  optim.lr: {grid: [1.0e-4, 3.0e-4]}
+"""
+
+
+def test_entry_params_apply_to_their_cell_only(tmp_path):
+    space = load_space(_write(tmp_path, GOOD))
+    flat, npo = space.cells
+    assert flat.trials(1) == 6 and npo.trials(1) == 2
+    assert "method.divergence" not in npo.params
+    assert flat.config.method.divergence == "total_variation"  # aliases resolve through the registry
+    assert space.total_trials() == 8
+
+
+def test_overrides_become_constants_of_every_trial(tmp_path):
+    space = load_space(_write(tmp_path, GOOD), ["optim.epochs=1", "eval.max_examples=3"])
+    assert all(c.config.optim.epochs == 1 and c.config.eval.max_examples == 3 for c in space.cells)
+
+
+BAD = [
+    ("colour: red", "unknown key 'colour' in search space"),
+    ("params: {optim.lrr: {grid: [1.0e-4]}}", "did you mean 'optim.lr'"),
+    ("params: {method.divergence: {grid: [tv, wasserstein]}}", "Valid choices: kl, reverse_kl"),
+    ("params: {optim.lr: {loguniform: [0, 1.0e-3]}}", "bounds must be > 0"),
+    ("params: {optim.lr: {uniform: [1.0e-3, 1.0e-4]}}", "low must be below high"),
+    ("params: {optim.lr: {normal: [0, 1]}}", "must be a constant or one of {grid|choice|uniform|loguniform|randint"),
+    ("params: {optim.lr: [1.0e-4, 2.0e-4]}", "a list is ambiguous"),
+    ("params: {optim.epochs: {uniform: [1, 3]}}", "optim.epochs must be int"),
+    ("params: {optim.lr: {grid: [1.0e-4]}}\nsearch: {algorithm: optuna}", "optuna cannot search; use choice"),
+    ("objective: [unlearn_score, model_utility]", "needs search.algorithm=optuna"),
+    ("objective: [unlearn_score, model_utility]\nsearch: {algorithm: optuna}\nscheduler: {name: asha}",
+     "asha needs a single objective"),
+    ("objective: accuracy", "unknown metric 'accuracy'"),
+    ("objective: tofu_score", "needs forget quality; set eval.reference"),
+    ("search: {algorithm: bayes}", "unknown search algorithm 'bayes'"),
+    ("scheduler: {name: pbt}", "unknown scheduler 'pbt'"),
+    ("scheduler: {name: asha, grace_period: 0}", "scheduler.grace_period must be an integer >= 1"),
+    ("num_samples: 0", "num_samples must be an integer >= 1"),
+    ("grid: {method: [flat, forget_everything]}", "unknown method 'forget_everything'"),
+    ("grid: {benchmark: [demo/forget99]}", "data.split='forget99' is not valid. Did you mean 'forget10'"),
+    ("grid: {dataset: [demo]}", "unknown key 'dataset' in grid"),
+    ("grid: {method: [flat, flat]}", "names must be unique"),
+    ("set: {eval.enabled: false}", "the objective needs per-epoch evaluation"),
+    ("report: {pareto: [forget_prob]}", "report.pareto needs two metrics"),
+    ("resources: {gpus: 1}", "unknown key 'gpus' in resources"),
+    ("base: [nothing_here]", "neither a preset"),
+    ("params: {optim.lr: {grid: [1.0e-4, 2.0e-4]}}\nnope: [", "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[m for _, m in BAD])
+def test_bad_spaces_fail_with_one_actionable_line(tmp_path, text, message):
+    with pytest.raises(FlatRayError) as info:
+        load_space(_write(tmp_path, "base: [demo]\n" + text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv, message in ((["tune", "--space", "nope"], "shipped spaces: demo, demo_baselines"),
+                          (["tune", "--space", "missing.yaml"], "does not exist"),
+                          (["tune", "optim.lr=1e-3"], "optim.lr is a search axis"),
+                          (["tune", "optim.lrr=1"], "did you mean 'optim.lr'"),
+                          (["tune", "--resume", "nothing"], "no sweep named 'nothing'"),
+                          (["report", "nothing"], "no sweep named 'nothing'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["demo", "tofu"])
+def test_dry_run_prints_the_trial_table(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", name, "--dry-run"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    total = load_space(name).total_trials()
+    assert f"{total} trials" in out and "concurrent" in out and "nothing was started" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrency_is_cluster_resources_over_trial_resources():
+    demo = load_space("demo").cells[0].config  # 2 workers x 0.99 CPU + 0.01 for the trial function
+    assert max_concurrent(demo, 2, 0) == 1
+    assert max_concurrent(demo, 1, 0) == 0
+    assert max_concurrent(demo, 8, 0) == 4
+    tofu = load_space("tofu").cells[0].config  # 2 workers x (8 CPU, 1 GPU)
+    assert max_concurrent(tofu, 64, 8) == 3  # CPUs bind: 64 / 16.01
+    assert max_concurrent(tofu, 128, 4) == 2  # GPUs bind
+    assert max_concurrent(tofu, 128, 0) == 0
+    rows = trial_table(load_space("tofu"), 128, 4)
+    assert [r["concurrent"] for r in rows] == [2] * 6 and rows[0]["gpus/trial"] == 2
+
+
+def test_space_vocabulary_becomes_ray_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from flat_ray.launch.tune import domain
+    from flat_ray.sweep import Spec
+
+    assert domain(Spec("grid", (1, 2))) == {"grid_search": [1, 2]}
+    assert isinstance(domain(Spec("choice", ("a", "b"))), Categorical)
+    lo = domain(Spec("loguniform", (1e-6, 1e-4)))
+    assert isinstance(lo, Float) and lo.lower == 1e-6 and lo.upper == 1e-4
+    assert isinstance(domain(Spec("uniform", (0.0, 1.0))), Float)
+    ri = domain(Spec("randint", (1, 4)))
+    assert isinstance(ri, Integer) and ri.upper == 4
+
+
+def test_searchers_and_schedulers_follow_the_space(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from flat_ray.launch.tune import _scheduler, _searcher
+
+    demo = load_space("demo")
+    assert isinstance(_searcher(demo, demo.cells[0], 1), BasicVariantGenerator)
+    multi = load_space(_write(tmp_path, "base: [demo]\nparams: {optim.lr: {loguniform: [1.0e-4, 1.0e-3]}}\n"
+                                        "search: {algorithm: optuna, seed: 3}\n"
+                                        "objective: [forget_prob, retain_prob]\n"))
+    searcher = _searcher(multi, multi.cells[0], 2)
+    assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 2
+    assert searcher.searcher.metric == ["forget_prob", "retain_prob"]
+    assert searcher.searcher.mode == ["min", "max"]  # directions from the metric registry
+    tofu = load_space("tofu_baselines")
+    sched = _scheduler(tofu, tofu.cells[0])
+    assert isinstance(sched, ASHAScheduler) and sched._max_t == tofu.cells[0].config.optim.epochs + 1
+
+
+def test_objective_modes_come_from_the_metric_registry():
+    assert METRICS["forget_prob"].mode == "min" and METRICS["forget_rougeL_recall"].mode == "min"
+    assert METRICS["forget_truth_ratio"].mode == "max" and METRICS["forget_quality"].mode == "max"
+    assert METRICS["model_utility"].mode == "max" and METRICS["unlearn_score"].mode == "max"
+
+
+def test_derived_objectives_by_hand():
+    s = add_derived({"forget_prob": 0.3, "retain_prob": 0.9})
+    assert s["unlearn_score"] == pytest.approx(2 * 0.7 * 0.9 / 1.6)
+    assert add_derived({"forget_prob": 1.0, "retain_prob": 0.9})["unlearn_score"] == 0.0
+    assert "tofu_score" not in s
+    assert fq_scaled(1.0) == 1.0 and fq_scaled(1e-5) == pytest.approx(0.5) and fq_scaled(1e-12) == 0.0
+    assert fq_scaled(0.05) == pytest.approx(1 + math.log10(0.05) / 10)
+    t = add_derived({"model_utility": 0.6, "forget_quality": 1e-5})
+    assert t["tofu_score"] == pytest.approx(2 * 0.6 * 0.5 / 1.1)
+
+
+def test_tofu_score_on_published_logs(tofu_mini):
+    from flat_ray.eval.run import summary_from_logs
+
+    logs = tofu_mini.parent / "tofu_eval_logs"
+    if not logs.is_dir():
+        pytest.skip(f"published TOFU eval logs not found at {logs}")
+    full = summary_from_logs(logs / "llama2-7b_full", str(logs / "llama2-7b_retain90"), "arithmetic")
+    same = summary_from_logs(logs / "llama2-7b_retain90", str(logs / "llama2-7b_retain90"), "arithmetic")
+    assert full["tofu_score"] == 0.0  # FQ 1.8e-21: nothing forgotten
+    assert same["tofu_score"] == pytest.approx(2 * 0.575240 / 1.575240, abs=1e-5)
+
+
+def test_pareto_front_respects_metric_directions():
+    pts = [(0.1, 0.9), (0.2, 0.95), (0.3, 0.5), (0.1, 0.8), (0.05, 0.2)]
+    # forget_prob lower is better, retain_prob higher is better
+    assert pareto_front(pts, "forget_prob", "retain_prob") == [0, 1, 4]
+    # forget_quality and model_utility: both higher is better
+    assert pareto_front(pts, "forget_quality", "model_utility") == [1, 2]
+
+
+def test_markdown_table_formats_missing_values():
+    text = markdown([{"method": "flat", "lr": 1e-4, "forget_prob": 0.12345}, {"method": "npo", "lr": None,
+                                                                            "forget_prob": None}])
+    lines = text.splitlines()
+    assert lines[0].startswith("| method") and "0.0001" in lines[2] and "0.1235" in lines[2]
+    assert lines[3].count(" - ") == 2
+
+
+def test_a_normal_install_finds_the_shipped_spaces(tmp_path):
+    """Not editable: build the wheel, install it under a prefix, run from outside the checkout."""
+    wheel_dir, prefix = tmp_path / "wheel", tmp_path / "prefix"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(wheel_dir.glob("flat_ray-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--ignore-installed", "--prefix", str(prefix), str(wheel)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    site = next(prefix.glob("lib/python*/site-packages"))
+    code = ("import flat_ray, flat_ray.sweep as s; print(flat_ray.__file__); print(s.spaces_dir()); "
+            "print(','.join(s.shipped_spaces())); print(s.load_space('demo').total_trials())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).stdout.split()
+    assert out[0].startswith(str(prefix))
+    assert out[1] == str(prefix / "share" / "flat-ray" / "search_spaces")
+    assert out[2] == "demo,demo_baselines,tofu,tofu_baselines" and out[3] == "4"

@@ -1,0 +1,155 @@
+"""`flat-ray tune` for real: local Ray Tune driving Ray Train trials (DeepSpeed on CPU/gloo), MLflow on SQLite,
+the tiny model. A driver killed mid-sweep resumes with only the missing trials; Optuna + ASHA runs end cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from flat_ray import tracking
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("model.name_or_path: {model}, data.split: forget05, data.max_length: 64, optim.micro_batch_size: 2, "
+         "optim.epochs: {epochs}, eval.max_examples: 4, eval.max_new_tokens: 6, eval.batch_size: 4")
+
+
+def _space(tmp_path: Path, model: Path, body: str, epochs: int) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text("base: [demo]\nset: {" + SMALL.format(model=model, epochs=epochs) + "}\n" + body)
+    return path
+
+
+def _runs(db: Path) -> list[tuple[str, str]]:
+    """(name, status) of every run, straight from the SQLite store (no MLflow client in the polling loop)."""
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select name, status from runs").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def _metric_count(db: Path, run_name: str, key: str) -> int:
+    if not db.is_file():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid "
+                               "where r.name = ? and m.key = ?", (run_name, key)).fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_a_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_model_dir):
+    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
+params: {optim.lr: {grid: [1.0e-4, 2.0e-3, 5.0e-4]}}
+objective: unlearn_score
+report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pareto: [forget_prob, retain_prob]}
+""", epochs=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", str(space)]
+    db = tmp_path / "flat_ray_work" / "mlflow.db"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([*cmd, "--name", "rs"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    from flat_ray.sweep import load_space
+
+    cell = load_space(str(space)).cells[0].name
+    assert cell.endswith("-demo_forget05-flat")
+    second = f"{cell}-00001"
+    try:
+        deadline = time.monotonic() + 480
+        # kill the driver once the second trial is part-way through training (the first one has finished)
+        while _metric_count(db, second, "train/loss") < 2:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second trial did not start in time"
+            time.sleep(1)
+        killed_at = time.time()
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = dict(_runs(db))
+    assert before[f"{cell}-00000"] == "FINISHED" and before[second] == "RUNNING"
+    assert f"{cell}-00002" not in before
+    time.sleep(3)  # Ray's processes of the killed driver go with it
+
+    done = subprocess.run([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| model" in done.stdout and "flat/total_variation" in done.stdout and "(before unlearning)" in done.stdout
+
+    sweep = tmp_path / "flat_ray_work" / "sweeps" / "rs"
+    uri = tracking.default_uri(tmp_path / "flat_ray_work")
+    import json
+
+    state = json.loads((sweep / "sweep.json").read_text())
+    parent = tracking.run_data(uri, state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
+    children = tracking.child_runs(uri, state["parent_run_id"])
+    names = sorted(r.info.run_name for r in children)
+    assert names == [f"{cell}-0000{i}" for i in range(3)]  # no duplicates
+    by_name = {r.info.run_name: r for r in children}
+    assert all(r.info.status == "FINISHED" for r in children)
+    finished_first = by_name[f"{cell}-00000"]
+    assert "resumed" not in finished_first.data.tags and finished_first.info.end_time / 1000 < killed_at
+    assert by_name[second].data.tags["resumed"] == "true"  # continued in its own MLflow run
+    assert "resumed" not in by_name[f"{cell}-00002"].data.tags
+    # consistent parameters across trials: the MLflow compare view lines them up
+    keys = {frozenset(r.data.params) for r in children}
+    assert len(keys) == 1 and "optim.lr" in next(iter(keys))
+    assert {r.data.params["optim.lr"] for r in children} == {"0.0001", "0.002", "0.0005"}
+    assert all(r.data.tags["mlflow.parentRunId"] == state["parent_run_id"] for r in children)
+    # the report: files, logged on the parent, and `flat-ray report` by name
+    for name in ("report.md", "report.json", "pareto_demo_forget05.png", "loss_demo_forget05.png"):
+        assert (sweep / "report" / name).is_file(), name
+    assert "report/report.md" in tracking.list_artifacts(uri, state["parent_run_id"], "report")
+    assert {"space.yaml", "trials.txt"} <= set(tracking.list_artifacts(uri, state["parent_run_id"]))
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", "rs"])
+    finally:
+        os.chdir(Path(__file__).resolve().parents[1])
+    assert exit_info.value.code == 0
+
+
+def test_optuna_with_asha_runs_parallel_trials_and_closes_every_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
+params: {optim.lr: {loguniform: [1.0e-4, 3.0e-3]}, method.divergence: {choice: [tv, js]}}
+num_samples: 3
+search: {algorithm: optuna, seed: 1}
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+objective: unlearn_score
+resources: {num_workers: 1, deepspeed_stage: 2}
+""", epochs=3)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", str(space), "--name", "oa"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out[-3000:]
+    assert "concurrent" in out and "| model" in out
+    uri = tracking.default_uri(tmp_path / "flat_ray_work")
+    import json
+
+    state = json.loads((tmp_path / "flat_ray_work" / "sweeps" / "oa" / "sweep.json").read_text())
+    assert state["objective"] == ["unlearn_score"] and state["modes"] == ["max"]
+    children = tracking.child_runs(uri, state["parent_run_id"])
+    assert len(children) == 3
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}  # ASHA may stop some; none left RUNNING
+    for r in children:
+        assert r.data.params["deepspeed.stage"] == "2" and r.data.params["launch.num_workers"] == "1"
+        assert r.data.tags["sampled.method.divergence"] in ("tv", "js")
+        assert r.data.params["method.divergence"] in ("total_variation", "jensen_shannon")
+    assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
