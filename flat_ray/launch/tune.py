@@ -81,11 +81,13 @@ def _scheduler(space: Space, cell: Cell):
     if space.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        # one report per epoch plus the evaluation before training: epochs + 1 iterations
+        # one report per epoch plus the evaluation before training: epochs + 1 iterations. A trial that reaches
+        # max_t ends by itself (stop_last_trials=False): stopping it there would cut off its export
         max_t = cell.config.optim.epochs + 1
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                              grace_period=min(space.scheduler_args.get("grace_period", 1) + 1, max_t),
-                             reduction_factor=space.scheduler_args.get("reduction_factor", 2))
+                             reduction_factor=space.scheduler_args.get("reduction_factor", 2),
+                             stop_last_trials=False)
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
