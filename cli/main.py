@@ -240,11 +240,12 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
     if dry_run:
         import os
 
-        sp = load_space(space, list(overrides))
         if resume:
-            from flat_ray.report import find_sweep
+            from flat_ray.report import saved_space
 
-            find_sweep(resume, workdir)
+            sp = saved_space(resume, workdir)[0]
+        else:
+            sp = load_space(space, list(overrides))
         cpus, gpus = os.cpu_count() or 1, _local_gpus()
         click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
                    f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "

@@ -63,6 +63,15 @@ def find_sweep(name_or_dir: str, workdir: str | None = None) -> Path:
                        "(or give the sweep directory, or --workdir)")
 
 
+def saved_space(name_or_dir: str, workdir: str | None = None):
+    """The space a sweep was started with (its saved copy and overrides), and the sweep's state."""
+    from flat_ray.sweep import load_space
+
+    sweep_dir = find_sweep(name_or_dir, workdir)
+    state = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    return load_space(str(sweep_dir / "space.yaml"), state["overrides"]), state
+
+
 def _status(run) -> str:
     tags = run.data.tags
     if tags.get("diverged") == "true":

@@ -38,3 +38,9 @@ def tiny(tiny_model_dir):
     from flat_ray.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory) -> Path:
+    """One work dir for the tests that run the embedded demo, so its original model is built once."""
+    return tmp_path_factory.mktemp("demo_work")

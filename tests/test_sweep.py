@@ -142,7 +142,10 @@ def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, monkeypa
                           (["tune", "optim.lr=1e-3"], "optim.lr is a search axis"),
                           (["tune", "optim.lrr=1"], "did you mean 'optim.lr'"),
                           (["tune", "--resume", "nothing"], "no sweep named 'nothing'"),
-                          (["report", "nothing"], "no sweep named 'nothing'")):
+                          (["report", "nothing"], "no sweep named 'nothing'"),
+                          (["tune", "--name", "my sweep"], "may only use letters"),
+                          (["tune", "--resume", "a", "--name", "b"], "drop --name and KEY=VALUE"),
+                          (["tune", "--space", "tofu", "eval.reference=/nowhere"], "eval.reference '/nowhere' does not exist")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2, argv

@@ -177,13 +177,13 @@ def test_demo_original_cache_key_follows_its_inputs(tmp_path):
     assert demo_original_path(a) == demo_original_path(c)  # the unlearning lr does not touch the original
 
 
-def test_embedded_demo_meets_its_promise(ray_local, tmp_path, capsys):
+def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     """`flat-ray train` with no arguments: builds and fine-tunes the original model, then FLAT (TV) halves the
     forget-answer probability while keeping >= 80% of the retain-answer probability."""
     from cli.main import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["train", f"paths.workdir={tmp_path}"])
+        main(["train", f"paths.workdir={demo_workdir}"])
     out = capsys.readouterr().out
     assert exc.value.code == 0, out
     rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith(("forget ", "retain "))}
@@ -192,8 +192,8 @@ def test_embedded_demo_meets_its_promise(ray_local, tmp_path, capsys):
     assert forget_before > 0.9 and retain_before > 0.9  # the original model learned the authors
     assert forget_after <= 0.5 * forget_before
     assert retain_after >= 0.8 * retain_before
-    assert "MLflow run id:" in out and (tmp_path / "mlflow.db").is_file()
-    assert len(list((tmp_path / "models").glob("demo-original-*/model.safetensors"))) == 1
+    assert "MLflow run id:" in out and (demo_workdir / "mlflow.db").is_file()
+    assert len(list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))) == 1
 
 
 def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):

@@ -160,3 +160,25 @@ resources: {num_workers: 1, deepspeed_stage: 2}
         assert r.data.tags["sampled.method.divergence"] in ("tv", "js")
         assert r.data.params["method.divergence"] in ("total_variation", "jensen_shannon")
     assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
+
+
+def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir, monkeypatch, capsys):
+    """README command 1: `flat-ray tune --space demo` (the original model is shared with the train demo test)."""
+    monkeypatch.chdir(demo_workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out[-3000:]
+    assert "sweep demo-sweep: 4 trials, 0 errored" in out and "browse: mlflow ui --backend-store-uri" in out
+    rows = [line for line in out.splitlines() if line.startswith("| demo ")]
+    assert [r.split("|")[2].strip() for r in rows] == ["(before unlearning)", "flat/total_variation", "flat/kl",
+                                                        "flat/jensen_shannon", "flat/pearson"]
+    import json
+
+    report = json.loads((demo_workdir / "sweeps" / "demo-sweep" / "report" / "report.json").read_text())
+    (table,) = report["tables"].values()
+    before, methods = table[0], table[1:]
+    assert all(row["trials"] == "1 finished" for row in methods)
+    best = max(methods, key=lambda row: row["unlearn_score"])
+    assert best["unlearn_score"] > 0.7 > before["unlearn_score"]  # selective unlearning, not collapse
+    assert best["forget_prob"] <= 0.5 * before["forget_prob"] and best["retain_prob"] >= 0.7 * before["retain_prob"]

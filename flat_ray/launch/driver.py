@@ -249,6 +249,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
                                        failure_config=FailureConfig(max_failures=0), callbacks=callbacks),
     )
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
+    fit_started = time.monotonic()
     try:
         trainer.fit()
     except Exception as exc:
@@ -259,6 +260,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         first = next((line for line in str(exc).splitlines() if "Error" in line), type(exc).__name__)
         raise RunFailed(f"run {name} failed: {first.strip()[:300]} (MLflow run {tracker.run_id}; worker logs above)") from exc
 
+    fit_done = time.monotonic()
     model_dir = output_dir / "model"
     if (output_dir / "templates").is_dir():
         tracker.log_artifact(output_dir / "templates", "templates")
@@ -271,6 +273,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
                          before=_history_at(uri, tracker.run_id, keys, first=True),
                          after=_history_at(uri, tracker.run_id, keys, first=False),
                          seconds=time.monotonic() - started)
-    tracker.log_metrics({"duration_s": result.seconds}, step=0)
+    # where a run's time goes: set-up before Ray Train (checks, model path, MLflow), the Ray Train run (worker
+    # start + the workers' own worker_s), and the summary after it
+    tracker.log_metrics({"duration_s": result.seconds, "setup_s": fit_started - started,
+                         "fit_s": fit_done - fit_started, "finish_s": time.monotonic() - fit_done}, step=0)
     tracker.finish("FINISHED")
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -232,14 +233,16 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     """Run (or with ``resume``, continue) a sweep to the end and write its report."""
     started = time.monotonic()
     if resume:
-        state_path = _find_sweep(resume, workdir_hint) / SWEEP_FILE
-        state = json.loads(state_path.read_text())
-        space = load_space(str(state_path.parent / "space.yaml"), state["overrides"])
-        name, address = resume, address or state.get("address")
+        from flat_ray.report import saved_space
+
+        space, state = saved_space(resume, workdir_hint)
+        name, address = state["name"], address or state.get("address")
         storage_path, mlflow_uri = state["storage_path"], state["mlflow_uri"]
     else:
         space = load_space(space_name, overrides)
         name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise FlatRayError(f"sweep name {name!r} may only use letters, digits, '_', '.' and '-'")
     space, sweep_dir, storage, uri = plan_sweep(space, name=name, address=address, storage_path=storage_path,
                                                 mlflow_uri=mlflow_uri)
     if not resume and (sweep_dir / SWEEP_FILE).exists():
@@ -297,6 +300,8 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency[cell.name]),
                     scheduler=_scheduler(space, cell), num_samples=space.num_samples,
+                    # the trial function's process (ray, flat_ray imported) serves the next trial too
+                    reuse_actors=True,
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
                                           callbacks=[_Progress(space.objective)]))
@@ -343,8 +348,3 @@ def trial_table_with(space: Space, concurrency: dict[str, int]) -> list[dict[str
         row["concurrent"] = concurrency[row["cell"]]
     return rows
 
-
-def _find_sweep(name_or_dir: str, workdir_hint: str | None) -> Path:
-    from flat_ray.report import find_sweep
-
-    return find_sweep(name_or_dir, workdir_hint)
