@@ -300,8 +300,9 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency[cell.name]),
                     scheduler=_scheduler(space, cell), num_samples=space.num_samples,
-                    # the trial function's process (ray, flat_ray imported) serves the next trial too
-                    reuse_actors=True,
+                    # the trial function's process (ray, flat_ray imported) serves the next trial too; not
+                    # with early stopping, where a stopped trial's function may still be running
+                    reuse_actors=space.scheduler == "fifo",
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
                                           callbacks=[_Progress(space.objective)]))
