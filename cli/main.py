@@ -43,6 +43,7 @@ def cli(log_level: str) -> None:
     docs/config.md lists every key.
     """
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's "Using default tokenizer."
 
 
 @cli.command()
@@ -143,6 +144,11 @@ def finetune(args: tuple[str, ...], dry_run: bool, resume: str | None, address: 
 
 def _print_summary(summary: dict) -> None:
     splits = [s for s in ("forget", "retain", "real_authors", "world_facts") if f"{s}_prob" in summary]
+    if not splits:  # MUSE-News, hp: one line per metric
+        for key, value in summary.items():
+            if isinstance(value, float) and not key.startswith("lm_eval/"):
+                click.echo(f"{key:<24}{value:.4f}")
+        return
     click.echo(f"{'split':<14}{'prob':>10}{'rougeL_rec':>12}{'truth_ratio':>13}")
     for split in splits:
         click.echo(f"{split:<14}{summary[f'{split}_prob']:>10.4f}{summary[f'{split}_rougeL_recall']:>12.4f}"
@@ -174,8 +180,10 @@ def _print_summary(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, max_examples, tasks, tasks_include,
              limit, out, run_id, from_logs, as_json) -> None:
-    """Evaluate a model on TOFU-style splits (probability, ROUGE-L, truth ratio, model utility, forget quality)
-    and optionally lm-eval tasks; or recompute the summary from eval logs with --from-logs."""
+    """Evaluate a model with its benchmark's suite and optionally lm-eval tasks.
+
+    TOFU-style benchmarks: probability, ROUGE-L, truth ratio, model utility, forget quality (or recompute them
+    from eval logs with --from-logs). muse_news: VerbMem, KnowMem, PrivLeak. hp: completion BLEU / ROUGE-L."""
     import json
 
     if from_logs:

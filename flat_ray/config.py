@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
-from flat_ray.data.files import find_split_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
@@ -78,6 +77,10 @@ class DataConfig:
     template_column: str | None = doc(None, "Forget-data column holding each example's template answer, for "
                                             "template_source=column.")
     max_length: int = doc(256, "Maximum tokens per sequence (prompt + answer + EOS); longer answers are cut.")
+    chunk_tokens: int = doc(512, "Text benchmarks (muse_news, hp): the text is cut into chunks of this many "
+                                 "tokens for training.")
+    prompt_fraction: float = doc(0.5, "Text benchmarks: the first fraction of each chunk's tokens is the prompt; "
+                                      "the rest is the continuation to forget (FLAT pairs it with a template).")
 
     def __post_init__(self):
         try:
@@ -97,9 +100,13 @@ class DataConfig:
         if self.template_file and not Path(self.template_file).expanduser().is_file():
             raise FlatRayError(f"data.template_file {self.template_file!r} does not exist")
         if self.data_dir:
-            find_split_file(self.data_dir, self.split)  # names the splits that are there when this one is not
+            bench.locate(self.data_dir, self.split)  # names the splits that are there when this one is not
         if self.max_length < 8:
             raise FlatRayError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.chunk_tokens < 16:
+            raise FlatRayError(f"data.chunk_tokens must be >= 16, got {self.chunk_tokens}")
+        if not 0 < self.prompt_fraction < 1:
+            raise FlatRayError(f"data.prompt_fraction must be between 0 and 1 (exclusive), got {self.prompt_fraction}")
 
 
 @dataclass
@@ -188,12 +195,18 @@ class EvalConfig:
     batch_size: int = doc(8, "Evaluation batch size per worker.")
     truth_ratio: str = doc("arithmetic", "Truth-ratio variant for the per-split statistic and model utility: "
                                          "arithmetic (reproduces TOFU's published numbers) or geometric.")
+    prompt_words: int = doc(200, "hp completion test: words of each passage given as the prompt.")
+    privleak_auc_retrain: float = doc(0.4772, "MUSE PrivLeak: the retrained model's forget-vs-holdout AUC (MUSE's "
+                                              "published News value; `flat-ray eval` of a retain model prints "
+                                              "its privleak_auc).")
     reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
                                       "(eval_log_forget.json; flat-ray eval writes them) or an open-unlearning "
                                       "result JSON. Null: no forget quality.")
 
     def __post_init__(self):
-        for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size"):
+        if not 0 < self.privleak_auc_retrain < 1:
+            raise FlatRayError(f"eval.privleak_auc_retrain must be in (0, 1), got {self.privleak_auc_retrain}")
+        for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size", "prompt_words"):
             if getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         _choice("eval.truth_ratio", self.truth_ratio, ("arithmetic", "geometric"))
@@ -264,7 +277,7 @@ class RunConfig:
             if self.data.data_dir is None:
                 _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
             else:
-                find_split_file(self.data.data_dir, retain)
+                BENCHMARKS[self.data.benchmark].locate(self.data.data_dir, retain)
 
     def retain_split(self) -> str | None:
         """The retain split methods such as grad_diff sample from, or None when there is none."""
@@ -385,9 +398,15 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides. Changing ``data.benchmark`` to another one without ``data.split`` drops the
+    split the base config had (a TOFU split means nothing to MUSE), so the new benchmark's default applies."""
     known = set(all_keys())
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    values = dict(parsed)
+    base = data.get("data") if isinstance(data.get("data"), dict) else {}
+    if "data.benchmark" in values and "data.split" not in values and base.get("benchmark") != values["data.benchmark"]:
+        base.pop("split", None)
+    for key, value in parsed:
         if key not in known:
             raise _unknown_key(key)
         section, leaf = key.split(".", 1)

@@ -62,6 +62,8 @@ PROFILES.register("llama2_chat", PromptProfile("llama2_chat", "[INST] ", " [/INS
 PROFILES.register("phi", PromptProfile("phi", "Question: ", "\n", "Answer: "), aliases=("phi-1.5", "phi15"))
 PROFILES.register("generic", PromptProfile("generic", "Q: ", "\n", "A: "))
 PROFILES.register("chat_template", PromptProfile("chat_template", chat_template=True))
+# raw text (MUSE-News, book text): the prompt is the text itself; text benchmarks always use it
+PROFILES.register("raw", PromptProfile("raw"))
 
 AUTO_PROFILE = "auto"
 

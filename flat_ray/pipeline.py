@@ -17,8 +17,10 @@ from flat_ray.data import (
     make_template_source,
 )
 from flat_ray.data.demo import demo_texts
+from flat_ray.data.text import chunk_rows
 from flat_ray.losses import METHODS
 from flat_ray.models import (
+    PROFILES,
     TinySpec,
     cached_tiny_model,
     count_parameters,
@@ -50,14 +52,29 @@ class Prepared:
     model_path: str
 
 
+def profile_for(cfg: RunConfig, model_name: str, tokenizer: Any) -> Any:
+    """The prompt profile: ``raw`` for text benchmarks, else the model's (``model.profile``)."""
+    if BENCHMARKS[cfg.data.benchmark].text:
+        return PROFILES["raw"]
+    return resolve_profile(cfg.model.profile, model_name, tokenizer)
+
+
+def _rows(cfg: RunConfig, tokenizer: Any, rows: list[dict]) -> list[dict]:
+    """Text benchmarks: cut raw text into prompt/continuation rows (flat_ray.data.text)."""
+    if BENCHMARKS[cfg.data.benchmark].text:
+        return chunk_rows(rows, tokenizer, cfg.data.chunk_tokens, cfg.data.prompt_fraction)
+    return rows
+
+
 def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict] | None = None) -> UnlearnDataset:
     """The training dataset with exactly the splits the configured method needs (forget, template, retain)."""
     method = METHODS[cfg.method.name]
     if rows is None:
         rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    rows = _rows(cfg, tokenizer, rows)
     templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
                                      column=cfg.data.template_column) if "template" in method.batch_keys else None
-    retain_rows = load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir) \
+    retain_rows = _rows(cfg, tokenizer, load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir)) \
         if "retain" in method.batch_keys else None
     return UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
                           retain_rows=retain_rows, seed=cfg.optim.seed)
@@ -71,7 +88,7 @@ def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     path = resolve_model_path(cfg, train_original=False)
     model, tokenizer = load_model_and_tokenizer(
         path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
-    profile = resolve_profile(cfg.model.profile, path, tokenizer)
+    profile = profile_for(cfg, path, tokenizer)
     dataset = build_dataset(cfg, tokenizer, profile, rows)
     return Prepared(model, tokenizer, dataset, Collator(tokenizer.pad_token_id), path)
 

@@ -356,6 +356,10 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
     if not isinstance(objective, list) or not objective:
         raise FlatRayError("objective must be a metric name or (optuna) a list of metric names")
     objective = [METRICS.canonical(m) for m in objective]
+    for metric in objective:
+        if METRICS[metric].role == "diagnostic":
+            raise FlatRayError(f"metric {metric} has no better direction and cannot be an objective"
+                               + ("; use privleak_gap (|privleak|)" if metric.startswith("privleak") else ""))
     if len(objective) > 1 and algorithm != "optuna":
         raise FlatRayError(f"a multi-objective sweep ({', '.join(objective)}) needs search.algorithm=optuna")
     if len(objective) > 1 and scheduler == "asha":

@@ -87,3 +87,12 @@ def test_yaml_file_errors(tmp_path):
     unk.write_text("optimizer:\n  lr: 1\n")
     with pytest.raises(FlatRayError, match="unknown config key 'optimizer'"):
         load_config(unk)
+
+
+def test_changing_the_benchmark_resets_an_inherited_split():
+    from flat_ray.config import load_config
+
+    cfg = load_config(None, ["data.benchmark=tofu"], presets=["demo"])  # the demo preset says forget10
+    assert cfg.data.split == "forget01"
+    assert load_config(None, ["data.benchmark=tofu", "data.split=forget05"], presets=["demo"]).data.split == "forget05"
+    assert load_config(None, ["data.benchmark=demo"], presets=["demo"]).data.split == "forget10"

@@ -19,7 +19,7 @@ from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_tab
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_baselines"])
+@pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_baselines", "muse", "hp"])
 def test_every_shipped_space_validates(name):
     space = load_space(name)
     assert space.cells and space.total_trials() >= 4
@@ -31,7 +31,7 @@ def test_every_shipped_space_validates(name):
 
 def test_shipped_spaces_are_all_listed_and_tested():
     assert shipped_spaces() == sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
-    assert set(shipped_spaces()) == {"demo", "demo_baselines", "tofu", "tofu_baselines"}
+    assert set(shipped_spaces()) == {"demo", "demo_baselines", "tofu", "tofu_baselines", "muse", "hp"}
 
 
 def test_demo_space_is_lr_times_four_divergences():
@@ -137,7 +137,7 @@ def test_bad_spaces_fail_with_one_actionable_line(tmp_path, text, message):
 
 def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for argv, message in ((["tune", "--space", "nope"], "shipped spaces: demo, demo_baselines"),
+    for argv, message in ((["tune", "--space", "nope"], "shipped spaces: demo, demo_baselines, hp, muse"),
                           (["tune", "--space", "missing.yaml"], "does not exist"),
                           (["tune", "optim.lr=1e-3"], "optim.lr is a search axis"),
                           (["tune", "optim.lrr=1"], "did you mean 'optim.lr'"),
@@ -275,4 +275,16 @@ def test_a_normal_install_finds_the_shipped_spaces(tmp_path):
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).stdout.split()
     assert out[0].startswith(str(prefix))
     assert out[1] == str(prefix / "share" / "flat-ray" / "search_spaces")
-    assert out[2] == "demo,demo_baselines,tofu,tofu_baselines" and out[3] == "4"
+    assert out[2] == "demo,demo_baselines,hp,muse,tofu,tofu_baselines" and out[3] == "4"
+
+
+def test_text_benchmark_spaces_follow_their_recipes():
+    muse = load_space("muse")
+    assert [c.config.method.name for c in muse.cells] == ["flat", "npo"]
+    assert [c.trials(muse.num_samples) for c in muse.cells] == [8, 2]  # divergences only for FLAT
+    assert muse.cells[0].config.data.benchmark == "muse_news" and muse.objective == ["muse_score"]
+    assert muse.cells[0].config.data.chunk_tokens == 2048 and muse.cells[0].config.data.max_length > 2048
+    hp = load_space("hp")
+    (cell,) = hp.cells
+    assert cell.config.data.benchmark == "hp" and cell.config.data.data_dir is None  # the user passes the book
+    assert hp.objective == ["completion_score"] and hp.modes == ["max"]

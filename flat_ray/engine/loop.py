@@ -30,11 +30,11 @@ from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
 from flat_ray.engine.schedule import lr_multiplier, warmup_steps
 from flat_ray.engine.step import method_loss
-from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
-from flat_ray.eval.tofu import read_reference, summarize
+from flat_ray.eval.suites import suite_for
+from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
-from flat_ray.models import load_model_and_tokenizer, resolve_profile
-from flat_ray.pipeline import build_dataset
+from flat_ray.models import load_model_and_tokenizer
+from flat_ray.pipeline import build_dataset, profile_for
 
 log = logging.getLogger("flat_ray.train")
 
@@ -94,7 +94,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     method = METHODS[cfg.method.name]
     _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
                                             load_model=False)
-    profile = resolve_profile(cfg.model.profile, cfg.model.name_or_path, tokenizer)
+    profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     dataset = build_dataset(cfg, tokenizer, profile, rows)
     # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
@@ -121,19 +121,17 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         info("resumed after epoch %d (step %d)", start_epoch, global_step)
         tracker.set_tags({"resumed_from_epoch": start_epoch})
 
-    # ---- evaluation: bounded subsets of the TOFU-style splits, sharded over the ranks
-    eval_rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, cfg.eval.max_examples) \
-        if cfg.eval.enabled else {}
+    # ---- evaluation: the benchmark's suite on bounded subsets of its splits, sharded over the ranks
+    suite = suite_for(cfg)
+    eval_rows = suite.rows(cfg, cfg.eval.max_examples) if cfg.eval.enabled else {}
     reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.enabled and cfg.eval.reference else None
 
     def evaluate(epoch: int) -> dict[str, float]:
         due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
         if not cfg.eval.enabled or not due:
             return {}
-        values = evaluate_tofu(engine.module, tokenizer, profile, eval_rows, max_length=cfg.data.max_length,
-                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
-                               world_size=world, device=device)
-        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+        summary = suite.run(engine.module, tokenizer, profile, eval_rows, cfg, rank=rank, world_size=world,
+                            device=device, reference_tr=reference_tr)
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
         tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch}, step=epoch)
         info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

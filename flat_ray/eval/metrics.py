@@ -25,7 +25,9 @@ from flat_ray.registry import Registry
 @dataclass(frozen=True)
 class Metric:
     higher_is_better: bool
-    role: str  # "forget" (how much was unlearned), "utility" (what was kept) or "objective" (a scalarisation)
+    # "forget" (how much was unlearned), "utility" (what was kept), "objective" (a scalarisation) or "diagnostic"
+    # (no better direction, e.g. PrivLeak, whose ideal is 0: optimise privleak_gap instead)
+    role: str
     doc: str
     derive: Callable[[Mapping[str, float]], float | None] | None = None
 
@@ -71,6 +73,23 @@ for _split, _role in (("forget", "forget"), ("retain", "utility"), ("real_author
 METRICS.register("model_utility", Metric(True, "utility", "harmonic mean of the nine retain/real-authors/world-facts numbers"))
 METRICS.register("forget_quality", Metric(True, "forget", "KS-test p-value of forget truth ratios vs a retain model",))
 METRICS.register("unlearn_score", Metric(True, "objective", "hmean(1 - forget_prob, retain_prob)", _unlearn_score))
+# MUSE-News (x100, as MUSE reports them)
+METRICS.register("verbmem_forget", Metric(False, "forget", "MUSE VerbMem: ROUGE-L F1 of 128-token continuations"))
+METRICS.register("knowmem_forget", Metric(False, "forget", "MUSE KnowMem on forget QA (ROUGE-L F1)"))
+METRICS.register("knowmem_retain", Metric(True, "utility", "MUSE KnowMem on retain QA (ROUGE-L F1): utility"))
+METRICS.register("privleak", Metric(True, "diagnostic", "MUSE PrivLeak: 0 is ideal; below 0 the forget set still "
+                                                        "looks like training data, above 0 it was over-unlearned"))
+METRICS.register("privleak_auc", Metric(True, "diagnostic", "forget-vs-holdout ROC-AUC behind PrivLeak"))
+METRICS.register("privleak_gap", Metric(False, "forget", "|privleak|", lambda s: abs(s["privleak"]) if "privleak" in s else None))
+METRICS.register("muse_score", Metric(True, "objective", "hmean(1 - verbmem_forget/100, knowmem_retain/100)",
+                                      lambda s: _hmean(1 - s["verbmem_forget"] / 100, s["knowmem_retain"] / 100)
+                                      if "verbmem_forget" in s and "knowmem_retain" in s else None))
+# Harry-Potter-style completion test (forget_/retain_rougeL_recall are shared with TOFU's names)
+METRICS.register("forget_bleu", Metric(False, "forget", "hp: BLEU (0-100) of completions of forget passages"))
+METRICS.register("retain_bleu", Metric(True, "utility", "hp: BLEU (0-100) of completions of retain passages"))
+METRICS.register("completion_score", Metric(True, "objective", "hmean(1 - forget_rougeL_recall, retain_rougeL_recall)",
+                                            lambda s: _hmean(1 - s["forget_rougeL_recall"], s["retain_rougeL_recall"])
+                                            if "forget_rougeL_recall" in s and "retain_rougeL_recall" in s else None))
 METRICS.register("tofu_score", Metric(True, "objective", "hmean(model_utility, log-scaled forget_quality)", _tofu_score))
 
 

@@ -1,8 +1,10 @@
-"""`flat-ray eval`: the TOFU suite (and optionally lm-eval utility) on one model, written as TOFU-format logs
-and logged to MLflow. Single process: the model is loaded whole on this machine."""
+"""`flat-ray eval`: the benchmark's evaluation suite (and optionally lm-eval utility) on one model, logged to
+MLflow. TOFU-style benchmarks write TOFU-format logs; MUSE-News and hp write ``summary.json``. Single process: the
+model is loaded whole on this machine."""
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import time
@@ -14,11 +16,13 @@ import numpy as np
 
 from flat_ray import tracking
 from flat_ray.config import RunConfig
+from flat_ray.data import BENCHMARKS
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval
-from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
+from flat_ray.eval.runner import evaluate_tofu
+from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_log_dir, read_reference, summarize, write_log_dir
-from flat_ray.models import load_model_and_tokenizer, resolve_profile
-from flat_ray.pipeline import workdir
+from flat_ray.models import load_model_and_tokenizer
+from flat_ray.pipeline import profile_for, workdir
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ARTIFACT_DIR = "tofu_eval"
@@ -60,7 +64,9 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
                    out_dir: str | None = None, run_id: str | None = None) -> EvalResult:
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     # everything a user can get wrong, before the model is loaded or anything is written
-    rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, max_examples)
+    suite = suite_for(cfg)
+    tofu_style = BENCHMARKS[cfg.data.benchmark].evaluation == "tofu"
+    rows = suite.rows(cfg, max_examples)
     tracking.check_reachable(uri)
     ref_tr, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
     if run_id:
@@ -68,18 +74,25 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     path = model_location(cfg)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
                                                 revision=cfg.model.revision)
-    profile = resolve_profile(cfg.model.profile, cfg.model.name_or_path, tokenizer)
-    values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=ref_tr)
-    summary["forget_quality_reference"] = ref_source
+    profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
+    if tofu_style:
+        values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=ref_tr)
+        summary["forget_quality_reference"] = ref_source
+    else:
+        summary = suite.run(model, tokenizer, profile, rows, cfg)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
                           batch_size=cfg.eval.batch_size) if tasks else {}
     meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
             "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
             "lm_eval": utility, "lm_eval_version": lm_eval_version() if tasks else None}
     out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_log_dir(out, values, summary, meta)
+    if tofu_style:
+        write_log_dir(out, values, summary, meta)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
 
     if run_id:
         tracker = tracking.Tracker(uri, run_id)
@@ -92,7 +105,8 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
                             "eval.split": cfg.data.split, "eval.truth_ratio": cfg.eval.truth_ratio,
                             "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.tasks": ",".join(tasks or []),
                             "version.lm_eval": lm_eval_version(), "resolved.git_sha": tracking.git_sha()})
-    metrics = {f"tofu/{k}": v for k, v in summary.items() if isinstance(v, float)}
+    prefix = "tofu" if tofu_style else cfg.data.benchmark
+    metrics = {f"{prefix}/{k}": v for k, v in summary.items() if isinstance(v, float)}
     metrics.update({f"lm_eval/{t}/{m}": v for t, ms in utility.items() for m, v in ms.items()})
     tracker.log_metrics(metrics, step=0)
     tracker.set_tags({"forget_quality_reference": ref_source, "truth_ratio_variant": cfg.eval.truth_ratio})

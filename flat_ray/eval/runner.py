@@ -50,14 +50,19 @@ def eval_split_rows(benchmark: str, split: str, data_dir: str | None, max_exampl
     return out
 
 
-def rouge_l_recall(prediction: str, target: str) -> float:
-    """ROUGE-L recall with the Porter stemmer, as TOFU computes it (``rouge_score``)."""
+def rouge_scorer_l():
+    """One ROUGE-L scorer with the Porter stemmer (``rouge_score``), as TOFU and MUSE use it."""
     global _SCORER
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _SCORER.score(target, prediction)["rougeL"].recall
+    return _SCORER
+
+
+def rouge_l_recall(prediction: str, target: str) -> float:
+    """ROUGE-L recall, as TOFU computes it."""
+    return rouge_scorer_l().score(target, prediction)["rougeL"].recall
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
@@ -109,6 +114,16 @@ def generate(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence
         enc = encode_qa(tokenizer, profile, q, a, max_length)
         n = enc["labels"].count(-100)
         prompts.append({"input_ids": enc["input_ids"][:n], "attention_mask": [1] * n})
+    texts = _generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          device=device)
+    prompt_texts = [tokenizer.decode(p["input_ids"], skip_special_tokens=True) for p in prompts]
+    return prompt_texts, [t.strip() for t in texts]
+
+
+def _generate_ids(model: Any, tokenizer: Any, prompts: list[dict], *, max_new_tokens: int, batch_size: int,
+                  device: Any) -> list[str]:
+    """Greedy continuations of tokenised prompts, left-padded batches; every rank runs the same number of
+    ``generate`` calls (ZeRO-3 needs each rank in each forward)."""
     collate = Collator(tokenizer.pad_token_id, padding_side="left")
     texts: list[str] = []
     n_batches = math.ceil(len(prompts) / batch_size)
@@ -120,8 +135,56 @@ def generate(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Sequence
                              synced_gpus=multi_process())
         if b < n_batches:
             texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    prompt_texts = [tokenizer.decode(p["input_ids"], skip_special_tokens=True) for p in prompts]
-    return prompt_texts, [t.strip() for t in texts]
+    return texts
+
+
+def _encode_text(tokenizer: Any, text: str, max_length: int, keep: str) -> dict[str, list[int]]:
+    ids = tokenizer(text)["input_ids"]
+    ids = ids[-max_length:] if keep == "end" else ids[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+@torch.no_grad()
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+                   max_length: int = 1024, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[str]:
+    """Greedy continuations of raw text prompts (their last ``max_length`` tokens), sharded over the ranks and
+    gathered: every rank returns all of them, in order."""
+    idx, keep = shard(len(prompts), rank, world_size)
+    items = [_encode_text(tokenizer, prompts[i], max_length, "end") for i in idx]
+    was_training = model.training
+    model.eval()
+    try:
+        texts = _generate_ids(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              device=device) if items else []
+    finally:
+        model.train(was_training)
+    return _gather({"text": [t.strip() for t in texts]}, keep, idx)["text"]
+
+
+@torch.no_grad()
+def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int,
+                        rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[np.ndarray]:
+    """Log-probability of every token of each text given the tokens before it (the first ``max_length``
+    tokens), sharded over the ranks and gathered."""
+    idx, keep = shard(len(texts), rank, world_size)
+    items = [_encode_text(tokenizer, texts[i], max_length, "start") for i in idx]
+    collate = Collator(tokenizer.pad_token_id)
+    out: list[list[float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        n_batches = math.ceil(len(items) / batch_size)
+        for b in range(_same_count(n_batches)):
+            chunk = items[b * batch_size:(b + 1) * batch_size] or items[-1:]
+            batch = collate(chunk)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            if b < n_batches:
+                out += [row[m.bool()].cpu().tolist() for row, m in zip(lp, mask[:, 1:], strict=True)]
+    finally:
+        model.train(was_training)
+    return [np.asarray(v) for v in _gather({"lp": out}, keep, idx)["lp"]]
 
 
 def _gather(values: dict[str, list], keep: list[bool], idx: list[int]) -> dict[str, list]:

@@ -22,7 +22,6 @@ from flat_ray.config import RunConfig, load_config
 from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
-from flat_ray.eval.runner import eval_split_rows
 from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
@@ -61,7 +60,9 @@ def preflight(cfg: RunConfig, uri: str) -> None:
                                  load_model=False)
     load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty or bad file
     if cfg.eval.enabled:
-        eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, 1)
+        from flat_ray.eval.suites import suite_for
+
+        suite_for(cfg).rows(cfg, 1)
         if cfg.eval.reference:
             read_reference(cfg.eval.reference)
     tracking.check_reachable(uri)

@@ -1,0 +1,61 @@
+"""Evaluation suites: what "evaluate" means for each benchmark, behind one interface.
+
+A benchmark names its suite (``Benchmark.evaluation``). A suite gives the bounded evaluation rows for a config and
+runs them on a model (every rank takes part; each returns the same gathered metrics, named as in
+:data:`flat_ray.eval.metrics.METRICS`). The training loop's per-epoch evaluation, the preflight checks and
+``flat-ray eval`` all go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flat_ray.config import RunConfig
+from flat_ray.data import BENCHMARKS
+from flat_ray.eval import hp, muse
+from flat_ray.eval.metrics import add_derived
+from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
+from flat_ray.eval.tofu import summarize
+from flat_ray.registry import Registry
+
+
+@dataclass(frozen=True)
+class Suite:
+    rows: Callable[[RunConfig, int | None], dict[str, list[dict]]]
+    run: Callable[..., dict[str, Any]]
+
+
+def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
+              reference_tr=None) -> dict[str, Any]:
+    values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
+                           world_size=world_size, device=device)
+    return summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+
+
+def _muse_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
+              reference_tr=None) -> dict[str, Any]:
+    return add_derived(muse.evaluate(model, tokenizer, rows, max_length=cfg.data.max_length,
+                                     batch_size=cfg.eval.batch_size, auc_retrain=cfg.eval.privleak_auc_retrain,
+                                     rank=rank, world_size=world_size, device=device))
+
+
+def _hp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
+            reference_tr=None) -> dict[str, Any]:
+    return add_derived(hp.evaluate(model, tokenizer, rows, max_new_tokens=cfg.eval.max_new_tokens,
+                                   batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size, device=device))
+
+
+SUITES: Registry[Suite] = Registry("evaluation suite")
+SUITES.register("tofu", Suite(
+    lambda cfg, limit: eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, limit), _tofu_run))
+SUITES.register("muse", Suite(lambda cfg, limit: muse.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit),
+                              _muse_run))
+SUITES.register("hp", Suite(
+    lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words), _hp_run))
+
+
+def suite_for(cfg: RunConfig) -> Suite:
+    return SUITES[BENCHMARKS[cfg.data.benchmark].evaluation]

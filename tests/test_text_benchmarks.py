@@ -1,0 +1,240 @@
+"""MUSE-News and Harry-Potter-style text benchmarks: loaders on fixtures written here in each schema, chunking,
+the metrics by hand (Min-k%, AUC, PrivLeak, KnowMem post-processing, BLEU/ROUGE), evaluation on the tiny model,
+and a 2-worker ZeRO-3 training run with per-epoch MUSE metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flat_ray.config import load_config
+from flat_ray.data import BENCHMARKS, load_split
+from flat_ray.data.text import chunk_rows, completion_rows, read_text_rows
+from flat_ray.errors import FlatRayError
+from flat_ray.eval import hp, muse
+from flat_ray.eval.metrics import METRICS, add_derived
+
+TOWNS = ["Harlow", "Brennick", "Ostend Vale", "Marrowby", "Quillton", "Fenwick Cross"]
+EVENTS = ["opened a new library", "approved a bridge repair", "held a harvest fair", "elected a new mayor",
+          "closed the old mill", "started a night market"]
+
+
+def _news(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        town, event = rng.choice(TOWNS), rng.choice(EVENTS)
+        out.append(f"Report {i}: the town of {town} {event} on day {rng.randint(1, 28)}. Residents said the change "
+                   f"would help local families, and the council promised a review in {rng.randint(2, 9)} months.")
+    return out
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def muse_dir(tmp_path_factory) -> Path:
+    """A MUSE-News-shaped directory: raw/, verbmem/, knowmem/, privleak/ with the hub's field names."""
+    d = tmp_path_factory.mktemp("muse")
+    rng = random.Random(0)
+    forget, retain, holdout = _news(rng, 12), _news(rng, 12), _news(rng, 12)
+    for name, texts in (("forget", forget), ("retain1", retain), ("retain2", retain[:4]), ("holdout", holdout)):
+        _jsonl(d / "raw" / f"{name}.jsonl", [{"text": t} for t in texts])
+    _jsonl(d / "verbmem" / "forget.jsonl", [{"prompt": t[:60], "gt": t[60:]} for t in forget[:6]])
+    qa = [{"question": f"What did the town in report {i} do?", "answer": t.split(" on day")[0].split(" the town of ")[1]}
+          for i, t in enumerate(forget)]
+    _jsonl(d / "knowmem" / "forget_qa.jsonl", qa[:6])
+    _jsonl(d / "knowmem" / "retain_qa.jsonl", qa[6:])
+    _jsonl(d / "knowmem" / "forget_qa_icl.jsonl", qa[:3])
+    _jsonl(d / "knowmem" / "retain_qa_icl.jsonl", qa[6:9])
+    for name, texts in (("forget", forget), ("retain", retain), ("holdout", holdout)):
+        _jsonl(d / "privleak" / f"{name}.jsonl", [{"text": t} for t in texts[:6]])
+    return d
+
+
+@pytest.fixture(scope="module")
+def book_dir(tmp_path_factory) -> Path:
+    """A self-written 'book' (forget.txt, paragraphs) and a retain.txt."""
+    d = tmp_path_factory.mktemp("book")
+    rng = random.Random(1)
+    paragraphs = [" ".join(f"The lighthouse keeper counted {rng.randint(2, 40)} gulls and wrote the number in his "
+                           f"logbook before the tide turned{'.' if k % 3 else ', then slept.'}" for k in range(8))
+                  for _ in range(6)]
+    (d / "forget.txt").write_text("\n\n".join(paragraphs))
+    (d / "retain.txt").write_text("\n\n".join(_news(rng, 6)))
+    return d
+
+
+def test_muse_splits_load_from_a_local_directory_in_musees_layout(muse_dir):
+    assert len(load_split("muse_news", "forget", str(muse_dir))) == 12
+    assert set(load_split("muse_news", "verbmem_forget", str(muse_dir))[0]) == {"prompt", "gt"}
+    assert set(load_split("muse", "knowmem_retain_qa", str(muse_dir))[0]) == {"question", "answer"}
+    cfg = load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "method.name=grad_diff"])
+    assert cfg.data.split == "forget" and cfg.retain_split() == "retain1"
+    with pytest.raises(FlatRayError, match="no knowmem/nothing.jsonl|unknown MUSE-News split 'nothing'"):
+        load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=nothing"])
+    (muse_dir / "raw" / "retain2.jsonl").rename(muse_dir / "raw" / "retain2.bak")
+    try:
+        with pytest.raises(FlatRayError, match=r"no raw/retain2.jsonl or .json under data.data_dir"):
+            load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=retain2"])
+    finally:
+        (muse_dir / "raw" / "retain2.bak").rename(muse_dir / "raw" / "retain2.jsonl")
+    _jsonl(muse_dir.parent / "bad" / "raw" / "forget.jsonl", [{"body": "no text field"}])
+    with pytest.raises(FlatRayError, match="lacks field.*text"):
+        load_split("muse_news", "forget", str(muse_dir.parent / "bad"))
+
+
+def test_hp_reads_user_text_and_never_downloads_the_book(book_dir, tmp_path):
+    rows = load_split("hp", "forget", str(book_dir))
+    assert len(rows) == 6 and all("lighthouse" in r["text"] for r in rows)
+    assert len(load_split("hp", "retain", str(book_dir))) == 6
+    with pytest.raises(FlatRayError, match="benchmark hp needs data.data_dir"):
+        load_split("hp", "forget", None)
+    with pytest.raises(FlatRayError, match="no forget.txt, forget.jsonl or forget.json"):
+        load_config(None, ["data.benchmark=hp", f"data.data_dir={tmp_path}"])
+    (tmp_path / "forget.jsonl").write_text('{"text": "one passage"}\n')
+    assert read_text_rows(tmp_path / "forget.jsonl") == [{"text": "one passage"}]
+
+
+def test_chunking_cuts_token_windows_into_prompt_and_continuation(tiny):
+    _, tokenizer = tiny
+    text = " ".join(f"word{i}" for i in range(300))
+    rows = chunk_rows([{"text": text}], tokenizer, chunk_tokens=64, prompt_fraction=0.25)
+    total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert len(rows) == -(-total // 64) or len(rows) == total // 64  # the last short window may be dropped
+    first = rows[0]
+    n_prompt = len(tokenizer(first["question"], add_special_tokens=False)["input_ids"])
+    n_answer = len(tokenizer(first["answer"], add_special_tokens=False)["input_ids"])
+    assert abs(n_prompt - 16) <= 1 and abs(n_prompt + n_answer - 64) <= 2
+    assert (first["question"] + first["answer"]).replace(" ", "") in text.replace(" ", "")
+    assert chunk_rows([{"question": "q", "answer": "a"}], tokenizer, 64, 0.5) == [{"question": "q", "answer": "a"}]
+    with pytest.raises(FlatRayError, match="too short"):
+        chunk_rows([{"text": "tiny"}], tokenizer, 64, 0.5)
+
+
+def test_completion_rows_split_passages_by_words():
+    rows = completion_rows([{"text": " ".join(map(str, range(10)))}, {"text": "a b"}], prompt_words=4, max_rows=None)
+    assert rows[0] == {"prompt": "0 1 2 3", "continuation": "4 5 6 7 8 9"}
+    assert rows[1] == {"prompt": "a", "continuation": "b"}  # shorter than the prompt: split in half
+    assert len(completion_rows([{"text": "x y z"}] * 5, 1, max_rows=2)) == 2
+
+
+def test_min_k_auc_and_privleak_by_hand():
+    assert muse.min_k_score(np.array([-1.0, -5.0, -2.0, -0.5, -3.0]), 0.4) == pytest.approx(4.0)  # mean(5, 3)
+    assert muse.min_k_score(np.array([-2.0]), 0.4) == pytest.approx(2.0)
+    # holdout above forget in 1 of 4 pairs
+    assert muse.roc_auc([0.9, 0.8], [0.1, 0.85]) == pytest.approx(0.25)
+    assert muse.roc_auc([0.5], [0.5]) == pytest.approx(0.5)  # ties count half
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(0.5, size=25)
+    assert muse.roc_auc(a, b) == pytest.approx(roc_auc_score([0] * 30 + [1] * 25, np.concatenate([a, b])))
+    assert muse.privleak(0.25, 0.4772) == pytest.approx(100 * (0.25 - 0.4772) / 0.4772)
+    assert muse.privleak(0.4772, 0.4772) == 0.0
+
+
+def test_knowmem_prompt_and_answer_cut_follow_muse():
+    shots = [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
+    assert muse.icl_prompt(shots, "Q3?") == "Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q3?\nAnswer: "
+    assert muse.cut_answer(" Paris\n\nQuestion: next?") == "Paris"
+    assert muse.cut_answer("Rome Question: x") == "Rome"
+    assert muse.rouge_l_f1("the red fox", "the red fox") == 1.0
+    assert hp.bleu("the cat sat on the mat today", "the cat sat on the mat today") == pytest.approx(100.0)
+    assert hp.bleu("completely different words here now", "the cat sat on the mat today") < 10
+
+
+def test_new_metrics_have_directions_and_scores():
+    assert METRICS["verbmem_forget"].mode == "min" and METRICS["knowmem_retain"].mode == "max"
+    assert METRICS["privleak_gap"].mode == "min" and METRICS["forget_bleu"].mode == "min"
+    s = add_derived({"verbmem_forget": 20.0, "knowmem_retain": 60.0, "privleak": -35.0})
+    assert s["privleak_gap"] == 35.0 and s["muse_score"] == pytest.approx(2 * 0.8 * 0.6 / 1.4)
+    c = add_derived({"forget_rougeL_recall": 0.25, "retain_rougeL_recall": 0.75})
+    assert c["completion_score"] == pytest.approx(0.75)
+
+
+def test_privleak_is_refused_as_an_objective(tmp_path):
+    from flat_ray.sweep import load_space
+
+    path = tmp_path / "s.yaml"
+    path.write_text("base: [demo]\nobjective: privleak\n")
+    with pytest.raises(FlatRayError, match="no better direction.*use privleak_gap"):
+        load_space(str(path))
+
+
+def test_muse_and_hp_evaluation_on_the_tiny_model(tiny, muse_dir, book_dir):
+    model, tokenizer = tiny
+    cfg = load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "eval.max_examples=4",
+                             "eval.batch_size=4", "data.max_length=64"])
+    from flat_ray.eval.suites import suite_for
+    from flat_ray.pipeline import profile_for
+
+    suite = suite_for(cfg)
+    rows = suite.rows(cfg, cfg.eval.max_examples)
+    assert len(rows["verbmem"]) == 4 and len(rows["icl_forget"]) == 3
+    out = suite.run(model, tokenizer, profile_for(cfg, "x", tokenizer), rows, cfg)
+    for key in ("verbmem_forget", "knowmem_forget", "knowmem_retain"):
+        assert 0.0 <= out[key] <= 100.0
+    assert 0.0 <= out["privleak_auc"] <= 1.0
+    assert out["privleak"] == pytest.approx(100 * (out["privleak_auc"] - 0.4772) / 0.4772)
+    assert {"privleak_gap", "muse_score"} <= set(out)
+    hp_cfg = load_config(None, ["data.benchmark=hp", f"data.data_dir={book_dir}", "eval.max_examples=3",
+                                "eval.prompt_words=20", "eval.max_new_tokens=8"])
+    hp_suite = suite_for(hp_cfg)
+    hp_rows = hp_suite.rows(hp_cfg, 3)
+    assert len(hp_rows["forget"]) == 3 and len(hp_rows["forget"][0]["prompt"].split()) == 20
+    res = hp_suite.run(model, tokenizer, None, hp_rows, hp_cfg)
+    assert {"forget_bleu", "forget_rougeL_recall", "retain_bleu", "retain_rougeL_recall", "completion_score"} <= set(res)
+
+
+def test_text_benchmarks_use_the_raw_profile_and_train_on_chunks(tiny_model_dir, muse_dir):
+    from flat_ray.pipeline import prepare
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=muse_news",
+                             f"data.data_dir={muse_dir}", "data.chunk_tokens=48", "data.max_length=64",
+                             "model.profile=phi"])
+    prep = prepare(cfg)
+    item = prep.dataset[0]
+    assert "template" in item and "forget" in item
+    prompt_ids = [t for t, lab in zip(item["forget"]["input_ids"], item["forget"]["labels"], strict=True) if lab == -100]
+    assert "Question:" not in prep.tokenizer.decode(prompt_ids)  # raw text, not the model's QA tags
+    assert BENCHMARKS["muse_news"].text and BENCHMARKS["hp"].evaluation == "hp"
+
+
+@pytest.mark.slow
+def test_muse_training_run_logs_per_epoch_muse_metrics(tiny_model_dir, muse_dir, tmp_path):
+    import ray
+
+    from flat_ray import tracking
+    from flat_ray.launch.driver import run_training
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="WARNING")
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=muse_news",
+                             f"data.data_dir={muse_dir}", "data.chunk_tokens=48", "data.max_length=64",
+                             "optim.epochs=1", "optim.micro_batch_size=2", "optim.lr=1e-3", "eval.max_examples=4",
+                             "eval.batch_size=4", f"paths.workdir={tmp_path}", "tracking.run_name=muse"])
+    result = run_training(cfg)
+    for key in ("verbmem_forget", "knowmem_retain", "privleak", "muse_score"):
+        hist = tracking.metric_history(result.mlflow_uri, result.run_id, f"eval/{key}")
+        assert [step for step, _ in hist] == [0, 1], key
+    assert (result.model_dir / "config.json").is_file()
+
+
+def test_flat_ray_eval_on_hp_writes_a_summary(tiny_model_dir, book_dir, tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tiny_model_dir), "--benchmark", "hp", "--data-dir", str(book_dir),
+              "--max-examples", "2", "eval.prompt_words=20", "eval.max_new_tokens=6", "--json"])
+    assert exit_info.value.code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"forget_bleu", "retain_rougeL_recall", "completion_score"} <= set(summary)
+    written = json.loads((Path(summary["out_dir"]) / "summary.json").read_text())
+    assert written["benchmark"] == "hp" and written["forget_bleu"] == summary["forget_bleu"]
