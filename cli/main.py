@@ -275,8 +275,9 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
     if result.errored:
         from flat_ray.errors import RunFailed
 
-        raise RunFailed(f"{result.errored} trial(s) failed; their errors are in {result.sweep_dir}/.. Ray logs "
-                        f"and the MLflow runs; `flat-ray tune --resume {result.name}` retries them")
+        raise RunFailed(f"{result.errored} trial(s) failed (see the FAILED runs in MLflow experiment {result.name} and "
+                        f"the error.txt of each failed trial under Ray's results); `flat-ray tune --resume "
+                        f"{result.name}` retries them")
 
 
 def _local_gpus() -> int:

@@ -272,7 +272,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
             "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
-            "storage_path": storage_path, "address": address, "objective": space.objective, "modes": space.modes,
+            "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective, "modes": space.modes,
             "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
     print(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
           f"{parent.run_id}\n{table}", flush=True)
