@@ -79,6 +79,11 @@ def _summary(result) -> None:
             b, a = result.before[key], result.after[key]
             ratio = f"{a / b:.3f}" if b else "-"
             click.echo(f"{split:<8}{metric:<15}{b:>10.4f}{a:>10.4f}{ratio:>14}")
+    shown = {"eval/model_utility", "eval/forget_quality"} | {f"eval/{s}_{m}" for s, m in rows}
+    for key in result.before:  # other benchmarks' metrics (MUSE-News, hp) and the derived scores
+        if key not in shown and key in result.after:
+            b, a = result.before[key], result.after[key]
+            click.echo(f"{key[5:]:<23}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
     click.echo(f"run {result.run_name} finished in {result.seconds:.0f} s")
     click.echo(f"model: {result.model_dir}")
     click.echo(f"MLflow run id: {result.run_id}")

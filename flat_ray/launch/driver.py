@@ -22,6 +22,7 @@ from flat_ray.config import RunConfig, load_config
 from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
@@ -268,8 +269,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     if cfg.tracking.log_model:
         tracker.log_artifact(model_dir, "model")
     tracker.set_tags({"model_dir": str(model_dir)})
-    keys = [f"eval/{s}_{m}" for s in ("forget", "retain") for m in ("prob", "rougeL_recall", "truth_ratio")]
-    keys += ["eval/model_utility", "eval/forget_quality"]
+    keys = [f"eval/{m}" for m in METRICS]
     result = TrainResult(name, tracker.run_id, uri, model_dir,
                          before=_history_at(uri, tracker.run_id, keys, first=True),
                          after=_history_at(uri, tracker.run_id, keys, first=False),
