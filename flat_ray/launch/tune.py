@@ -166,6 +166,9 @@ def _connect(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    # Tune's console tables (even at verbose=0 the new output engine prints a configuration box); flat-ray
+    # prints one line per finished trial and the report instead
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
