@@ -238,3 +238,14 @@ def test_flat_ray_eval_on_hp_writes_a_summary(tiny_model_dir, book_dir, tmp_path
     assert {"forget_bleu", "retain_rougeL_recall", "completion_score"} <= set(summary)
     written = json.loads((Path(summary["out_dir"]) / "summary.json").read_text())
     assert written["benchmark"] == "hp" and written["forget_bleu"] == summary["forget_bleu"]
+
+
+def test_raw_prompts_longer_than_the_context_keep_their_end(tiny):
+    from flat_ray.eval.runner import generate_texts
+
+    model, tokenizer = tiny
+    context = model.config.max_position_embeddings
+    long_prompt = " ".join(["Report 3: the town of Harlow opened a new library."] * (context // 4))
+    assert len(tokenizer(long_prompt)["input_ids"]) > context
+    (text,) = generate_texts(model, tokenizer, [long_prompt], max_new_tokens=4, batch_size=1)
+    assert isinstance(text, str)

@@ -146,9 +146,13 @@ def _encode_text(tokenizer: Any, text: str, max_length: int, keep: str) -> dict[
 
 @torch.no_grad()
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                   max_length: int = 1024, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[str]:
-    """Greedy continuations of raw text prompts (their last ``max_length`` tokens), sharded over the ranks and
-    gathered: every rank returns all of them, in order."""
+                   max_length: int | None = None, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[str]:
+    """Greedy continuations of raw text prompts, sharded over the ranks and gathered: every rank returns all of
+    them, in order. A prompt keeps its last ``max_length`` tokens (default: what the model's context leaves
+    after the new tokens)."""
+    if max_length is None:
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+        max_length = max(1, context - max_new_tokens)
     idx, keep = shard(len(prompts), rank, world_size)
     items = [_encode_text(tokenizer, prompts[i], max_length, "end") for i in idx]
     was_training = model.training
