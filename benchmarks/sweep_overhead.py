@@ -41,7 +41,7 @@ def main() -> None:
                          f"params: {{optim.lr: {{grid: [{lrs}]}}}}\nobjective: unlearn_score\n")
         ensure_demo_original(load_space(str(space)).cells[0].config)  # not part of the measurement
         started = time.monotonic()
-        result = run_sweep(str(space), [], name=f"overhead-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = run_sweep(str(space), [], name=f"overhead-{time.strftime('%Y%m%d-%H%M%S')}", echo=print)
         wall = time.monotonic() - started
     children = tracking.child_runs(result.mlflow_uri, result.parent_run_id)
     own = [r.data.metrics["worker_s"] for r in children]

@@ -272,7 +272,7 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
     hf_logging.disable_progress_bar()
     result = run_sweep(space, list(overrides), name=name, resume=resume, address=address,
-                       storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir)
+                       storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir, echo=click.echo)
     click.echo(f"sweep {result.name}: {result.trials} trials, {result.errored} errored, {result.seconds:.0f} s")
     click.echo(f"report: {result.sweep_dir / 'report'}")
     click.echo(f"browse: mlflow ui --backend-store-uri {result.mlflow_uri} --host 127.0.0.1  "

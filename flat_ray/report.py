@@ -188,13 +188,7 @@ def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[
                 ax.set_xscale("log")
             ax.set_xlabel(f"{x_m} ({'higher' if METRICS[x_m].higher_is_better else 'lower'} is better)")
             ax.set_ylabel(f"{y_m} ({'higher' if METRICS[y_m].higher_is_better else 'lower'} is better)")
-            ax.set_title(f"{bench}: forgetting vs utility")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"pareto_{slug}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            files.append(path)
+            files.append(_save(fig, ax, f"{bench}: forgetting vs utility", 7, out / f"pareto_{slug}.png"))
     curves = [t for t in trials if t.loss]
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -202,14 +196,19 @@ def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[
             ax.plot([s for s, _ in t.loss], [v for _, v in t.loss], label=f"{t.group} lr={t.lr:.2g}", lw=1)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("train/loss")
-        ax.set_title(f"{bench}: training loss per trial")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"loss_{slug}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, ax, f"{bench}: training loss per trial", 6, out / f"loss_{slug}.png"))
     return files
+
+
+def _save(fig, ax, title: str, legend_size: int, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(sweep_dir: str | Path) -> Report:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,17 +125,17 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
 class _Progress(tune.Callback):
     """One line per finished or failed trial on the driver's console."""
 
-    def __init__(self, objective: list[str]):
-        self.objective = objective
+    def __init__(self, objective: list[str], echo: Callable[[str], None]):
+        self.objective, self.echo = objective, echo
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         values = ", ".join(f"{m}={result[m]:.4g}" for m in self.objective if m in result)
         sampled = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        print(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}", flush=True)
+        self.echo(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial} FAILED: see {trial.local_path}/error.txt", flush=True)
+        self.echo(f"trial {trial} FAILED: see {trial.local_path}/error.txt")
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -232,8 +233,10 @@ def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: st
 
 def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None, resume: str | None = None,
               address: str | None = None, storage_path: str | None = None,
-              mlflow_uri: str | None = None, workdir_hint: str | None = None) -> SweepResult:
-    """Run (or with ``resume``, continue) a sweep to the end and write its report."""
+              mlflow_uri: str | None = None, workdir_hint: str | None = None,
+              echo: Callable[[str], None] = log.info) -> SweepResult:
+    """Run (or with ``resume``, continue) a sweep to the end and write its report. ``echo`` shows the trial
+    table, one line per finished trial and the report (the CLI passes ``click.echo``)."""
     started = time.monotonic()
     if resume:
         from flat_ray.report import saved_space
@@ -277,8 +280,8 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
             "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
             "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective, "modes": space.modes,
             "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
-    print(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
-          f"{parent.run_id}\n{table}", flush=True)
+    echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
+         f"{parent.run_id}\n{table}")
 
     errored = 0
     metric = space.objective[0] if len(space.objective) == 1 else None
@@ -308,7 +311,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                     reuse_actors=space.scheduler == "fifo",
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
-                                          callbacks=[_Progress(space.objective)]))
+                                          callbacks=[_Progress(space.objective, echo)]))
         results = tuner.fit()
         states = _trial_states(results)
         expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
@@ -325,7 +328,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         parent.log_artifact(path, "report")
     parent.log_metrics({"sweep_s": time.monotonic() - started, "trials_errored": errored}, step=0)
     parent.finish("FINISHED" if errored == 0 else "FAILED")
-    print(report.text, flush=True)
+    echo(report.text)
     return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
                        time.monotonic() - started)
 
