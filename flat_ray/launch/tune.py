@@ -33,6 +33,7 @@ from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.launch.driver import STATE_FILE, ensure_demo_original, preflight, storage_root
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.pipeline import workdir
+from flat_ray.report import SWEEP_FILE, write_report
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
     Cell,
@@ -48,7 +49,6 @@ from flat_ray.sweep import (
 )
 
 log = logging.getLogger(__name__)
-SWEEP_FILE = "sweep.json"
 REMOTE_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 
 
@@ -320,8 +320,6 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                             f"`flat-ray tune --resume {name}` (finished trials are kept)")
         errored += sum(s == "ERROR" for s in states.values())
         _close_stopped_trials(uri, parent.run_id, states)
-
-    from flat_ray.report import write_report
 
     report = write_report(sweep_dir)
     for path in report.files:
