@@ -34,17 +34,12 @@ def locate(data_dir: str, split: str) -> None:
 
 
 def load_hp(split: str, data_dir: str | None = None) -> list[dict]:
-    if split not in SPLITS:
-        raise FlatRayError(f"unknown hp split {split!r}; valid choices: {', '.join(SPLITS)}")
     if not data_dir:
         raise FlatRayError("benchmark hp needs data.data_dir: a directory with forget.txt or forget.jsonl holding "
                            "the text to unlearn (flat-ray never downloads it)")
+    locate(data_dir, split)
     path = find_text_file(data_dir, split)
-    if path is not None:
-        return read_text_rows(path)
-    if split == "forget":
-        raise FlatRayError(f"no forget.txt, forget.jsonl or forget.json in data.data_dir {data_dir!r}")
-    return c4_sample(RETAIN_SAMPLE, seed=0)
+    return read_text_rows(path) if path is not None else c4_sample(RETAIN_SAMPLE, seed=0)
 
 
 def c4_sample(n: int, seed: int) -> list[dict]:

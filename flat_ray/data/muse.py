@@ -37,30 +37,29 @@ FORGET_SPLITS = ("forget",)
 RETAIN_OF = {"forget": "retain1"}
 
 
-def locate(data_dir: str, split: str) -> None:
-    """Raise unless ``data_dir`` holds ``split`` in MUSE's layout."""
+def _source(split: str) -> tuple[str, str]:
     if split not in SPLIT_SOURCES:
         raise FlatRayError(f"unknown MUSE-News split {split!r}; valid choices: {', '.join(SPLITS)}")
-    config, hub_split = SPLIT_SOURCES[split]
+    return SPLIT_SOURCES[split]
+
+
+def locate(data_dir: str, split: str) -> Path:
+    """The local file of ``split`` in MUSE's layout under ``data_dir``; raises when it is not there."""
+    config, hub_split = _source(split)
     d = Path(data_dir).expanduser()
     if not d.is_dir():
         raise FlatRayError(f"data.data_dir {str(d)!r} is not a directory")
-    if not any((d / config / f"{hub_split}{s}").is_file() for s in (".jsonl", ".json")):
-        raise FlatRayError(f"no {config}/{hub_split}.jsonl or .json under data.data_dir {str(d)!r} (MUSE-News "
-                           "layout: {config}/{split}.jsonl)")
+    for suffix in (".jsonl", ".json"):
+        if (d / config / f"{hub_split}{suffix}").is_file():
+            return d / config / f"{hub_split}{suffix}"
+    raise FlatRayError(f"no {config}/{hub_split}.jsonl or .json under data.data_dir {str(d)!r} (MUSE-News "
+                       "layout: {config}/{split}.jsonl)")
 
 
 def load_muse(split: str, data_dir: str | None = None) -> list[dict]:
-    if split not in SPLIT_SOURCES:
-        raise FlatRayError(f"unknown MUSE-News split {split!r}; valid choices: {', '.join(SPLITS)}")
-    config, hub_split = SPLIT_SOURCES[split]
+    config, hub_split = _source(split)
     if data_dir:
-        d = Path(data_dir).expanduser() / config
-        for suffix in (".jsonl", ".json"):
-            if (d / f"{hub_split}{suffix}").is_file():
-                return read_rows(d / f"{hub_split}{suffix}", required=FIELDS[config])
-        raise FlatRayError(f"no {config}/{hub_split}.jsonl or .json under data.data_dir {data_dir!r} (MUSE-News "
-                           f"layout: {{config}}/{{split}}.jsonl)")
+        return read_rows(locate(data_dir, split), required=FIELDS[config])
     import datasets
 
     try:

@@ -13,6 +13,7 @@ Layout: ``<workdir>/sweeps/<sweep>/`` holds ``sweep.json`` (what a resume and ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from flat_ray.sweep import (
     load_space,
     max_concurrent,
     space_summary,
+    trial_resources,
     trial_table,
     with_constants,
 )
@@ -193,9 +195,9 @@ def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: 
         n = max_concurrent(cell.config, have.get("CPU", 0), have.get("GPU", 0))
         if n == 0:
             if not address:
-                need = trial_table(space, 0, 0)[space.cells.index(cell)]
-                raise FlatRayError(f"cell {cell.name}: one trial needs {need['cpus/trial']:g} CPUs and "
-                                   f"{need['gpus/trial']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
+                need = trial_resources(cell.config)
+                raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
+                                   f"{need['GPU']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
                                    f"and {have.get('GPU', 0):g} GPUs; lower resources.num_workers or "
                                    "resources.cpus_per_worker, or pass --address of a cluster")
             log.warning("cell %s: no room for a trial on the cluster yet; running 1 at a time while the "
@@ -211,11 +213,10 @@ def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: st
     cfg0 = space.cells[0].config
     root = workdir(cfg0)
     uri = mlflow_uri or cfg0.tracking.mlflow_uri or tracking.default_uri(root)
-    storage = (Path(storage_path).expanduser().resolve() if storage_path and not storage_path.startswith(REMOTE_STORAGE)
-               else Path(storage_path) if storage_path else root / "ray_results") / name
     if storage_path and storage_path.startswith(REMOTE_STORAGE):
         raise FlatRayError(f"--storage-path {storage_path}: use a shared filesystem mount (NFS, FSx, a bucket "
                            "mounted with s3fs/gcsfuse); flat-ray keeps its run state files there")
+    storage = (Path(storage_path).expanduser().resolve() if storage_path else root / "ray_results") / name
     extra_address = {"launch.address": address} if address else {}
     cells = [_absolute(with_constants(c, extra_address, space.base) if extra_address else c, space.base, uri, storage)
              for c in space.cells]
@@ -226,8 +227,6 @@ def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: st
         if key not in seen:
             seen.add(key)
             preflight(cell.config, uri)
-    import dataclasses
-
     return dataclasses.replace(space, cells=cells), root / "sweeps" / name, storage, uri
 
 
