@@ -193,6 +193,60 @@ def test_token_logprobs_match_log_softmax_reference():
     assert_close(probs[mask], ref[mask].exp())
 
 
+def _plain_token_logprobs(logits, labels):
+    """The textbook formula: an fp32 copy of all logits, log-softmax, gather (what autograd would keep)."""
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    lab = labels[:, 1:]
+    gold = lp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return gold.masked_fill(lab == -100, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_logprobs_equal_the_plain_formula_in_value_and_gradient(dtype, monkeypatch):
+    import flat_ray.losses.sequence as sequence
+
+    monkeypatch.setattr(sequence, "CHUNK_ELEMENTS", 23)  # 2 rows of 11 per chunk: many chunks and a ragged last one
+    torch.manual_seed(5)
+    x = (torch.randn(3, 9, 11) * 3).to(dtype)
+    labels = torch.randint(0, 11, (3, 9))
+    labels[:, :2] = -100
+    labels[1, 6:] = -100
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, _ = token_logprobs(a, labels)
+    want = _plain_token_logprobs(b, labels)
+    w = torch.randn_like(want)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert got.dtype == torch.float32
+    tol = {"atol": 1e-2, "rtol": 0} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert a.grad.dtype == dtype
+    assert_close(a.grad.float(), b.grad.float(), **tol)
+    assert (a.grad[0, 0] == 0).all() and (a.grad[:, -1] == 0).all()  # masked and last positions get no gradient
+
+
+def test_backward_keeps_no_fp32_copy_of_the_logits():
+    """The memory the step saves: autograd keeps the bf16 logits and (N,) fp32 values, never (N, V) fp32."""
+    logits = torch.randn(4, 16, 1000, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (4, 16))
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _ = token_logprobs(logits, labels)
+    plain_bytes = logits.numel() * 4
+    big = [t for t in saved if t.numel() >= logits.numel() // 2]
+    assert big and all(t.dtype == torch.bfloat16 for t in big)
+    assert sum(t.numel() * t.element_size() for t in saved) < 0.6 * plain_bytes
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved.clear()
+        _plain_token_logprobs(logits, labels)
+    assert any(t.dtype == torch.float32 and t.numel() >= logits.numel() // 2 for t in saved)  # the test can fail
+
+
 def test_bf16_logits_give_fp32_loss_close_to_fp32_and_gradients():
     torch.manual_seed(4)
     te, tl = seq_with_probs([[0.2, 0.4], [0.3]])

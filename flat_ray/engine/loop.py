@@ -151,12 +151,12 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(dataset.assignment, indent=0))
         window_start, window_tokens = time.perf_counter(), 0
         for batch in loader:
+            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.batch_keys)  # on the host
             batch = _to(batch, device)
             boundary = engine.is_gradient_accumulation_boundary()
             out = method_loss(engine, batch, method, knobs, ref_model)
             engine.backward(out.loss)
             engine.step()
-            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.batch_keys)
             if not boundary:
                 continue
             global_step += 1
