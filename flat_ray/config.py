@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
+from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
@@ -99,6 +100,8 @@ class DataConfig:
             raise FlatRayError("data.template_source=column needs data.template_column=NAME")
         if self.template_file and not Path(self.template_file).expanduser().is_file():
             raise FlatRayError(f"data.template_file {self.template_file!r} does not exist")
+        if self.template_source == "file":  # an empty or malformed file fails here, not in a Ray worker
+            read_template_file(Path(self.template_file).expanduser())
         if self.data_dir:
             bench.locate(self.data_dir, self.split)  # names the splits that are there when this one is not
         if self.max_length < 8:
@@ -239,10 +242,15 @@ class LaunchConfig:
                                     "Ray sized to this machine.")
     storage_path: str | None = doc(None, "Where Ray Train keeps checkpoints; null means <workdir>/ray_results. Use "
                                          "shared storage (NFS, s3://) on a multi-node cluster.")
+    max_failures: int = doc(2, "How often a run restarts its workers from the last checkpoint after a worker or node "
+                               "is lost (a spot node reclaimed, a process killed); 0 fails at the first loss. A "
+                               "diverged run never restarts.")
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise FlatRayError(f"launch.num_workers must be >= 1, got {self.num_workers}")
+        if self.max_failures < 0:
+            raise FlatRayError(f"launch.max_failures must be >= 0, got {self.max_failures}")
         _positive("launch.cpus_per_worker", self.cpus_per_worker)
         _positive("launch.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 
@@ -319,13 +327,16 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str) -> FlatRayError:
     keys = all_keys()
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    sections = list(dict.fromkeys(k.split(".")[0] for k in keys))
+    # a misspelt section ("optimizer" for "optim"), else the closest dotted key
+    close = ("." not in key and difflib.get_close_matches(key, sections, n=1, cutoff=0.6)) or \
+        difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # a known leaf under the wrong section, e.g. "lr" for "optim.lr"
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
     section = key.split(".")[0]
     in_section = [k for k in keys if k.startswith(section + ".")]
-    listing = f"; keys in {section}: {', '.join(in_section)}" if in_section else f"; sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}"
+    listing = f"; keys in {section}: {', '.join(in_section)}" if in_section else f"; sections: {', '.join(sections)}"
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return FlatRayError(f"unknown config key {key!r}{hint}{listing}")
 
@@ -420,7 +431,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FlatRayError(f"config file {str(path)!r} does not exist")
+        hint = f"; an override needs a value: {path}=VALUE" if str(path) in all_keys() else ""
+        raise FlatRayError(f"config file {str(path)!r} does not exist{hint}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -19,3 +19,11 @@ class RunFailed(FlatRayError):
 
 class Diverged(RunFailed):
     """A run stopped because its loss or gradient norm stopped being finite (lower the learning rate)."""
+
+
+class StorageError(RunFailed):
+    """A checkpoint or model could not be written (disk full, permission denied, storage unreachable)."""
+
+
+class IncompleteCheckpoint(RunFailed):
+    """A checkpoint lacks a file or a rank's manifest, or holds a file of the wrong size (cut short while written)."""

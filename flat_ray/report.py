@@ -36,6 +36,7 @@ class Trial:
     final: dict[str, float]
     before: dict[str, float]
     loss: list[tuple[int, float]] = field(default_factory=list)
+    why: str = ""  # a diverged trial's step and reason
 
     @property
     def group(self) -> str:
@@ -59,6 +60,9 @@ def find_sweep(name_or_dir: str, workdir: str | None = None) -> Path:
     if (root / name_or_dir / SWEEP_FILE).is_file():
         return (root / name_or_dir).resolve()
     known = sorted(d.name for d in root.glob("*") if (d / SWEEP_FILE).is_file()) if root.is_dir() else []
+    if p.is_dir():
+        raise FlatRayError(f"{str(p)!r} is not a sweep directory (it has no {SWEEP_FILE}); sweeps in {root}: "
+                           f"{', '.join(known) or 'none'} (or pass --workdir)")
     raise FlatRayError(f"no sweep named {name_or_dir!r} in {root}; sweeps there: {', '.join(known) or 'none'} "
                        "(or give the sweep directory, or --workdir)")
 
@@ -97,7 +101,8 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
             name=tags.get("flat_ray.trial", run.info.run_name), run_id=run.info.run_id, status=_status(run),
             model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
             divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
-            before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss")))
+            before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
+            why=tags.get("diverged_reason", "")))
     return state, trials
 
 
@@ -232,6 +237,13 @@ def write_report(sweep_dir: str | Path) -> Report:
         tables[bench] = rows
         lines += [f"## {bench}", "", markdown(rows), ""]
         files += _plots(bench, mine, cfg.get("pareto", []), out)
+    unfinished = [t for t in trials if t.status != "finished"]
+    if unfinished:
+        lines += ["## Trials that did not finish", "", "| trial | benchmark | method | lr | status | why |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {t.name} | {t.benchmark} | {t.group} | {t.lr:.3g} | {t.status} | {t.why or '-'} |"
+                  for t in unfinished]
+        lines.append("")
     if not trials:
         lines.append("No trials have been recorded yet.")
     text = "\n".join(lines)

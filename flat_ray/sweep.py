@@ -28,6 +28,7 @@ benchmarks, metrics) by building the config at every listed value and at both en
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -308,7 +309,7 @@ def _as_overrides(values: Mapping[str, Any]) -> list[str]:
 
 def build_cell_config(base: Mapping[str, Any], constants: Mapping[str, Any], sampled: Mapping[str, Any]) -> RunConfig:
     """The config of one trial: base <- constants <- sampled values."""
-    data = _merge({}, base)
+    data = copy.deepcopy(dict(base))  # apply_overrides edits sections in place; the space's base must not change
     data = apply_overrides(data, _as_overrides(constants))
     data = apply_overrides(data, _as_overrides(sampled))
     return build_config(RunConfig, data)
@@ -408,6 +409,15 @@ def _product(axes: list[list[_Entry]]) -> list[tuple[_Entry, ...]]:
 def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any],
           specs: dict[str, Spec], algorithm: str, objective: list[str]) -> Cell:
     where = f"cell {_cell_name(labels)}"
+    first = {k: s.probes()[0] for k, s in specs.items()}
+    cfg = None
+    try:
+        cfg = build_cell_config(base, consts, first)
+    except FlatRayError as exc:
+        try:  # a mistake in the constants (an override, a set) is no axis's fault: do not blame the first one
+            build_cell_config(base, consts, {})
+        except FlatRayError:
+            raise FlatRayError(f"{where}: {exc}") from None
     for key, spec in specs.items():
         if algorithm == "optuna" and spec.kind == "grid":
             raise FlatRayError(f"{where}: params.{key} uses grid, which optuna cannot search; use choice")
@@ -416,10 +426,11 @@ def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any
                 build_cell_config(base, consts, {key: value})
             except FlatRayError as exc:
                 raise FlatRayError(f"{where}: params.{key}={value!r}: {exc}") from None
-    try:
-        cfg = build_cell_config(base, consts, {k: s.probes()[0] for k, s in specs.items()})
-    except FlatRayError as exc:
-        raise FlatRayError(f"{where}: {exc}") from None
+    if cfg is None:  # every value builds alone, but not the first ones together
+        try:
+            cfg = build_cell_config(base, consts, first)
+        except FlatRayError as exc:
+            raise FlatRayError(f"{where}: {exc}") from None
     # axes the grid does not list are named after the config (model directory name, benchmark/split, method)
     labels = {"model": labels["model"] or Path(cfg.model.name_or_path).name,
               "benchmark": labels["benchmark"] or f"{cfg.data.benchmark}/{cfg.data.split}",

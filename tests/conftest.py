@@ -44,3 +44,14 @@ def tiny(tiny_model_dir):
 def demo_workdir(tmp_path_factory) -> Path:
     """One work dir for the tests that run the embedded demo, so its original model is built once."""
     return tmp_path_factory.mktemp("demo_work")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for the tests that call run_training in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()

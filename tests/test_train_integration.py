@@ -20,16 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def base(tmp_path_factory, tiny_model_dir):
     """Overrides for a small, fast run on the tiny model (10 forget questions, 2 epochs)."""
     work = tmp_path_factory.mktemp("train")

@@ -66,7 +66,7 @@ HEADER_NAMES = {"text", "template", "answer", "templates"}
 
 def read_template_file(path: str | Path) -> list[str]:
     """Read templates from ``.jsonl`` (``{"text": ...}`` per line) or ``.csv`` (first column)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise FlatRayError(f"template file {str(p)!r} does not exist; give a .jsonl file with a 'text' field per line or a one-column .csv")
     texts: list[str] = []

@@ -14,7 +14,8 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
+from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.engine.schedule import lr_multiplier, warmup_steps
 from flat_ray.engine.step import method_loss
+from flat_ray.errors import StorageError
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
@@ -39,10 +42,6 @@ from flat_ray.pipeline import build_dataset, profile_for
 log = logging.getLogger("flat_ray.train")
 
 Report = Callable[[dict[str, Any], "str | None"], None]
-
-
-class DivergedError(RuntimeError):
-    """The loss became NaN or infinite; the run stops on every rank."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,16 @@ def _rss_now_mb() -> float:
             return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:
         return 0.0
+
+
+@contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """Turn a disk-full, permission or other OS error while writing ``what`` into one clear message."""
+    try:
+        yield
+    except OSError as exc:
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc).splitlines()[0][:200]
+        raise StorageError(f"could not write {what}: {reason}; free space or fix its permissions") from exc
 
 
 def _divergence(loss: float, grad_norm: float | None) -> str | None:
@@ -116,10 +125,14 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         if method.needs_reference else None
     start_epoch, global_step = 0, 0
     if restore_dir:
+        verify(restore_dir, world)  # refuses a checkpoint that was cut short while being written
         state = ds.load_checkpoint(engine, Path(restore_dir) / "ds")
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         info("resumed after epoch %d (step %d)", start_epoch, global_step)
-        tracker.set_tags({"resumed_from_epoch": start_epoch})
+        # every start from a checkpoint is counted: after a lost worker Ray Train restarts the workers here, in
+        # the same MLflow run; steps after the checkpoint are logged again at their same step numbers
+        restores = int(tracker.tags().get("restores", 0)) + 1
+        tracker.set_tags({"resumed_from_epoch": start_epoch, "restores": restores})
 
     # ---- evaluation: the benchmark's suite on bounded subsets of its splits, sharded over the ranks
     suite = suite_for(cfg)
@@ -143,6 +156,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     # ---- train
     knobs = vars(cfg.method)
     engine.train()
+    diverged: str | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -167,9 +181,8 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             # one collective per step: any rank's divergence stops every rank, and tokens are summed
             flags = all_reduce(torch.tensor([1.0 if problem else 0.0, float(window_tokens)]))
             if flags[0] > 0:
-                reason = f"{problem or 'another rank diverged'} at step {global_step} (epoch {epoch + 1}); lower optim.lr"
-                tracker.set_tags({"diverged": "true", "diverged_step": global_step, "diverged_reason": reason})
-                raise DivergedError(reason)
+                diverged = f"{problem or 'another rank diverged'} at step {global_step} (epoch {epoch + 1}); lower optim.lr"
+                break
             elapsed = time.perf_counter() - window_start
             step_metrics = {f"train/{k}": v for k, v in metrics.items()}
             step_metrics.update({"lr": engine.get_lr()[0], "tokens_per_s": flags[1].item() / max(elapsed, 1e-9),
@@ -179,11 +192,24 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
                 info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, cfg.optim.epochs, global_step,
                          total_steps, metrics["loss"], step_metrics["lr"])
             window_start, window_tokens = time.perf_counter(), 0
+        if diverged:
+            # a result, not a failure: the workers end normally (so Ray never restarts them from a checkpoint
+            # that would diverge again) and the driver reads the tags; nothing is exported
+            tracker.set_tags({"diverged": "true", "diverged_step": global_step, "diverged_reason": diverged})
+            info("stopped: %s", diverged)
+            return
         epoch_metrics = {"epoch": epoch + 1, "global_step": global_step, **evaluate(epoch + 1)}
+        # staged locally, manifest last, then handed to Ray Train, which copies it to the storage path and
+        # registers it only once the copy is complete (flat_ray.engine.checkpoint)
         ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{rank}-"))
         try:
-            ds.save_checkpoint(engine, ckpt / "ds", {"epoch": epoch, "global_step": global_step})
-            report(epoch_metrics, str(ckpt))
+            state = {"epoch": epoch, "global_step": global_step}
+            with _writing(f"the epoch {epoch + 1} checkpoint to the local staging folder {ckpt}"):
+                ds.save_checkpoint(engine, ckpt / "ds", state)
+                write_manifest(ckpt, rank, world, state)
+            with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {payload.get('storage_dir')} "
+                          "(launch.storage_path)"):
+                report(epoch_metrics, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
 
@@ -201,7 +227,8 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     tmp = out_dir / ".model-partial"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    written = ds.export_hf(engine, tokenizer, tmp, rank)
+    with _writing(f"the final model to {tmp} (paths.output_dir)"):
+        written = ds.export_hf(engine, tokenizer, tmp, rank)
     if written is not None:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # moved into place only once complete

@@ -34,11 +34,8 @@ def lm_eval_version() -> str:
     return md.version("lm_eval")
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None,
-                limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for ``tasks`` on an already loaded model."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+def task_manager(tasks: Sequence[str], include_path: str | None = None) -> Any:
+    """lm-eval's task index, after checking that every name in ``tasks`` is in it (call before loading a model)."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
@@ -46,6 +43,17 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_pat
     if unknown:
         hint = " or define it in a YAML file under --tasks-include" if include_path is None else ""
         raise FlatRayError(f"unknown lm-eval task(s): {', '.join(unknown)}; see `lm-eval ls tasks`{hint}")
+    return manager
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None,
+                limit: int | None = None, batch_size: int = 8, device: str = "cpu",
+                manager: Any = None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for ``tasks`` on an already loaded model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = manager or task_manager(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
         results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,

@@ -17,7 +17,7 @@ import numpy as np
 from flat_ray import tracking
 from flat_ray.config import RunConfig
 from flat_ray.data import BENCHMARKS
-from flat_ray.eval.harness import lm_eval_version, run_lm_eval
+from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.runner import evaluate_tofu
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_log_dir, read_reference, summarize, write_log_dir
@@ -71,6 +71,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     ref_tr, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
     if run_id:
         tracking.run_data_or_error(uri, run_id)
+    manager = task_manager(tasks, tasks_include) if tasks else None
     path = model_location(cfg)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
                                                 revision=cfg.model.revision)
@@ -83,7 +84,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     else:
         summary = suite.run(model, tokenizer, profile, rows, cfg)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
-                          batch_size=cfg.eval.batch_size) if tasks else {}
+                          batch_size=cfg.eval.batch_size, manager=manager) if tasks else {}
     meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
             "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
             "lm_eval": utility, "lm_eval_version": lm_eval_version() if tasks else None}

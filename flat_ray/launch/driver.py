@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,14 +20,15 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
-from flat_ray.data import load_split
+from flat_ray.data import load_split, make_template_source
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.tofu import read_reference
+from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
-from flat_ray.pipeline import tiny_model_path, workdir
+from flat_ray.pipeline import profile_for, tiny_model_path, workdir
 
 log = logging.getLogger(__name__)
 STATE_FILE = "flat_ray_run.json"  # next to Ray's own files: which MLflow run and output dir a Ray run belongs to
@@ -56,10 +58,15 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         if (local.exists() or name.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
             raise FlatRayError(f"model path {name!r} does not exist or has no config.json; give a directory saved "
                                "with save_pretrained or a hub id")
-        # the tokenizer is small: loading it here proves a hub id resolves (or fails fast when offline)
-        load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                                 load_model=False)
-    load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty or bad file
+        # the tokenizer is small: loading it here proves a hub id resolves (or fails fast when offline), and that
+        # the prompt profile can format a question with it
+        _, tokenizer = load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code,
+                                                revision=cfg.model.revision, load_model=False)
+        profile_for(cfg, name, tokenizer).prompt("?", tokenizer)
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
+    if "template" in METHODS[cfg.method.name].batch_keys:  # a missing template column or file fails here
+        make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
+                             column=cfg.data.template_column)
     if cfg.eval.enabled:
         from flat_ray.eval.suites import suite_for
 
@@ -67,6 +74,9 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         if cfg.eval.reference:
             read_reference(cfg.eval.reference)
     tracking.check_reachable(uri)
+    if "://" not in (cfg.launch.storage_path or ""):
+        check_writable(storage_root(cfg), "the storage path (launch.storage_path)")
+    check_writable(Path(cfg.paths.output_dir) if cfg.paths.output_dir else workdir(cfg), "the output folder")
     if cfg.launch.address is None:
         cpus = os.cpu_count() or 1
         want = cfg.launch.num_workers * cfg.launch.cpus_per_worker
@@ -187,6 +197,17 @@ def _history_at(uri: str, run_id: str, keys: list[str], first: bool) -> dict[str
     return out
 
 
+def _worker_error(exc: BaseException) -> str:
+    """The line that says what went wrong in a worker: flat_ray's own message if it raised one, else the last
+    ``SomethingError: message`` line of the worker's traceback (Ray's headers name no cause)."""
+    text = str(exc)
+    ours = re.search(r"flat_ray\.errors\.\w+: (.+)", text)
+    if ours:
+        return ours.group(1).strip()[:400]
+    causes = re.findall(r"^\s*([\w.]*(?:Error|Exception|Interrupt)\b:? .+)$", text, flags=re.M)
+    return (causes[-1] if causes else type(exc).__name__).strip()[:300]
+
+
 def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
                  tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainResult:
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
@@ -231,12 +252,14 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
                 "flat_ray.ray_run": name, **(tags or {})}
         tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
         tracker.log_params(_params(cfg, model_path))
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
         tracker.log_artifact(output_dir / "config.yaml")
         (storage / name).mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri, "output_dir": str(output_dir)}))
+        atomic_write_text(state_path, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
+                                                  "output_dir": str(output_dir)}))
 
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
+               "storage_dir": str(storage / name),
                "mlflow": {"uri": uri, "run_id": tracker.run_id},
                # Ray Train V2 dropped resume_from_checkpoint: a starting checkpoint travels in the config
                "restore_from": str(Path(resume_from).resolve()) if resume_from else None}
@@ -248,7 +271,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                       failure_config=FailureConfig(max_failures=0), callbacks=callbacks),
+                                       failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+                                       callbacks=callbacks),
     )
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
     fit_started = time.monotonic()
@@ -259,10 +283,14 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         tags = tracker.tags()
         if tags.get("diverged") == "true":
             raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
-        first = next((line for line in str(exc).splitlines() if "Error" in line), type(exc).__name__)
-        raise RunFailed(f"run {name} failed: {first.strip()[:300]} (MLflow run {tracker.run_id}; worker logs above)") from exc
+        raise RunFailed(f"run {name} failed: {_worker_error(exc)} (MLflow run {tracker.run_id}; worker logs above)") \
+            from exc
 
     fit_done = time.monotonic()
+    tags = tracker.tags()
+    if tags.get("diverged") == "true":  # the workers stopped cleanly; nothing was exported
+        tracker.finish("FAILED")
+        raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})")
     model_dir = output_dir / "model"
     if (output_dir / "templates").is_dir():
         tracker.log_artifact(output_dir / "templates", "templates")

@@ -31,6 +31,7 @@ from ray import tune
 from flat_ray import tracking
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import STATE_FILE, ensure_demo_original, preflight, storage_root
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.pipeline import workdir
@@ -274,7 +275,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         parent.log_params(params)
         parent.log_artifact(sweep_dir / "space.yaml")
         parent.log_artifact(sweep_dir / "trials.txt")
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({
+        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
             "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
             "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
             "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective, "modes": space.modes,

@@ -1,0 +1,66 @@
+"""Checkpoint manifests: a checkpoint counts only once every rank has finished writing its part.
+
+Each rank stages its DeepSpeed shards in a private temporary directory, then writes
+``flat_ray_ckpt_rank{r}.json`` there: the path and size of every file it wrote, the epoch, step and world size.
+The manifest is written to a temporary name and renamed, last, so it exists only if everything before it was
+written. Ray Train then copies the ranks' directories into one checkpoint directory on the storage path and
+registers it only after the copy has finished. Before a restore, :func:`verify` checks that the manifests of all
+ranks are there and that every file they list has its recorded size; a checkpoint cut short by a crash is
+refused with a message instead of being loaded half-written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flat_ray.errors import IncompleteCheckpoint
+from flat_ray.fileio import atomic_write_text
+
+MANIFEST = "flat_ray_ckpt_rank{rank}.json"
+
+
+def write_manifest(directory: str | Path, rank: int, world_size: int, state: dict[str, Any]) -> Path:
+    """Record every file under ``directory`` (this rank's staged part) and ``state``; call after the last write."""
+    root = Path(directory)
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+             if p.is_file() and not p.name.startswith("flat_ray_ckpt_rank")}
+    path = root / MANIFEST.format(rank=rank)
+    atomic_write_text(path, json.dumps({"rank": rank, "world_size": world_size, "state": state, "files": files}))
+    return path
+
+
+def verify(directory: str | Path, world_size: int) -> dict[str, Any]:
+    """Check a checkpoint written by ``world_size`` ranks and return its state (epoch, global step)."""
+    root = Path(directory)
+    manifests = sorted(root.glob("flat_ray_ckpt_rank*.json"))
+    if not manifests:
+        raise IncompleteCheckpoint(f"checkpoint {root} has no flat_ray manifest: it was not written completely (or "
+                                   "not by flat-ray); restore from an earlier checkpoint")
+    states = []
+    for path in manifests:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise IncompleteCheckpoint(f"checkpoint manifest {path} is unreadable ({exc})") from None
+        if manifest["world_size"] != world_size:
+            raise IncompleteCheckpoint(f"checkpoint {root} was written by {manifest['world_size']} workers but this "
+                                       f"run has {world_size}; set launch.num_workers={manifest['world_size']} to "
+                                       "resume it")
+        for rel, size in manifest["files"].items():
+            f = root / rel
+            if not f.is_file() or f.stat().st_size != size:
+                got = f.stat().st_size if f.is_file() else "missing"
+                raise IncompleteCheckpoint(f"checkpoint {root} is incomplete: {rel} is {got}, rank "
+                                           f"{manifest['rank']} wrote {size} bytes; restore from an earlier checkpoint")
+        states.append(manifest["state"])
+    if len(manifests) != world_size:
+        raise IncompleteCheckpoint(f"checkpoint {root} holds {len(manifests)} of {world_size} ranks' parts; it was cut "
+                                   "short while being written")
+    if any(s != states[0] for s in states):
+        raise IncompleteCheckpoint(f"checkpoint {root} mixes parts of different steps: {states}")
+    return states[0]
+
+
+__all__ = ["MANIFEST", "verify", "write_manifest"]
