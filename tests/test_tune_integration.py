@@ -182,3 +182,37 @@ def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir, 
     best = max(methods, key=lambda row: row["unlearn_score"])
     assert best["unlearn_score"] > 0.7 > before["unlearn_score"]  # selective unlearning, not collapse
     assert best["forget_prob"] <= 0.5 * before["forget_prob"] and best["retain_prob"] >= 0.7 * before["retain_prob"]
+
+
+def test_a_diverged_trial_is_recorded_with_step_and_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir,
+                                                                                monkeypatch, capsys):
+    """An absurd learning rate is a result of the search: the trial stops at the first non-finite step, MLflow and
+    the report say where and why, and the next trial runs to the end."""
+    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
+params: {optim.lr: {grid: [1.0e+30, 1.0e-3]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
+objective: unlearn_score
+resources: {num_workers: 1, deepspeed_stage: 0}
+""", epochs=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", str(space), "--name", "dv"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out[-3000:]
+    assert "2 trials, 0 errored" in out
+    import json
+
+    sweep = tmp_path / "flat_ray_work" / "sweeps" / "dv"
+    state = json.loads((sweep / "sweep.json").read_text())
+    uri = tracking.default_uri(tmp_path / "flat_ray_work")
+    by_lr = {r.data.params["optim.lr"]: r for r in tracking.child_runs(uri, state["parent_run_id"])}
+    bad, good = by_lr["1e+30"], by_lr["0.001"]
+    assert bad.info.status == "FAILED" and bad.data.tags["diverged"] == "true"
+    step = int(bad.data.tags["diverged_step"])
+    assert step >= 1 and f"at step {step} (epoch 1)" in bad.data.tags["diverged_reason"]
+    assert "model_dir" not in bad.data.tags  # nothing exported
+    assert good.info.status == "FINISHED" and "diverged" not in good.data.tags
+    report = (sweep / "report" / "report.md").read_text()
+    assert "## Trials that did not finish" in report
+    (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
+    assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
+    assert "1 diverged" in report and "1 finished" in report
