@@ -4,6 +4,7 @@ the tiny model. A driver killed mid-sweep resumes with only the missing trials; 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -216,3 +217,45 @@ resources: {num_workers: 1, deepspeed_stage: 0}
     (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
     assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
     assert "1 diverged" in report and "1 finished" in report
+
+
+def test_ctrl_c_stops_a_sweep_with_a_resume_hint_and_resume_completes_it(tmp_path, tiny_model_dir):
+    """SIGINT (Ctrl-C) is the graceful interruption: Tune saves its state, the command says how to continue, exits
+    1, and `--resume` runs only what is missing."""
+    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
+params: {optim.lr: {grid: [1.0e-3, 5.0e-4]}}
+objective: unlearn_score
+resources: {num_workers: 1, deepspeed_stage: 0}
+""", epochs=3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", str(space)]
+    db = tmp_path / "flat_ray_work" / "mlflow.db"
+    first = subprocess.Popen([*cmd, "--name", "ci"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    from flat_ray.sweep import load_space
+
+    second = f"{load_space(str(space)).cells[0].name}-00001"
+    try:
+        deadline = time.monotonic() + 480
+        while _metric_count(db, second, "train/loss") < 1:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the second trial did not start in time"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 1, out[-2000:] + err[-3000:]
+    # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
+    # traceback of its own while Ray shuts down: flat-ray's process itself prints none
+    own = [line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
+    assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
+    assert "flat-ray: error: sweep ci was interrupted" in err and "flat-ray tune --resume ci" in err
+    time.sleep(3)
+    done = subprocess.run([*cmd, "--resume", "ci"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _runs(db)
+    children = sorted(name for name, _ in runs if name.endswith(("-00000", "-00001")))
+    assert len(children) == 2 and {status for _, status in runs} == {"FINISHED"}

@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +165,32 @@ def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Path) -> Cell
         if value and Path(value).expanduser().exists():
             extra[key] = str(Path(value).expanduser().resolve())
     return with_constants(cell, extra, base)
+
+
+class _CtrlC:
+    """Ctrl-C during a sweep, seen by flat-ray: the first one asks Tune for its graceful stop (SIGUSR1: save the
+    experiment state, end the running trials) and is remembered, so the sweep reports itself as interrupted
+    instead of treating the trials Tune ended as finished; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune keeps its SIGUSR1 handler
+            self._previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _connect(address: str | None) -> None:
@@ -312,10 +340,12 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
                                           callbacks=[_Progress(space.objective, echo)]))
-        results = tuner.fit()
+        with _CtrlC() as ctrl_c:
+            results = tuner.fit()
         states = _trial_states(results)
         expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
-        if len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
+        # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished
+        if ctrl_c.count or len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
             raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
                             f"`flat-ray tune --resume {name}` (finished trials are kept)")
         errored += sum(s == "ERROR" for s in states.values())
