@@ -51,6 +51,16 @@ def _metric_count(db: Path, run_name: str, key: str) -> int:
             return 0
 
 
+def _tune(cwd: Path, monkeypatch, capsys, *args: str) -> str:
+    """`flat-ray tune ARGS` in-process from ``cwd``; asserts exit 0 and returns stdout."""
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", *args])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out[-3000:]
+    return out
+
+
 def test_a_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_model_dir):
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
 params: {optim.lr: {grid: [1.0e-4, 2.0e-3, 5.0e-4]}}
@@ -135,11 +145,7 @@ scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 objective: unlearn_score
 resources: {num_workers: 1, deepspeed_stage: 2}
 """, epochs=3)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tune", "--space", str(space), "--name", "oa"])
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 0, out[-3000:]
+    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "oa")
     assert "concurrent" in out and "| model" in out
     uri = tracking.default_uri(tmp_path / "flat_ray_work")
     import json
@@ -165,11 +171,7 @@ resources: {num_workers: 1, deepspeed_stage: 2}
 
 def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir, monkeypatch, capsys):
     """README command 1: `flat-ray tune --space demo` (the original model is shared with the train demo test)."""
-    monkeypatch.chdir(demo_workdir)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tune", "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}"])
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 0, out[-3000:]
+    out = _tune(demo_workdir, monkeypatch, capsys, "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}")
     assert "sweep demo-sweep: 4 trials, 0 errored" in out and "browse: mlflow ui --backend-store-uri" in out
     rows = [line for line in out.splitlines() if line.startswith("| demo ")]
     assert [r.split("|")[2].strip() for r in rows] == ["(before unlearning)", "flat/total_variation", "flat/kl",
@@ -194,11 +196,7 @@ params: {optim.lr: {grid: [1.0e+30, 1.0e-3]}, optim.max_grad_norm: 0, optim.warm
 objective: unlearn_score
 resources: {num_workers: 1, deepspeed_stage: 0}
 """, epochs=2)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tune", "--space", str(space), "--name", "dv"])
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 0, out[-3000:]
+    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "dv")
     assert "2 trials, 0 errored" in out
     import json
 

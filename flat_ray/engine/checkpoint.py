@@ -19,13 +19,14 @@ from flat_ray.errors import IncompleteCheckpoint
 from flat_ray.fileio import atomic_write_text
 
 MANIFEST = "flat_ray_ckpt_rank{rank}.json"
+ANY_MANIFEST = MANIFEST.format(rank="*")
 
 
 def write_manifest(directory: str | Path, rank: int, world_size: int, state: dict[str, Any]) -> Path:
     """Record every file under ``directory`` (this rank's staged part) and ``state``; call after the last write."""
     root = Path(directory)
     files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
-             if p.is_file() and not p.name.startswith("flat_ray_ckpt_rank")}
+             if p.is_file() and not p.match(ANY_MANIFEST)}
     path = root / MANIFEST.format(rank=rank)
     atomic_write_text(path, json.dumps({"rank": rank, "world_size": world_size, "state": state, "files": files}))
     return path
@@ -34,7 +35,7 @@ def write_manifest(directory: str | Path, rank: int, world_size: int, state: dic
 def verify(directory: str | Path, world_size: int) -> dict[str, Any]:
     """Check a checkpoint written by ``world_size`` ranks and return its state (epoch, global step)."""
     root = Path(directory)
-    manifests = sorted(root.glob("flat_ray_ckpt_rank*.json"))
+    manifests = sorted(root.glob(ANY_MANIFEST))
     if not manifests:
         raise IncompleteCheckpoint(f"checkpoint {root} has no flat_ray manifest: it was not written completely (or "
                                    "not by flat-ray); restore from an earlier checkpoint")
