@@ -25,6 +25,7 @@ from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint, RunFailed
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.launch.driver import STATE_FILE, run_training, storage_root
+from tests.procs import kill_tree
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
@@ -230,8 +231,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_not_a_half_writt
     try:
         _wait_for_checkpoints(run_dir, 2, lambda: first.poll() is None)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(30)
+        kill_tree(first)  # nothing of the killed run registers a checkpoint after this
     registered = _registered(run_dir)
     last = run_dir / registered[-1]
     last_epoch = verify(last, 2)["epoch"]

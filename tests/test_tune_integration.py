@@ -16,6 +16,7 @@ import pytest
 
 from cli.main import main
 from flat_ray import tracking
+from tests.procs import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -86,15 +87,11 @@ report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pa
             assert time.monotonic() < deadline, "the second trial did not start in time"
             time.sleep(1)
         killed_at = time.time()
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(30)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        kill_tree(first)  # the driver and all of Ray's processes it started
     before = dict(_runs(db))
     assert before[f"{cell}-00000"] == "FINISHED" and before[second] == "RUNNING"
     assert f"{cell}-00002" not in before
-    time.sleep(3)  # Ray's processes of the killed driver go with it
 
     done = subprocess.run([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -243,7 +240,7 @@ resources: {num_workers: 1, deepspeed_stage: 0}
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            kill_tree(first)
     assert first.returncode == 1, out[-2000:] + err[-3000:]
     # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
     # traceback of its own while Ray shuts down: flat-ray's process itself prints none
