@@ -276,21 +276,20 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     )
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
     fit_started = time.monotonic()
+    failure: Exception | None = None
     try:
         trainer.fit()
-    except Exception as exc:
-        tracker.finish("FAILED")
-        tags = tracker.tags()
-        if tags.get("diverged") == "true":
-            raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
-        raise RunFailed(f"run {name} failed: {_worker_error(exc)} (MLflow run {tracker.run_id}; worker logs above)") \
-            from exc
-
+    except Exception as exc:  # noqa: BLE001 - reported below, after the divergence check
+        failure = exc
     fit_done = time.monotonic()
     tags = tracker.tags()
-    if tags.get("diverged") == "true":  # the workers stopped cleanly; nothing was exported
+    if tags.get("diverged") == "true":  # the workers stop cleanly on divergence; nothing was exported
         tracker.finish("FAILED")
-        raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})")
+        raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
+    if failure is not None:
+        tracker.finish("FAILED")
+        raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; worker logs "
+                        "above)") from failure
     model_dir = output_dir / "model"
     if (output_dir / "templates").is_dir():
         tracker.log_artifact(output_dir / "templates", "templates")
