@@ -7,8 +7,8 @@ randomly initialised Llama-style config of the Llama-3.2-1B shape (hidden 2048, 
 MLP 8192, vocabulary 128256, tied embeddings: 1.24 B parameters), sdpa attention, bf16 autocast over fp32 master
 weights (what DeepSpeed's bf16 mode keeps), fused AdamW, gradient clipping at 1.0; every sequence is 512 tokens
 (the first quarter a masked prompt). The loss is flat_ray's own step, ``flat_ray.engine.step.method_loss``:
-FLAT (TV, paper normalisation) forwards forget and template sequences in one concatenated pass; NPO (beta 0.1)
-forwards the forget sequences and a frozen bf16 reference model's forward on them.
+FLAT (TV, paper normalisation) forwards forget and template sequences in one concatenated pass; NPO (beta 0.1,
+forget-only: ``retain_weight`` 0) forwards the forget sequences and a frozen bf16 reference model's forward on them.
 
 1. The largest FLAT micro-batch (forget/template pairs) that fits is found by trying one step at each size.
 2. FLAT at that micro-batch, NPO at the same number of forget examples, and NPO at the same number of sequences
@@ -42,7 +42,7 @@ SHAPE_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
                 num_key_value_heads=8, vocab_size=128256)
 SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512)
-KNOBS = {"divergence": "tv", "normalize": "paper", "beta": 0.1}
+KNOBS = {"divergence": "tv", "normalize": "paper", "beta": 0.1, "retain_weight": 0.0}
 
 
 def build_model(shape: dict, seq: int, device: str):
@@ -112,7 +112,7 @@ def fits(method: str, n: int, args, shape: dict) -> bool:
     try:
         trial = Trial(method, shape, args.seq, args.device, args.device == "cuda")
         gen = torch.Generator().manual_seed(0)
-        batch = make_batch(trial.method.batch_keys, n, args.seq, shape["vocab_size"], args.device, gen)
+        batch = make_batch(trial.method.splits(KNOBS), n, args.seq, shape["vocab_size"], args.device, gen)
         for _ in range(2):  # the second step is the peak: AdamW's states exist during forward and backward
             trial.step(batch)
         sync(args.device)
@@ -130,7 +130,7 @@ def measure(method: str, n: int, args, shape: dict, compile: bool = False) -> di
     free(args.device)
     trial = Trial(method, shape, args.seq, args.device, args.device == "cuda", compile)
     gen = torch.Generator().manual_seed(1)
-    batches = [make_batch(trial.method.batch_keys, n, args.seq, shape["vocab_size"], args.device, gen)
+    batches = [make_batch(trial.method.splits(KNOBS), n, args.seq, shape["vocab_size"], args.device, gen)
                for _ in range(2)]
     for i in range(args.warmup):
         trial.step(batches[i % 2])
@@ -150,7 +150,7 @@ def measure(method: str, n: int, args, shape: dict, compile: bool = False) -> di
             losses.append(trial.step(batches[i % 2]))
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
-    seqs = n * len(trial.method.batch_keys)
+    seqs = n * len(trial.method.splits(KNOBS))
     tokens = seqs * args.seq
     flops = 6 * trial.params * tokens + (2 * trial.params * tokens if trial.reference is not None else 0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")

@@ -3,7 +3,8 @@
     python benchmarks/memory_flat_vs_npo.py [--hidden 768 --layers 8] [--stage 3]
 
 Both trials run one epoch on the demo's forget05 with 2 Ray Train workers and the same DeepSpeed settings; NPO
-also holds a frozen reference model (a sharded inference engine under ZeRO-3, a full copy otherwise). Each
+also holds a frozen reference model (a sharded inference engine under ZeRO-3, a full copy otherwise). NPO runs
+in its forget-only form (``method.retain_weight=0``: no retain batch), so the two differ only by that. Each
 worker reports its peak host RSS (and peak GPU memory on a GPU machine); the busiest worker's figure is logged to
 MLflow as `peak_rss_mb` / `peak_gpu_mem_mb` and compared here.
 """
@@ -47,7 +48,7 @@ def main() -> None:
         for method in ("flat", "npo"):
             cfg = load_config(None, [
                 f"model.name_or_path={model_dir}", "data.split=forget05", "data.max_length=64", "optim.epochs=1",
-                "optim.micro_batch_size=2", "eval.enabled=false", f"deepspeed.stage={args.stage}",
+                "method.retain_weight=0", "optim.micro_batch_size=2", "eval.enabled=false", f"deepspeed.stage={args.stage}",
                 f"launch.gpus_per_worker={args.gpus_per_worker}", "tracking.log_model=false",
                 f"tracking.run_name=mem-{method}-{time.strftime('%H%M%S')}", f"paths.workdir={tmp}/work"])
             res = run_training(cfg)

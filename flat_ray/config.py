@@ -121,11 +121,16 @@ class MethodConfig:
                                   "'repo' (released code: sum over the padded batch / B*(T-1); parity studies only).")
     beta: float = doc(0.1, "Inverse temperature of NPO and DPO (0.1 in the NPO paper and the FLAT comparisons).")
     simnpo_beta: float = doc(2.5, "SimNPO's beta (2.5, the SimNPO paper's TOFU setting).")
-    gamma: float = doc(0.0, "SimNPO's reward margin gamma (0 on TOFU in the SimNPO paper).")
-    retain_weight: float = doc(1.0, "Weight of the retain cross-entropy in grad_diff and idk.")
-    retain_split: str | None = doc(None, "Retain split sampled alongside forget batches by methods that need it "
-                                         "(grad_diff, idk); null means the benchmark's complement of data.split "
-                                         "(e.g. forget10 -> retain90).")
+    gamma: float = doc(0.0, "SimNPO's reward margin gamma, as in the SimNPO paper: -(2/beta) log sigmoid(-beta "
+                            "logp/|y| - gamma); equals simnpo_beta * delta of the SimNPO code and open-unlearning "
+                            "(0 on TOFU).")
+    retain_weight: float = doc(1.0, "Weight of the retain cross-entropy term of grad_diff, idk, npo, dpo and simnpo "
+                                    "(open-unlearning's alpha, 1 there too); 0 gives the forget-only forms and "
+                                    "needs no retain data.")
+    retain_split: str | None = doc(None, "Retain split sampled alongside forget batches by methods with a retain "
+                                         "term (grad_diff, idk, npo, dpo, simnpo; none at retain_weight=0); null "
+                                         "means the benchmark's complement of data.split (e.g. forget10 -> "
+                                         "retain90).")
 
     def __post_init__(self):
         for key, registry in (("name", METHODS), ("divergence", DIVERGENCES), ("normalize", NORMALIZATIONS)):
@@ -277,11 +282,12 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"help": "Files and directories."})
 
     def __post_init__(self):
-        if "retain" in METHODS[self.method.name].batch_keys:
+        if "retain" in METHODS[self.method.name].splits(vars(self.method)):
             retain = self.retain_split()
             if retain is None:
                 raise FlatRayError(f"method {self.method.name} needs retain data but benchmark {self.data.benchmark} has "
-                                   f"no retain split for {self.data.split!r}; set method.retain_split")
+                                   f"no retain split for {self.data.split!r}; set method.retain_split (or "
+                                   "method.retain_weight=0 for the forget-only form)")
             if self.data.data_dir is None:
                 _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
             else:

@@ -68,14 +68,14 @@ def _rows(cfg: RunConfig, tokenizer: Any, rows: list[dict]) -> list[dict]:
 
 def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict] | None = None) -> UnlearnDataset:
     """The training dataset with exactly the splits the configured method needs (forget, template, retain)."""
-    method = METHODS[cfg.method.name]
+    splits = METHODS[cfg.method.name].splits(vars(cfg.method))
     if rows is None:
         rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     rows = _rows(cfg, tokenizer, rows)
     templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
-                                     column=cfg.data.template_column) if "template" in method.batch_keys else None
+                                     column=cfg.data.template_column) if "template" in splits else None
     retain_rows = _rows(cfg, tokenizer, load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir)) \
-        if "retain" in method.batch_keys else None
+        if "retain" in splits else None
     return UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
                           retain_rows=retain_rows, seed=cfg.optim.seed)
 
@@ -121,6 +121,6 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         "first_templates": prep.dataset.assignment[:3],
         "method": f"{method.name} ({', '.join(f'{k}={getattr(cfg.method, k)}' for k in method.knobs)})",
         "optimizer_steps": per_epoch * cfg.optim.epochs,
-        "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.batch_keys},
+        "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.splits(vars(cfg.method))},
         **{f"first_batch_{k}": round(v, 6) for k, v in out.metrics.items()},
     }

@@ -49,6 +49,47 @@ def test_forget_quality_matches_tofu_check_values(logs):
     assert itself["forget_quality"] == pytest.approx(1.0)
 
 
+def _open_unlearning_json(log_dir: Path, path: Path) -> Path:
+    """An open-unlearning result JSON built from a TOFU forget log with open-unlearning's truth_ratio handler:
+    score = P(wrong) / (P(correct) + 1e-10), P(correct) = exp(-L(paraphrased)), P(wrong) = exp(-mean_j L(pert_j))."""
+    log = json.loads((log_dir / "eval_log_forget.json").read_text())
+    scores = {}
+    for k, para in log["avg_paraphrased_loss"].items():
+        wrong, correct = np.exp(-np.mean(log["average_perturb_loss"][k])), np.exp(-para)
+        scores[k] = {"score": float(wrong / (correct + 1e-10))}
+    path.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.0, "value_by_index": scores},
+                                "forget_quality": {"agg_value": None}}))
+    return path
+
+
+def test_forget_quality_against_an_open_unlearning_reference(logs, tmp_path):
+    """open-unlearning stores wrong/correct ratios; compared un-inverted with flat_ray's correct/wrong ones the
+    published pair gave 3.3e-64 (full vs retain90) and 1.1e-19 (retain90 vs itself)."""
+    reference, source = read_reference(_open_unlearning_json(logs / "llama2-7b_retain90", tmp_path / "ou.json"))
+    assert source.startswith("open-unlearning:") and len(reference) == 300
+    full = summarize(read_log_dir(logs / "llama2-7b_full"), reference_tr=reference)
+    assert full["forget_quality"] == pytest.approx(1.834e-21, rel=5e-4)
+    itself = summarize(read_log_dir(logs / "llama2-7b_retain90"), reference_tr=reference)
+    assert itself["forget_quality"] == pytest.approx(1.0)
+
+
+def test_written_truth_ratio_has_tofus_orientation(logs, tmp_path):
+    """TOFU's logs store exp(L(paraphrased) - mean_j L(perturbed_j)) under truth_ratio (question 0 of the Llama-2
+    full forget log: 0.2452; the reciprocal, 4.078, was written before)."""
+    write_log_dir(tmp_path, read_log_dir(logs / "llama2-7b_full"), {}, {})
+    ours = json.loads((tmp_path / "eval_log_forget.json").read_text())["truth_ratio"]
+    tofu = json.loads((logs / "llama2-7b_full" / "eval_log_forget.json").read_text())["truth_ratio"]
+    assert ours["0"] == pytest.approx(0.2452337, rel=1e-5)
+    assert [ours[k] for k in sorted(tofu, key=int)] == pytest.approx([tofu[k] for k in sorted(tofu, key=int)], rel=1e-5)
+
+
+def test_truth_ratio_key_by_hand(tmp_path):
+    v = SplitValues(np.array([1.0]), np.array([2.0]), np.array([[3.0, 4.0]]), np.array([0.5]), [["p", "g", "t"]])
+    write_log_dir(tmp_path, {"forget": v}, {}, {})
+    written = json.loads((tmp_path / "eval_log_forget.json").read_text())["truth_ratio"]["0"]
+    assert written == pytest.approx(np.exp(2.0 - 3.5))  # wrong/correct, below 1 when the answer is preferred
+
+
 def test_geometric_variant_differs_and_is_named(logs):
     geo = summarize(read_log_dir(logs / "llama2-7b_full"), truth_ratio="geometric")
     assert geo["truth_ratio_variant"] == "geometric"
@@ -87,7 +128,8 @@ def test_open_unlearning_reference_format(tmp_path):
     f.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {
         "1": {"score": 0.5}, "0": {"score": 0.25}, "10": {"score": 2.0}}}}))
     ref, source = read_reference(f)
-    assert ref.tolist() == [0.25, 0.5, 2.0] and source.startswith("open-unlearning:")
+    # open-unlearning's scores are wrong/correct: inverted into flat_ray's correct/wrong orientation
+    assert ref.tolist() == [4.0, 2.0, 0.5] and source.startswith("open-unlearning:")
 
 
 def test_reference_and_log_errors(tmp_path):

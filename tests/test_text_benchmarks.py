@@ -149,6 +149,52 @@ def test_knowmem_prompt_and_answer_cut_follow_muse():
     assert hp.bleu("completely different words here now", "the cat sat on the mat today") < 10
 
 
+def test_muse_rouge_does_not_stem():
+    """MUSE's RougeEvalLogger uses rouge_score without the stemmer. Target "the cats jumped over the fences",
+    prediction "the cat jumps over the fence": the unstemmed LCS is "the over the", 3 of 6 words each side, so
+    P = R = F1 = 0.5 (the Porter stemmer would match all six words: 1.0)."""
+    assert muse.rouge_l_f1("the cat jumps over the fence", "the cats jumped over the fences") == pytest.approx(0.5)
+
+
+def test_knowmem_cuts_only_at_muses_stop_strings():
+    """MUSE cuts before the first "\\n\\n", "\\nQuestion" or "Question:"; a bare "Question" in an answer stays."""
+    assert muse.cut_answer("The Question Mark Band") == "The Question Mark Band"
+    assert muse.cut_answer("Paris\nQuestion 2") == "Paris"
+    assert muse.cut_answer("Paris Question: next") == "Paris"
+    assert muse.rouge_l_f1(muse.cut_answer("Question Mark Band"), "Question Mark Band") == 1.0
+
+
+class WordTokenizer:
+    """Whitespace tokenizer that prepends BOS (id 0) by default, as Llama's does."""
+
+    def __init__(self):
+        self.vocab = {"<s>": 0}
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+        return {"input_ids": [0] * add_special_tokens + ids}
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_verbmem_reference_keeps_muses_first_128_ids():
+    """muse_bench's verbmem.py: tokenizer(gt, add_special_tokens=True).input_ids[:, :128], decoded skipping special
+    tokens: with a BOS-adding tokenizer that is BOS + the first 127 words."""
+    gt = " ".join(f"w{i}" for i in range(200))
+    assert muse.verbmem_reference(WordTokenizer(), gt) == " ".join(f"w{i}" for i in range(127))
+
+
+def test_hp_bleu_is_flats_corpus_bleu_of_one_pair():
+    """FLAT's evaluate.py scores sacrebleu.corpus_bleu([gen], [[truth]]): all four n-gram orders, no effective
+    order. "the cat" vs "the cat sat": no 3- or 4-grams in the hypothesis, precision 0 there, BLEU 0
+    (sentence_bleu gave 100 * exp(1 - 3/2) = 60.65). From 4 tokens on both agree: "the cat sat on" vs
+    "the cat sat on the mat" has all precisions 1 and brevity penalty exp(1 - 6/4)."""
+    assert hp.bleu("the cat", "the cat sat") == 0.0
+    assert hp.bleu("the cat sat on", "the cat sat on the mat") == pytest.approx(100 * np.exp(1 - 6 / 4))
+
+
 def test_new_metrics_have_directions_and_scores():
     assert METRICS["verbmem_forget"].mode == "min" and METRICS["knowmem_retain"].mode == "max"
     assert METRICS["privleak_gap"].mode == "min" and METRICS["forget_bleu"].mode == "min"

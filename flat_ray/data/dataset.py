@@ -20,7 +20,7 @@ class UnlearnDataset(Dataset):
     own sequence (prompt + y_e), never the forget ``input_ids`` with other labels. Template assignment is fixed
     per epoch (:meth:`set_epoch`) and reproducible from the source's seed. With ``templates=None`` (methods that
     need no template, such as fine-tuning) items hold only ``forget``: the rows of the configured split. With
-    ``retain_rows`` (grad_diff, idk) each item also holds ``retain``, a retain example drawn per epoch from a
+    ``retain_rows`` (methods with a retain term) each item also holds ``retain``, a retain example drawn per epoch from a
     generator seeded by ``(seed, epoch)``.
     """
 

@@ -1,7 +1,9 @@
 """Harry-Potter-style completion test (docs/FLAT_SPEC.md §5): the first ``eval.prompt_words`` words of a passage
 after an instruction, a greedy continuation of ``eval.max_new_tokens`` tokens, and BLEU (sacrebleu, 0-100) and
 ROUGE-L recall against the true continuation cut to the same number of tokens. On forget passages low is good;
-on retain passages (utility) high is good. Model utility beyond that is lm-eval's (``flat-ray eval --tasks``).
+on retain passages (utility) high is good. BLEU is computed per passage the way the released FLAT code does
+(UCSC-REAL/FLAT@bf2ef07, ``evaluate.py``): sacrebleu's *corpus* BLEU of a one-sentence corpus (default ``exp``
+smoothing, all four n-gram orders), then averaged over passages. Model utility beyond that is lm-eval's (``flat-ray eval --tasks``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ def eval_rows(benchmark: str, data_dir: str | None, limit: int | None, prompt_wo
 
 
 def bleu(prediction: str, target: str) -> float:
+    """BLEU (0-100) of one completion. Corpus BLEU over one pair, not ``sentence_bleu``: the latter uses the
+    "effective order" (it drops n-gram orders longer than the hypothesis), so a completion under 4 tokens scores
+    above 0 there but 0 here, as in FLAT's numbers."""
     import sacrebleu
 
-    return float(sacrebleu.sentence_bleu(prediction, [target]).score)
+    return float(sacrebleu.corpus_bleu([prediction], [[target]]).score)
 
 
 def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, max_new_tokens: int, batch_size: int,

@@ -1,9 +1,11 @@
 """MUSE-News metrics (docs/FLAT_SPEC.md §4): VerbMem, KnowMem on forget and retain, PrivLeak. Reported ×100.
 
-- VerbMem: ROUGE-L F1 of a greedy 128-token continuation of each ``verbmem_forget`` prompt against the first 128
-  tokens of its ground truth.
+- VerbMem: ROUGE-L F1 of a greedy 128-token continuation of each ``verbmem_forget`` prompt against its ground
+  truth cut as MUSE cuts it: tokenised *with* special tokens, the first 128 ids kept, decoded without them (127
+  content tokens with a tokenizer that adds BOS).
 - KnowMem: ROUGE-L F1 of the answer to ``Question: {q}\\nAnswer: `` after 10 in-context pairs (the ``*_qa_icl``
-  split), greedy, at most 32 new tokens, cut at the first blank line or ``Question``.
+  split), greedy, at most 32 new tokens, cut before the first ``\\n\\n``, ``\\nQuestion`` or ``Question:``.
+- ROUGE here is MUSE's: ``rouge_score`` *without* the Porter stemmer (TOFU's metrics use the stemmer).
 - PrivLeak: ROC-AUC of forget (label 0) vs holdout (label 1) texts scored by -Min-40% (Min-40% = -mean of the
   lowest 40% token log-probs), relative to the retrained model's AUC: ``100 * (AUC - AUC_retrain) / AUC_retrain``.
   ``eval.privleak_auc_retrain`` is MUSE's published News constant 0.4772 by default; ``flat-ray eval`` of a
@@ -20,10 +22,14 @@ from scipy.stats import rankdata
 
 from flat_ray.data import load_split
 
+_SCORER = None
+
 VERBMEM_TOKENS = 128
 KNOWMEM_TOKENS = 32
 ICL_PAIRS = 10
 MIN_K = 0.4
+# muse_bench's metrics/knowmem.py cuts the generated answer before the first of these
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
 
 
 def eval_rows(benchmark: str, data_dir: str | None, limit: int | None) -> dict[str, list[dict]]:
@@ -38,9 +44,20 @@ def eval_rows(benchmark: str, data_dir: str | None, limit: int | None) -> dict[s
 
 
 def rouge_l_f1(prediction: str, target: str) -> float:
-    from flat_ray.eval.runner import rouge_scorer_l
+    """ROUGE-L F1 as MUSE scores it: no stemming, so "cats" and "cat" are different words."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
 
-    return rouge_scorer_l().score(target, prediction)["rougeL"].fmeasure
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _SCORER.score(target, prediction)["rougeL"].fmeasure
+
+
+def verbmem_reference(tokenizer: Any, gt: str, n_ids: int = VERBMEM_TOKENS) -> str:
+    """VerbMem's ground truth as MUSE cuts it: the first ``n_ids`` ids of ``gt`` tokenised with special tokens
+    (so a BOS, when the tokenizer adds one, takes one of them), decoded without special tokens."""
+    ids = tokenizer(gt, add_special_tokens=True)["input_ids"][:n_ids]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 
 def icl_prompt(shots: Sequence[Mapping[str, str]], question: str) -> str:
@@ -49,8 +66,9 @@ def icl_prompt(shots: Sequence[Mapping[str, str]], question: str) -> str:
 
 
 def cut_answer(text: str) -> str:
-    """KnowMem's post-processing: keep what comes before the first blank line or ``Question``."""
-    for stop in ("\n\n", "Question"):
+    """KnowMem's post-processing: keep what comes before the first of :data:`KNOWMEM_STOPS` (a bare "Question"
+    inside the answer stays). Stripping does not change ROUGE, which tokenises on non-alphanumerics."""
+    for stop in KNOWMEM_STOPS:
         text = text.split(stop, 1)[0]
     return text.strip()
 
@@ -82,7 +100,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, max_
     out: dict[str, float] = {}
     verb = rows["verbmem"]
     gens = generate_texts(model, tokenizer, [r["prompt"] for r in verb], max_new_tokens=VERBMEM_TOKENS, **kw)
-    refs = [tokenizer.decode(tokenizer(r["gt"], add_special_tokens=False)["input_ids"][:VERBMEM_TOKENS]) for r in verb]
+    refs = [verbmem_reference(tokenizer, r["gt"]) for r in verb]
     out["verbmem_forget"] = 100.0 * float(np.mean([rouge_l_f1(g, t) for g, t in zip(gens, refs, strict=True)]))
     for split in ("forget", "retain"):
         qa, shots = rows[f"knowmem_{split}"], rows[f"icl_{split}"]

@@ -13,8 +13,14 @@ Truth ratio, two variants (``TRUTH_RATIOS``):
 - ``geometric``: R = exp(L(ã) - mean_j L(perturbed_j)), the geometric-mean form of TOFU's aggregation script.
 
 Forget quality is always the KS-test p-value between the geometric truth ratios of the unlearned model and of a
-reference (retain) model on the forget split, as TOFU computes it; the KS statistic does not change when both
-samples are inverted, so the direction of the ratio does not matter.
+reference (retain) model on the forget split, as TOFU's aggregation computes it. The per-question ratio comes in
+two orientations, and both samples of the KS test must have the same one (the test is unchanged only when *both*
+are inverted):
+
+- correct/wrong, exp(mean_j L(perturbed_j) - L(ã)) (:func:`forget_truth_ratios`): what TOFU's aggregation script
+  and flat_ray compare;
+- wrong/correct, exp(L(ã) - mean_j L(perturbed_j)) (:func:`log_truth_ratios`): what TOFU's eval logs store under
+  ``truth_ratio`` and open-unlearning under ``forget_truth_ratio`` (so :func:`read_reference` inverts those).
 """
 
 from __future__ import annotations
@@ -84,8 +90,16 @@ def split_metrics(name: str, v: SplitValues, truth_ratio: str = DEFAULT_TRUTH_RA
 
 
 def forget_truth_ratios(v: SplitValues) -> np.ndarray:
-    """The per-question truth ratios forget quality compares (geometric form, as in TOFU)."""
+    """The per-question truth ratios forget quality compares: correct/wrong, exp(mean L(pert) - L(para)), the
+    orientation of TOFU's aggregation script."""
     return np.exp(np.nanmean(v.average_perturb_loss, -1) - v.avg_paraphrased_loss)
+
+
+def log_truth_ratios(v: SplitValues) -> np.ndarray:
+    """Per-question wrong/correct ratios, exp(L(para) - mean L(pert)): the ``truth_ratio`` values of TOFU's own
+    eval logs (and open-unlearning's ``forget_truth_ratio`` scores); the reciprocal of
+    :func:`forget_truth_ratios`."""
+    return np.exp(v.avg_paraphrased_loss - np.nanmean(v.average_perturb_loss, -1))
 
 
 def forget_quality(unlearned: np.ndarray, reference: np.ndarray) -> float:
@@ -162,7 +176,7 @@ def write_log_dir(directory: str | Path, splits: Mapping[str, SplitValues], summ
             "average_perturb_loss": keyed(v.average_perturb_loss.tolist()),
             "rougeL_recall": keyed(v.rougeL_recall.tolist()),
             "generated_text": keyed(v.generated_text),
-            "truth_ratio": keyed(forget_truth_ratios(v).tolist()),
+            "truth_ratio": keyed(log_truth_ratios(v).tolist()),  # TOFU's orientation for TOFU's key
         }
         (d / LOG_FILES[name]).write_text(json.dumps(log))
     (d / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
@@ -173,7 +187,8 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
     """Reference truth ratios for forget quality, and a description of where they came from.
 
     Accepts a directory or file in TOFU's format (``eval_log_forget.json``; flat-ray writes the same), or an
-    open-unlearning result JSON (``forget_truth_ratio.value_by_index``)."""
+    open-unlearning result JSON (``forget_truth_ratio.value_by_index``). The result is always in
+    :func:`forget_truth_ratios`' correct/wrong orientation: open-unlearning's wrong/correct scores are inverted."""
     p = Path(ref)
     if p.is_dir():
         p = p / LOG_FILES["forget"]
@@ -186,6 +201,6 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
         raise FlatRayError(f"forget-quality reference {p} is not valid JSON ({exc.msg})") from None
     if isinstance(d, Mapping) and "forget_truth_ratio" in d:
         by_index = d["forget_truth_ratio"].get("value_by_index", {})
-        values = [by_index[k]["score"] for k in sorted(by_index, key=int)]
-        return np.asarray(values, dtype=float), f"open-unlearning:{p}"
+        wrong_over_correct = np.asarray([by_index[k]["score"] for k in sorted(by_index, key=int)], dtype=float)
+        return 1.0 / wrong_over_correct, f"open-unlearning:{p}"
     return forget_truth_ratios(read_log(p)), f"tofu-log:{p}"

@@ -3,12 +3,15 @@ needs a frozen reference model; the training loop reads those declarations inste
 
 A method's ``loss`` takes ``inputs``, a mapping from split name to ``(logits, labels)``, plus the method's knobs
 as keyword arguments (their names are listed in ``knobs`` and are fields of the ``method`` config section).
+``splits(knobs)`` is the set of splits a run actually reads: a split listed in ``optional`` is dropped while
+its knob is 0 (the retain batch of the baselines at ``retain_weight=0``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,8 +29,20 @@ class Method:
     loss: Callable[..., LossOutput]
     batch_keys: tuple[str, ...]
     knobs: tuple[str, ...] = ()
-    needs_reference: bool = False
+    # splits whose frozen-reference answer log-probs the loss reads (as ``ref_logp``); empty: no reference model
+    reference_keys: tuple[str, ...] = ()
     description: str = ""
+    # (split, knob) pairs: the split is read only while the knob is non-zero
+    optional: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.reference_keys)
+
+    def splits(self, knobs: Mapping[str, Any]) -> tuple[str, ...]:
+        """The batch splits this method reads with these knob values (``batch_keys`` minus switched-off ones)."""
+        off = {split for split, knob in self.optional if knob in knobs and knobs[knob] == 0}
+        return tuple(k for k in self.batch_keys if k not in off)
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -44,7 +59,6 @@ METHODS.register(
         _flat,
         batch_keys=("forget", "template"),
         knobs=("divergence", "normalize"),
-        needs_reference=False,
         description="FLAT: f-divergence between template and forget answers, forget data only",
     ),
 )
@@ -69,18 +83,23 @@ METHODS.register(
 )
 
 
-# Baselines (FLAT_SPEC.md §6). Knobs are `method` config fields; `needs_reference` methods get `ref_logp`, the
-# frozen reference model's per-sample answer log-probs of each split in `batch_keys`.
+# Baselines (FLAT_SPEC.md §6). Knobs are `method` config fields; methods with `reference_keys` get `ref_logp`, the
+# frozen reference model's per-sample answer log-probs of those splits. Every baseline with a retain term adds
+# `retain_weight * CE(retain)` (open-unlearning's alpha); at retain_weight=0 its retain batch is not built.
+_RETAIN = (("retain", "retain_weight"),)
 for _name, _fn, _keys, _knobs, _ref, _desc in (
-    ("grad_ascent", baselines.grad_ascent, ("forget",), (), False, "gradient ascent on the forget answers"),
-    ("grad_diff", baselines.grad_diff, ("forget", "retain"), ("retain_weight",), False,
+    ("grad_ascent", baselines.grad_ascent, ("forget",), (), (), "gradient ascent on the forget answers"),
+    ("grad_diff", baselines.grad_diff, ("forget", "retain"), ("retain_weight",), (),
      "gradient ascent on forget plus descent on retain"),
-    ("idk", baselines.idk, ("template", "retain"), ("retain_weight",), False,
+    ("idk", baselines.idk, ("template", "retain"), ("retain_weight",), (),
      "fine-tune towards the template answer, plus retain"),
-    ("npo", baselines.npo, ("forget",), ("beta",), True, "negative preference optimisation (needs a reference model)"),
-    ("dpo", baselines.dpo, ("forget", "template"), ("beta",), True,
-     "DPO with the template preferred over the forget answer (needs a reference model)"),
-    ("simnpo", baselines.simnpo, ("forget",), ("simnpo_beta", "gamma"), False,
-     "reference-free, length-normalised NPO with margin gamma"),
+    ("npo", baselines.npo, ("forget", "retain"), ("beta", "retain_weight"), ("forget",),
+     "negative preference optimisation plus retain (needs a reference model)"),
+    ("dpo", baselines.dpo, ("forget", "template", "retain"), ("beta", "retain_weight"), ("forget", "template"),
+     "DPO with the template preferred over the forget answer, plus retain (needs a reference model)"),
+    ("simnpo", baselines.simnpo, ("forget", "retain"), ("simnpo_beta", "gamma", "retain_weight"), (),
+     "reference-free, length-normalised NPO with margin gamma, plus retain"),
 ):
-    METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, needs_reference=_ref, description=_desc))
+    _optional = _RETAIN if "retain" in _keys else ()
+    METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, reference_keys=_ref,
+                                   description=_desc, optional=_optional))
