@@ -35,15 +35,29 @@ def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flat-ray")
 @click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def cli(log_level: str) -> None:
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Level of flat-ray's own messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the raw logs of Ray, Ray Train/Tune, DeepSpeed, "
+              "transformers and the workers (by default they go to Ray's log files only).")
+def cli(log_level: str, verbose: bool) -> None:
     """FLAT LLM unlearning on Ray: single runs, sweeps, evaluation and reports.
 
     Configs are YAML files plus section.key=value overrides; `flat-ray validate` checks one and
     docs/config.md lists every key.
     """
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's "Using default tokenizer."
+    import os
+
+    if verbose:
+        os.environ["FLAT_RAY_VERBOSE"] = "1"  # read by the driver and by the processes Ray starts from it
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s", force=True)
+    logging.getLogger("flat_ray").setLevel(log_level.upper())
+    if not verbose:
+        # rouge_score's "Using default tokenizer." (absl) and library warnings: flat-ray's own lines only
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore")
 
 
 @cli.command()
@@ -72,22 +86,35 @@ def validate(args: tuple[str, ...], print_config: bool) -> None:
 def _summary(result) -> None:
     rows = [("forget", "prob"), ("retain", "prob"), ("forget", "rougeL_recall"), ("retain", "rougeL_recall"),
             ("forget", "truth_ratio"), ("retain", "truth_ratio"), ("all", "model_utility"), ("forget", "quality")]
-    click.echo(f"{'split':<8}{'metric':<15}{'before':>10}{'after':>10}{'after/before':>14}")
+    if result.after:
+        click.echo(f"{'split':<8}{'metric':<23}{'before':>10}{'after':>10}{'after/before':>14}")
     for split, metric in rows:
         key = f"eval/{metric}" if split == "all" else f"eval/{split}_{metric}"
         if key in result.before and key in result.after:
             b, a = result.before[key], result.after[key]
             ratio = f"{a / b:.3f}" if b else "-"
-            click.echo(f"{split:<8}{metric:<15}{b:>10.4f}{a:>10.4f}{ratio:>14}")
+            click.echo(f"{split:<8}{metric:<23}{b:>10.4f}{a:>10.4f}{ratio:>14}")
     shown = {"eval/model_utility", "eval/forget_quality"} | {f"eval/{s}_{m}" for s, m in rows}
     for key in result.before:  # other benchmarks' metrics (MUSE-News, hp) and the derived scores
         if key not in shown and key in result.after:
             b, a = result.before[key], result.after[key]
-            click.echo(f"{key[5:]:<23}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
+            click.echo(f"{key[5:]:<31}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
     click.echo(f"run {result.run_name} finished in {result.seconds:.0f} s")
     click.echo(f"model: {result.model_dir}")
     click.echo(f"MLflow run id: {result.run_id}")
-    click.echo(f"browse: mlflow ui --backend-store-uri {result.mlflow_uri} --host 127.0.0.1")
+    _browse(result.mlflow_uri, result.run_id)
+
+
+def _browse(uri: str, run_id: str) -> None:
+    """How to open the run's experiment on its runs table (MLflow's UI, started here for a local store)."""
+    from flat_ray import tracking
+
+    page = f"#/experiments/{tracking.experiment_id(uri, run_id)}/runs"
+    if uri.startswith("http"):
+        click.echo(f"browse: {uri.rstrip('/')}/{page}")
+    else:
+        click.echo(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                   f"http://127.0.0.1:5000/{page}")
 
 
 def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str | None, address: str | None) -> None:
@@ -106,7 +133,7 @@ def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str |
         return
     from flat_ray.launch.driver import run_training
 
-    _summary(run_training(cfg, resume=resume))
+    _summary(run_training(cfg, resume=resume, console=True))
 
 
 _run_options = [
@@ -275,8 +302,7 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
                        storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir, echo=click.echo)
     click.echo(f"sweep {result.name}: {result.trials} trials, {result.errored} errored, {result.seconds:.0f} s")
     click.echo(f"report: {result.sweep_dir / 'report'}")
-    click.echo(f"browse: mlflow ui --backend-store-uri {result.mlflow_uri} --host 127.0.0.1  "
-               f"(experiment {result.name})")
+    _browse(result.mlflow_uri, result.parent_run_id)
     if result.errored:
         from flat_ray.errors import RunFailed
 

@@ -49,6 +49,23 @@ class Report:
     files: list[Path]
     tables: dict[str, list[dict[str, Any]]]
     trials: list[Trial]
+    objective: str = ""
+
+    def best_metrics(self) -> dict[str, float]:
+        """Per benchmark, the best row's objective and columns as ``best/<benchmark>/<metric>`` (the parent run's
+        metrics, so MLflow's runs table and charts show a sweep's result without opening it)."""
+        out = {}
+        for bench, rows in self.tables.items():
+            scored = [r for r in rows if r["lr"] is not None and isinstance(r.get(self.objective), float)]
+            if not scored:
+                continue
+            best = scored[0]
+            for row in scored[1:]:
+                if _better(self.objective, row[self.objective], best[self.objective]):
+                    best = row
+            out.update({f"best/{bench}/{k}": v for k, v in best.items()
+                        if isinstance(v, float) and not math.isnan(v) and k != "lr"})
+        return out
 
 
 def find_sweep(name_or_dir: str, workdir: str | None = None) -> Path:
@@ -166,6 +183,14 @@ def pareto_front(points: list[tuple[float, float]], x_metric: str, y_metric: str
     return front
 
 
+def front_points(points: list[tuple[float, float]], start: tuple[float, float] | None, x_metric: str,
+                 y_metric: str) -> list[tuple[float, float]]:
+    """The drawn Pareto front, sorted by x: the trials' non-dominated points, with the model before unlearning
+    taking part like any other point (nothing may beat it on utility)."""
+    everything = points + ([start] if start else [])
+    return sorted(everything[i] for i in pareto_front(everything, x_metric, y_metric))
+
+
 def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -183,12 +208,12 @@ def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[
             for g in groups:
                 pts = [t for t in done if t.group == g]
                 ax.scatter([t.final[x_m] for t in pts], [t.final[y_m] for t in pts], label=g, alpha=0.8)
-            points = [(t.final[x_m], t.final[y_m]) for t in done]
-            front = sorted(points[i] for i in pareto_front(points, x_m, y_m))
-            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
             start = next((t.before for t in trials if x_m in t.before and y_m in t.before), None)
             if start:
                 ax.scatter([start[x_m]], [start[y_m]], marker="x", color="k", s=60, label="before unlearning")
+            front = front_points([(t.final[x_m], t.final[y_m]) for t in done],
+                                 (start[x_m], start[y_m]) if start else None, x_m, y_m)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
             if x_m == "forget_quality":
                 ax.set_xscale("log")
             ax.set_xlabel(f"{x_m} ({'higher' if METRICS[x_m].higher_is_better else 'lower'} is better)")
@@ -203,6 +228,36 @@ def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[
         ax.set_ylabel("train/loss")
         files.append(_save(fig, ax, f"{bench}: training loss per trial", 6, out / f"loss_{slug}.png"))
     return files
+
+
+def run_curves(uri: str, run_id: str, title: str):
+    """One run's story as a figure: the training loss and FLAT's two scores per step, and the forget and retain
+    probabilities per evaluation (None when the run logged no steps)."""
+    loss = tracking.metric_history(uri, run_id, "train/loss")
+    if not loss:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("train/loss", "train/score_template", "train/score_forget"):
+        hist = tracking.metric_history(uri, run_id, key)
+        if hist:
+            left.plot([s for s, _ in hist], [v for _, v in hist], label=key, lw=1)
+    left.set_xlabel("optimizer step")
+    left.legend(fontsize=7)
+    for key in ("eval/forget_prob", "eval/retain_prob", "eval/model_utility", "eval/forget_quality"):
+        hist = tracking.metric_history(uri, run_id, key)
+        if hist:
+            right.plot([s for s, _ in hist], [v for _, v in hist], marker="o", label=key, lw=1)
+    right.set_xlabel("epoch (0 = before unlearning)")
+    if right.lines:
+        right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, ax, title: str, legend_size: int, path: Path) -> Path:
@@ -248,7 +303,42 @@ def write_report(sweep_dir: str | Path) -> Report:
         lines.append("No trials have been recorded yet.")
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
+    (out / "report.html").write_text(html_report(state, tables, unfinished, files))
     (out / "report.json").write_text(json.dumps({"objective": state["objective"], "tables": tables,
                                                  "trials": [t.__dict__ for t in trials]}, indent=1, default=str))
-    files = [out / "report.md", out / "report.json", *files]
-    return Report(text, files, tables, trials)
+    files = [out / "report.md", out / "report.json", out / "report.html", *files]
+    return Report(text, files, tables, trials, objective)
+
+
+def html_report(state: dict[str, Any], tables: dict[str, list[dict[str, Any]]], unfinished: list[Trial],
+                plots: list[Path]) -> str:
+    """The report as one self-contained HTML page: the tables and the plots embedded as data URIs."""
+    import base64
+    import html
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        cols = list(rows[0])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(r[c] if isinstance(r[c], str) else _fmt(c, r[c]))}</td>"
+                                         for c in cols) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = [f"<h1>Sweep {html.escape(state['name'])} (space {html.escape(state['space'])})</h1>",
+             f"<p>Objective: {html.escape(', '.join(state['objective']))} ({html.escape(', '.join(state['modes']))});"
+             f" each row is the best finished trial of its method. MLflow parent run "
+             f"<code>{html.escape(state['parent_run_id'])}</code>.</p>"]
+    for bench, rows in tables.items():
+        parts += [f"<h2>{html.escape(bench)}</h2>", table(rows) if rows else "<p>no trials</p>"]
+    if unfinished:
+        parts += ["<h2>Trials that did not finish</h2>", table([
+            {"trial": t.name, "benchmark": t.benchmark, "method": t.group, "lr": t.lr, "status": t.status,
+             "why": t.why or "-"} for t in unfinished])]
+    for path in plots:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+             "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>flat-ray sweep {html.escape(state['name'])}"
+            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

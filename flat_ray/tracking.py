@@ -7,11 +7,15 @@ logging. The client API is used throughout (no global active run), which keeps d
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from flat_ray.errors import FlatRayError
 
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
+SYSTEM_METRICS_S = 5  # sampling interval of the system metrics (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 
 
 def default_uri(workdir: str | Path) -> str:
@@ -28,7 +34,8 @@ def default_uri(workdir: str | Path) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." on every new store
+    # "Creating initial MLflow database tables..." on every new store; "Started monitoring system metrics."
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
@@ -54,7 +61,9 @@ def check_reachable(uri: str) -> None:
                            "(mlflow server --host 127.0.0.1) or set tracking.mlflow_uri") from None
 
 
-def git_sha() -> str:
+def git_sha() -> str | None:
+    """The commit flat_ray runs from: the checkout's HEAD (``-dirty`` with local changes), else the commit pip
+    recorded when it installed from a git URL (``direct_url.json``), else None."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
@@ -63,7 +72,19 @@ def git_sha() -> str:
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    try:
+        direct = json.loads(metadata.distribution("flat-ray").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    return direct.get("vcs_info", {}).get("commit_id")
+
+
+def standard_tags(command: str) -> dict[str, str]:
+    """MLflow's own tags, which its UI shows: source, user and (when known) the git commit."""
+    sha = git_sha()
+    return {"mlflow.source.name": command, "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser(),
+            **({"mlflow.source.git.commit": sha.removesuffix("-dirty")} if sha else {})}
 
 
 class NullTracker:
@@ -78,6 +99,10 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
     def tags(self) -> dict[str, str]:
         return {}
+
+    @contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        yield
 
 
 class Tracker(NullTracker):
@@ -119,6 +144,41 @@ class Tracker(NullTracker):
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
+    @contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """MLflow's own system metrics (``system/*``: CPU, memory, disk, network, GPU when pynvml sees one),
+        sampled in a thread of this process while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_S, tracking_uri=self.uri,
+                                       resume_logging=True)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def log_dataset(self, name: str, rows: Sequence[Mapping[str, Any]], source: str, context: str = "train") -> None:
+        """Record the rows a run trains on as an MLflow dataset input (the UI's Dataset column and filter)."""
+        import pandas as pd
+        from mlflow.data import from_pandas
+        from mlflow.entities import DatasetInput, InputTag
+
+        keep = [k for k in ("question", "answer", "text", "prompt") if rows and k in rows[0]]
+        frame = pd.DataFrame([{k: str(r.get(k, "")) for k in keep} for r in rows])
+        dataset = from_pandas(frame, source=source, name=name)
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                           [InputTag("mlflow.data.context", context)])])
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        """A matplotlib figure as an image artifact (shown inline by the UI); the figure is closed after."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(self.run_id, figure, path)
+        finally:
+            plt.close(figure)
+
 
 def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Path, tags: Mapping[str, Any]) -> Tracker:
     """Create the experiment if needed (with an explicit artifact location) and a new run in it."""
@@ -126,15 +186,22 @@ def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Pat
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
-            exp_id = client.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+            exp_id = client.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri(),
+                                              tags=EXPERIMENT_KIND)
         except Exception:  # another process (a concurrent trial) created it first
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 raise
     if exp is not None:
         exp_id = exp.experiment_id
+        if exp.tags.get("mlflow.experimentKind") is None:
+            client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
     run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     return Tracker(uri, run.info.run_id)
+
+
+def experiment_id(uri: str, run_id: str) -> str:
+    return _client(uri).get_run(run_id).info.experiment_id
 
 
 def reopen_run(uri: str, run_id: str) -> Tracker:

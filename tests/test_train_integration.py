@@ -63,6 +63,20 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     assert p["resolved.world_size"] == "2" and p["resolved.deepspeed_stage"] == "3"
     assert p["resolved.deepspeed_version"] and p["version.torch"].startswith("2.") and p["resolved.git_sha"]
     assert run.data.tags["method"] == "flat" and run.data.tags["divergence"] == "total_variation"
+    # what MLflow's UI shows by itself: the commit, a one-paragraph description with the result, the dataset,
+    # system metrics sampled on rank 0 and the run's curves as an image
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == p["resolved.git_sha"].removesuffix("-dirty")
+    assert tags["mlflow.source.name"] == "flat-ray train"
+    note = tags["mlflow.note.content"]
+    assert note.startswith("flat with the total_variation divergence on demo/forget05") and "lr 0.002" in note
+    assert f"forget_prob {res.before['eval/forget_prob']:.4g} -> {res.after['eval/forget_prob']:.4g}" in note
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "demo/forget05" and dataset.tags[0].value == "train"
+    assert json.loads(dataset.dataset.profile)["num_rows"] == 10
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert "plots/training_curves.png" in tracking.list_artifacts(res.mlflow_uri, res.run_id, "plots")
     # 10 questions / (2 per worker x 2 workers) = 3 micro-batches (last one padded) per epoch, 2 epochs
     assert len(loss_curve(res)) == 6
     for key in ("train/score_template", "train/score_forget", "train/weight_template", "train/weight_forget",

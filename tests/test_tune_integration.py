@@ -166,22 +166,55 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
 
 
-def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir, monkeypatch, capsys):
-    """README command 1: `flat-ray tune --space demo` (the original model is shared with the train demo test)."""
-    out = _tune(demo_workdir, monkeypatch, capsys, "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}")
-    assert "sweep demo-sweep: 4 trials, 0 errored" in out and "browse: mlflow ui --backend-store-uri" in out
+NOISE = ("Token authentication", "core_worker.cc", "PreemptionWatcher", "Setting accelerator to CPU",
+         "built successfully", "Using default tokenizer", "(RayTrainWorker", "(TrainController", "(pid=",
+         "Traceback", "WARNING", "Warning:")
+
+
+def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir):
+    """README command 1 as a user runs it (`flat-ray tune --space demo`, the original model shared with the train
+    demo test): a console with flat-ray's own lines only, the report, and MLflow runs that tell the story."""
+    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", "demo", "--name", "demo-sweep",
+           f"paths.workdir={demo_workdir}"]
+    proc = subprocess.run(cmd, cwd=demo_workdir, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "FLAT_RAY_VERBOSE": "0"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert [line for line in out.splitlines() if any(n in line for n in NOISE)] == []
+    assert "sweep demo-sweep: 4 trials, 0 errored" in out and "/#/experiments/" in out
+    assert sum(line.startswith("trial ") and " done: " in line for line in out.splitlines()) == 4
     rows = [line for line in out.splitlines() if line.startswith("| demo ")]
     assert [r.split("|")[2].strip() for r in rows] == ["(before unlearning)", "flat/total_variation", "flat/kl",
                                                         "flat/jensen_shannon", "flat/pearson"]
     import json
 
-    report = json.loads((demo_workdir / "sweeps" / "demo-sweep" / "report" / "report.json").read_text())
+    sweep = demo_workdir / "sweeps" / "demo-sweep"
+    report = json.loads((sweep / "report" / "report.json").read_text())
     (table,) = report["tables"].values()
     before, methods = table[0], table[1:]
     assert all(row["trials"] == "1 finished" for row in methods)
     best = max(methods, key=lambda row: row["unlearn_score"])
     assert best["unlearn_score"] > 0.7 > before["unlearn_score"]  # selective unlearning, not collapse
     assert best["forget_prob"] <= 0.5 * before["forget_prob"] and best["retain_prob"] >= 0.7 * before["retain_prob"]
+    # the report as one self-contained page: every table row and the plots inline
+    page = (sweep / "report" / "report.html").read_text()
+    assert page.count("<tr>") == 1 + len(table) and page.count('src="data:image/png;base64,') == 2
+    assert all(f"<td>{row['method']}</td>" in page for row in table)
+    # MLflow: every run (the original's, the parent, the four trials) has system metrics, the commit and a
+    # description; the parent carries the best result as metrics and the report as artifacts
+    state = json.loads((sweep / "sweep.json").read_text())
+    uri, parent_id = state["mlflow_uri"], state["parent_run_id"]
+    parent = tracking.run_data(uri, parent_id)
+    children = tracking.child_runs(uri, parent_id)
+    assert len(children) == 4
+    for run in [parent, *children]:
+        assert any(k.startswith("system/cpu") for k in run.data.metrics), run.info.run_name
+        assert run.data.tags["mlflow.source.git.commit"] and len(run.data.tags["mlflow.note.content"]) > 80
+    assert parent.data.metrics["best/demo/forget10/unlearn_score"] == pytest.approx(best["unlearn_score"])
+    assert parent.data.metrics["best/demo/forget10/forget_prob"] == pytest.approx(best["forget_prob"])
+    assert {"report/report.html", "report/pareto_demo_forget10.png"} <= set(tracking.list_artifacts(uri, parent_id, "report"))
+    assert all("plots/training_curves.png" in tracking.list_artifacts(uri, r.info.run_id, "plots") for r in children)
+    assert all(r.inputs.dataset_inputs[0].dataset.name == "demo/forget10" for r in children)
 
 
 def test_a_diverged_trial_is_recorded_with_step_and_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir,

@@ -42,6 +42,7 @@ from flat_ray.pipeline import build_dataset, profile_for
 log = logging.getLogger("flat_ray.train")
 
 Report = Callable[[dict[str, Any], "str | None"], None]
+Emit = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,28 @@ def _divergence(loss: float, grad_norm: float | None) -> str | None:
     return None
 
 
-def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None = None) -> None:
+def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None = None,
+                 emit: Emit | None = None) -> None:
     """Run one training job on this rank. ``payload`` = {"run": RunConfig dict, "model_path", "output_dir",
-    "mlflow": {"uri", "run_id"}}."""
+    "mlflow": {"uri", "run_id"}}. ``emit`` (rank 0, when a console follows the run) receives progress events
+    (:mod:`flat_ray.console`)."""
+    tracker = tracking.open_run(payload["mlflow"]["uri"], payload["mlflow"]["run_id"], ctx.rank)
+    with tracker.system_metrics():
+        _train(payload, ctx, report, restore_dir, emit or (lambda event: None), tracker)
+
+
+def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None, show: Emit,
+           tracker: tracking.NullTracker) -> None:
     loop_started = time.perf_counter()
     cfg = config_from_dict(payload["run"])
     rank, world = ctx.rank, ctx.world_size
     out_dir = Path(payload["output_dir"])
     ds.init_distributed(rank, world, ctx.local_rank)
-    tracker = tracking.open_run(payload["mlflow"]["uri"], payload["mlflow"]["run_id"], rank)
-    info = log.info if rank == 0 else (lambda *args: None)  # progress lines from rank 0 only
+
+    def info(message: str, *args: Any) -> None:  # progress lines from rank 0 only: its log and the console
+        if rank == 0:
+            log.info(message, *args)
+            show({"kind": "line", "text": message % args})
     torch.manual_seed(cfg.optim.seed)
 
     # ---- data
@@ -119,6 +132,8 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     model = ds.load_model(payload["model_path"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
     engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(s, total_steps, warmup, cfg.optim.schedule))
     device = engine.device
+    # what the workers really run with (the driver may sit on a CPU-only head)
+    tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
     # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
     ref_model = ds.build_reference(ds.load_model(payload["model_path"], ds_config,
                                                  trust_remote_code=cfg.model.trust_remote_code), ds_config) \
@@ -134,6 +149,8 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         restores = int(tracker.tags().get("restores", 0)) + 1
         tracker.set_tags({"resumed_from_epoch": start_epoch, "restores": restores})
 
+    show({"kind": "start", "total_steps": total_steps, "epochs": cfg.optim.epochs, "step": global_step})
+
     # ---- evaluation: the benchmark's suite on bounded subsets of its splits, sharded over the ranks
     suite = suite_for(cfg)
     eval_rows = suite.rows(cfg, cfg.eval.max_examples) if cfg.eval.enabled else {}
@@ -143,11 +160,16 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
         due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
         if not cfg.eval.enabled or not due:
             return {}
+        def progress(split: str, done: int, total: int) -> None:
+            show({"kind": "eval", "epoch": epoch, "split": split, "done": done, "total": total})
+
         summary = suite.run(engine.module, tokenizer, profile, eval_rows, cfg, rank=rank, world_size=world,
-                            device=device, reference_tr=reference_tr)
+                            device=device, reference_tr=reference_tr, progress=progress)
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
         tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch}, step=epoch)
-        info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if rank == 0:
+            log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
         return metrics
 
     if start_epoch == 0:
@@ -165,7 +187,7 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(dataset.assignment, indent=0))
         window_start, window_tokens = time.perf_counter(), 0
         for batch in loader:
-            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.batch_keys)  # on the host
+            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.splits(knobs))  # on the host
             batch = _to(batch, device)
             boundary = engine.is_gradient_accumulation_boundary()
             out = method_loss(engine, batch, method, knobs, ref_model)
@@ -188,9 +210,12 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
             step_metrics.update({"lr": engine.get_lr()[0], "tokens_per_s": flags[1].item() / max(elapsed, 1e-9),
                                  **({"grad_norm": grad_norm} if grad_norm is not None else {})})
             tracker.log_metrics(step_metrics, step=global_step)
-            if global_step % max(1, total_steps // 20) == 0 or global_step == total_steps:
-                info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, cfg.optim.epochs, global_step,
-                         total_steps, metrics["loss"], step_metrics["lr"])
+            if rank == 0:
+                show({"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": metrics["loss"],
+                      "lr": step_metrics["lr"]})
+                if global_step % max(1, total_steps // 20) == 0 or global_step == total_steps:
+                    log.info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, cfg.optim.epochs, global_step,
+                             total_steps, metrics["loss"], step_metrics["lr"])
             window_start, window_tokens = time.perf_counter(), 0
         if diverged:
             # a result, not a failure: the workers end normally (so Ray never restarts them from a checkpoint

@@ -105,7 +105,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
         tracker.log_params({"eval.model": cfg.model.name_or_path, "eval.benchmark": cfg.data.benchmark,
                             "eval.split": cfg.data.split, "eval.truth_ratio": cfg.eval.truth_ratio,
                             "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.tasks": ",".join(tasks or []),
-                            "version.lm_eval": lm_eval_version(), "resolved.git_sha": tracking.git_sha()})
+                            "version.lm_eval": lm_eval_version(), "resolved.git_sha": tracking.git_sha() or "unknown"})
     prefix = "tofu" if tofu_style else cfg.data.benchmark
     metrics = {f"{prefix}/{k}": v for k, v in summary.items() if isinstance(v, float)}
     metrics.update({f"lm_eval/{t}/{m}": v for t, ms in utility.items() for m, v in ms.items()})

@@ -9,7 +9,7 @@ the metrics are identical to a single-process run.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,8 @@ def eval_split_rows(benchmark: str, split: str, data_dir: str | None, max_exampl
 
 
 def rouge_scorer_l():
-    """One ROUGE-L scorer with the Porter stemmer (``rouge_score``), as TOFU and MUSE use it."""
+    """One ROUGE-L scorer with the Porter stemmer (``rouge_score``), as TOFU uses it (MUSE does not stem: see
+    :func:`flat_ray.eval.muse.rouge_l_f1`)."""
     global _SCORER
     if _SCORER is None:
         from rouge_score import rouge_scorer
@@ -240,7 +241,15 @@ def evaluate_split(model: Any, tokenizer: Any, profile: PromptProfile, rows: Seq
 
 def evaluate_tofu(model: Any, tokenizer: Any, profile: PromptProfile, split_rows: Mapping[str, Sequence[dict]], *,
                   max_length: int, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
-                  device: Any = "cpu") -> dict[str, SplitValues]:
-    return {name: evaluate_split(model, tokenizer, profile, rows, max_length=max_length, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, device=device)
-            for name, rows in split_rows.items()}
+                  device: Any = "cpu", progress: Callable[[str, int, int], None] | None = None
+                  ) -> dict[str, SplitValues]:
+    """Every split's values; ``progress(split, done, total)`` is called before the first and after each split."""
+    out: dict[str, SplitValues] = {}
+    for done, (name, rows) in enumerate(split_rows.items()):
+        if progress:
+            progress(name, done, len(split_rows))
+        out[name] = evaluate_split(model, tokenizer, profile, rows, max_length=max_length, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, device=device)
+    if progress:
+        progress("done", len(split_rows), len(split_rows))
+    return out

@@ -28,33 +28,46 @@ class Suite:
 
 
 def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-              reference_tr=None) -> dict[str, Any]:
+              reference_tr=None, progress=None) -> dict[str, Any]:
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
-                           world_size=world_size, device=device)
+                           world_size=world_size, device=device, progress=progress)
     return summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
 
 
 def _muse_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-              reference_tr=None) -> dict[str, Any]:
+              reference_tr=None, progress=None) -> dict[str, Any]:
     return add_derived(muse.evaluate(model, tokenizer, rows, max_length=cfg.data.max_length,
                                      batch_size=cfg.eval.batch_size, auc_retrain=cfg.eval.privleak_auc_retrain,
                                      rank=rank, world_size=world_size, device=device))
 
 
 def _hp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-            reference_tr=None) -> dict[str, Any]:
+            reference_tr=None, progress=None) -> dict[str, Any]:
     return add_derived(hp.evaluate(model, tokenizer, rows, max_new_tokens=cfg.eval.max_new_tokens,
                                    batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size, device=device))
+
+
+def _whole(name: str, run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A suite whose evaluation is one piece for progress purposes: reported as 0/1, then 1/1."""
+    def wrapped(*args, progress=None, **kwargs) -> dict[str, Any]:
+        if progress:
+            progress(name, 0, 1)
+        out = run(*args, **kwargs)
+        if progress:
+            progress(name, 1, 1)
+        return out
+    return wrapped
 
 
 SUITES: Registry[Suite] = Registry("evaluation suite")
 SUITES.register("tofu", Suite(
     lambda cfg, limit: eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, limit), _tofu_run))
 SUITES.register("muse", Suite(lambda cfg, limit: muse.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit),
-                              _muse_run))
+                              _whole("muse", _muse_run)))
 SUITES.register("hp", Suite(
-    lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words), _hp_run))
+    lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words),
+    _whole("completion", _hp_run)))
 
 
 def suite_for(cfg: RunConfig) -> Suite:

@@ -20,6 +20,7 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
+from flat_ray.console import RunConsole, verbose
 from flat_ray.data import load_split, make_template_source
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
@@ -93,19 +94,26 @@ def preflight(cfg: RunConfig, uri: str) -> None:
                                    f"but this machine has {gpus} GPU(s); lower launch.gpus_per_worker or num_workers")
 
 
-def _start_ray(cfg: RunConfig) -> None:
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray sized to the machine. The workers' own output (Ray Train, DeepSpeed,
+    transformers) stays in Ray's log files (``<session dir>/logs``, printed at start) unless ``flat-ray
+    --verbose``; flat-ray's own progress reaches the console through :mod:`flat_ray.launch.relay`."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # the dashboard process serves the state API that Ray Train's controller polls; without it Ray logs
-    # "Failed to query Ray Train Controller actor state" every few seconds
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.launch.address:
-        ray.init(address=cfg.launch.address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    loud = verbose()
+    kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
+    ctx = ray.init(address=address, **kwargs) if address else ray.init(num_cpus=os.cpu_count(), **kwargs)
+    log.info("Ray %s; worker logs in %s/logs%s", "cluster " + address if address else "started locally",
+             ctx.address_info.get("session_dir", "?"), "" if loud else " (flat-ray --verbose shows them here)")
+
+
+def _start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    connect_ray(cfg.launch.address)
     have = ray.cluster_resources()
     want_cpu = cfg.launch.num_workers * cfg.launch.cpus_per_worker
     want_gpu = cfg.launch.num_workers * cfg.launch.gpus_per_worker
@@ -121,14 +129,14 @@ def _demo_finetune_config(cfg: RunConfig) -> RunConfig:
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
 
 
-def resolve_model_path(cfg: RunConfig, *, train_original: bool = True) -> str:
+def resolve_model_path(cfg: RunConfig, *, train_original: bool = True, console: bool = False) -> str:
     """Sentinels become cached local models: ``tiny`` is built; ``demo`` is built and fine-tuned, or, with
     ``train_original=False`` (a dry run never trains), the cached original if there is one, else ``tiny``."""
     if cfg.model.name_or_path == TINY:
         return str(tiny_model_path(cfg))
     if cfg.model.name_or_path == DEMO_ORIGINAL:
         if train_original:
-            return str(ensure_demo_original(cfg))
+            return str(ensure_demo_original(cfg, console=console))
         cached = demo_original_path(cfg)
         return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
     return cfg.model.name_or_path
@@ -145,7 +153,7 @@ def demo_original_path(cfg: RunConfig) -> Path:
     return workdir(cfg) / "models" / f"demo-original-{digest}"
 
 
-def ensure_demo_original(cfg: RunConfig) -> Path:
+def ensure_demo_original(cfg: RunConfig, *, console: bool = False) -> Path:
     """Build (once) and return the demo's original model: the tiny model fine-tuned on all demo authors."""
     target = demo_original_path(cfg)
     if (target / "config.json").is_file():
@@ -153,7 +161,8 @@ def ensure_demo_original(cfg: RunConfig) -> Path:
     ft = _demo_finetune_config(cfg)
     digest = target.name.removeprefix("demo-original-")
     log.info("building the demo's original model (fine-tuning the tiny model on all demo authors)")
-    result = run_training(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=f"demo-original-{digest}")))
+    result = run_training(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=f"demo-original-{digest}")),
+                          console=console)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(result.model_dir, tmp)
@@ -171,17 +180,15 @@ def _run_name(cfg: RunConfig) -> str:
 
 
 def _params(cfg: RunConfig, model_path: str) -> dict[str, Any]:
-    from flat_ray.engine import ds
-
+    """Every config field and what it resolved to here; DeepSpeed's version and the precision are logged by
+    rank 0, where the run really happens."""
     params: dict[str, Any] = dict(cfg.flat())
     params.update({
         "resolved.model_path": model_path,
         "resolved.world_size": cfg.launch.num_workers,
         "resolved.deepspeed_stage": cfg.deepspeed.stage,
-        "resolved.deepspeed_version": ds.version(),
-        "resolved.precision": ds.precision(cfg),
         "resolved.seed": cfg.optim.seed,
-        "resolved.git_sha": tracking.git_sha(),
+        "resolved.git_sha": tracking.git_sha() or "unknown",
         "resolved.effective_batch": cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.launch.num_workers,
     })
     params.update({f"version.{k}": v for k, v in package_versions().items()})
@@ -208,12 +215,25 @@ def _worker_error(exc: BaseException) -> str:
     return (causes[-1] if causes else type(exc).__name__).strip()[:300]
 
 
-def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
-                 tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainResult:
-    """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
-    latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
-    trial passes extra MLflow ``tags`` (its parent run) and Ray Train ``callbacks`` (reporting to Tune)."""
-    started = time.monotonic()
+def describe(cfg: RunConfig, result: str = "") -> str:
+    """One paragraph saying what a run is (MLflow's run description, ``mlflow.note.content``)."""
+    knobs = METHODS[cfg.method.name].knobs
+    detail = f" with the {cfg.method.divergence} divergence" if "divergence" in knobs else ""
+    text = (f"{cfg.method.name}{detail} on {cfg.data.benchmark}/{cfg.data.split}, model {cfg.model.name_or_path}: "
+            f"lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, micro-batch {cfg.optim.micro_batch_size} x "
+            f"{cfg.optim.grad_accum_steps} accumulation x {cfg.launch.num_workers} workers, DeepSpeed ZeRO-"
+            f"{cfg.deepspeed.stage}, seed {cfg.optim.seed}.")
+    return text + (f" Result: {result}." if result else "")
+
+
+def _result_sentence(before: dict[str, float], after: dict[str, float]) -> str:
+    keys = [k for k in ("forget_prob", "retain_prob", "model_utility", "forget_quality") if f"eval/{k}" in after]
+    return ", ".join(f"{k} {before[f'eval/{k}']:.4g} -> {after[f'eval/{k}']:.4g}" if f"eval/{k}" in before
+                     else f"{k} {after[f'eval/{k}']:.4g}" for k in keys)
+
+
+def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Path, str, dict[str, str]]:
+    """The config to run (a resumed run's own), its MLflow URI, storage, name and saved state."""
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     storage = storage_root(cfg)
     name = resume or _run_name(cfg)
@@ -230,80 +250,129 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         # a resumed run continues with the config it started with, whatever the command line says now
         cfg = load_config(Path(state["output_dir"]) / "config.yaml")
         uri = state["mlflow_uri"]
-    preflight(cfg, uri)
-    model_path = resolve_model_path(cfg)
-    _start_ray(cfg)
+    return cfg, uri, storage, name, state
 
+
+def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[str, str], model_path: str,
+              tags: dict[str, str] | None) -> tuple[tracking.Tracker, Path]:
+    """Reopen a resumed run's MLflow run, or start a new one with its params, tags, dataset and config."""
+    if state:
+        tracker = tracking.reopen_run(uri, state["run_id"])
+        tracker.set_tags({"resumed": "true"})
+        return tracker, Path(state["output_dir"])
+    output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
+            "method": cfg.method.name,
+            "divergence": cfg.method.divergence if "divergence" in METHODS[cfg.method.name].knobs else "-",
+            "flat_ray.ray_run": name, "mlflow.note.content": describe(cfg),
+            **tracking.standard_tags("flat-ray " + ("finetune" if cfg.method.name == "sft" else "train")),
+            **(tags or {})}
+    tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
+    tracker.log_params(_params(cfg, model_path))
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    tracker.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", rows, cfg.data.data_dir or cfg.data.benchmark)
+    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
+    tracker.log_artifact(output_dir / "config.yaml")
+    (storage / name).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(storage / name / STATE_FILE, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
+                                                               "output_dir": str(output_dir)}))
+    return tracker, output_dir
+
+
+def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], callbacks: list | None,
+         console: RunConsole | None) -> Exception | None:
+    """Ray Train's TorchTrainer over the workers; returns what ``fit`` raised, if anything."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from flat_ray.launch.relay import Relay
     from flat_ray.launch.worker import train_fn_per_worker
 
-    if resume:
-        output_dir = Path(state["output_dir"])
-        tracker = tracking.reopen_run(uri, state["run_id"])
-        tracker.set_tags({"resumed": "true"})
-    else:
-        output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
-                "method": cfg.method.name, "divergence": cfg.method.divergence if cfg.method.name == "flat" else "-",
-                "flat_ray.ray_run": name, **(tags or {})}
-        tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
-        tracker.log_params(_params(cfg, model_path))
-        atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
-        tracker.log_artifact(output_dir / "config.yaml")
-        (storage / name).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(state_path, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
-                                                  "output_dir": str(output_dir)}))
+    gpus = cfg.launch.gpus_per_worker
+    resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
 
+    def fit(console_handle: Any) -> None:
+        TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config={**payload, "console": console_handle},
+            scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0,
+                                         resources_per_worker=resources),
+            run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                           failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+                                           callbacks=callbacks),
+        ).fit()
+
+    try:
+        if console is None:
+            fit(None)
+        else:
+            with Relay(console) as handle:
+                fit(handle)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, after the divergence check
+        return exc
+    return None
+
+
+def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
+                 tags: dict[str, str] | None = None, callbacks: list | None = None,
+                 console: bool = False) -> TrainResult:
+    """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
+    latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
+    trial passes extra MLflow ``tags`` (its parent run) and Ray Train ``callbacks`` (reporting to Tune);
+    ``console`` shows rank 0's progress on this process's terminal."""
+    started = time.monotonic()
+    cfg, uri, storage, name, state = _prepare(cfg, resume)
+    preflight(cfg, uri)
+    model_path = resolve_model_path(cfg, console=console)
+    _start_ray(cfg)
+    tracker, output_dir = _open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
                "storage_dir": str(storage / name),
                "mlflow": {"uri": uri, "run_id": tracker.run_id},
                # Ray Train V2 dropped resume_from_checkpoint: a starting checkpoint travels in the config
                "restore_from": str(Path(resume_from).resolve()) if resume_from else None}
-    gpus = cfg.launch.gpus_per_worker
-    resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
-                                       checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                       failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
-                                       callbacks=callbacks),
-    )
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
     fit_started = time.monotonic()
-    failure: Exception | None = None
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - reported below, after the divergence check
-        failure = exc
+    failure = _fit(cfg, name, storage, payload, callbacks, RunConsole(name) if console else None)
     fit_done = time.monotonic()
-    tags = tracker.tags()
-    if tags.get("diverged") == "true":  # the workers stop cleanly on divergence; nothing was exported
+    run_tags = tracker.tags()
+    if run_tags.get("diverged") == "true":  # the workers stop cleanly on divergence; nothing was exported
         tracker.finish("FAILED")
-        raise Diverged(f"run {name} diverged: {tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
+        raise Diverged(f"run {name} diverged: {run_tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
     if failure is not None:
         tracker.finish("FAILED")
-        raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; worker logs "
-                        "above)") from failure
-    model_dir = output_dir / "model"
-    if (output_dir / "templates").is_dir():
-        tracker.log_artifact(output_dir / "templates", "templates")
-    if cfg.tracking.log_model:
-        tracker.log_artifact(model_dir, "model")
-    tracker.set_tags({"model_dir": str(model_dir)})
-    keys = [f"eval/{m}" for m in METRICS]
-    result = TrainResult(name, tracker.run_id, uri, model_dir,
-                         before=_history_at(uri, tracker.run_id, keys, first=True),
-                         after=_history_at(uri, tracker.run_id, keys, first=False),
-                         seconds=time.monotonic() - started)
+        raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; the workers' "
+                        "logs are in Ray's session folder, or rerun with flat-ray --verbose)") from failure
+    result = _summarize(cfg, tracker, name, uri, output_dir, started)
     # where a run's time goes: set-up before Ray Train (checks, model path, MLflow), the Ray Train run (worker
     # start + the workers' own worker_s), and the summary after it
     tracker.log_metrics({"duration_s": result.seconds, "setup_s": fit_started - started,
                          "fit_s": fit_done - fit_started, "finish_s": time.monotonic() - fit_done}, step=0)
     tracker.finish("FINISHED")
+    return result
+
+
+def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, output_dir: Path,
+               started: float) -> TrainResult:
+    """Artifacts, the before/after metrics, the training-curve figure and the run's description."""
+    model_dir = output_dir / "model"
+    if (output_dir / "templates").is_dir():
+        tracker.log_artifact(output_dir / "templates", "templates")
+    if cfg.tracking.log_model:
+        tracker.log_artifact(model_dir, "model")
+    keys = [f"eval/{m}" for m in METRICS]
+    result = TrainResult(name, tracker.run_id, uri, model_dir,
+                         before=_history_at(uri, tracker.run_id, keys, first=True),
+                         after=_history_at(uri, tracker.run_id, keys, first=False),
+                         seconds=time.monotonic() - started)
+    from flat_ray.report import run_curves
+
+    figure = run_curves(uri, tracker.run_id, name)
+    if figure is not None:
+        tracker.log_figure(figure, "plots/training_curves.png")
+    tracker.set_tags({"model_dir": str(model_dir),
+                      "mlflow.note.content": describe(cfg, _result_sentence(result.before, result.after))})
     return result

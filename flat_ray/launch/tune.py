@@ -31,10 +31,11 @@ import ray
 from ray import tune
 
 from flat_ray import tracking
+from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.fileio import atomic_write_text
-from flat_ray.launch.driver import STATE_FILE, ensure_demo_original, preflight, storage_root
+from flat_ray.launch.driver import STATE_FILE, connect_ray, ensure_demo_original, preflight, storage_root
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.pipeline import workdir
 from flat_ray.report import SWEEP_FILE, write_report
@@ -127,20 +128,27 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         logging.getLogger("flat_ray.tune").warning("%s", exc)
 
 
-class _Progress(tune.Callback):
-    """One line per finished or failed trial on the driver's console."""
+class _Board(tune.Callback):
+    """Feeds Tune's trial events to the console's :class:`SweepBoard` (a live table on a terminal)."""
 
-    def __init__(self, objective: list[str], echo: Callable[[str], None]):
-        self.objective, self.echo = objective, echo
+    def __init__(self, board: SweepBoard):
+        self.board = board
+
+    @staticmethod
+    def _sampled(trial) -> str:
+        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.board.started(str(trial), self._sampled(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.board.result(str(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        values = ", ".join(f"{m}={result[m]:.4g}" for m in self.objective if m in result)
-        sampled = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        self.echo(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}")
+        self.board.finished(str(trial), trial.last_result or {}, self._sampled(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.echo(f"trial {trial} FAILED: see {trial.local_path}/error.txt")
+        self.board.failed(str(trial), str(trial.local_path))
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -194,18 +202,11 @@ class _CtrlC:
 
 
 def _connect(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     # Tune's console tables (even at verbose=0 the new output engine prints a configuration box); flat-ray
-    # prints one line per finished trial and the report instead
+    # shows its own trial table and the report instead
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    connect_ray(address)
 
 
 def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: str) -> dict[str, int]:
@@ -264,8 +265,9 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
               mlflow_uri: str | None = None, workdir_hint: str | None = None,
               echo: Callable[[str], None] = log.info) -> SweepResult:
     """Run (or with ``resume``, continue) a sweep to the end and write its report. ``echo`` shows the trial
-    table, one line per finished trial and the report (the CLI passes ``click.echo``)."""
+    table, the trials' progress and the report (the CLI passes ``click.echo``)."""
     started = time.monotonic()
+    state: dict[str, Any] = {}
     if resume:
         from flat_ray.report import saved_space
 
@@ -286,79 +288,112 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     concurrency = _check_cluster(space, address, storage_path is not None, uri)
     for cell in space.cells:  # build the demo's original model once, before trials need it
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
-            ensure_demo_original(cell.config)
-
+            ensure_demo_original(cell.config, console=True)
     table = format_table(trial_table_with(space, concurrency))
-    if resume:
-        parent = tracking.reopen_run(uri, state["parent_run_id"])
-        parent.set_tags({"resumed": "true"})
-    else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "space.yaml").write_text(space.text)
-        (sweep_dir / "trials.txt").write_text(table + "\n")
-        parent = tracking.start_run(uri, name, name, workdir(space.cells[0].config) / "mlartifacts",
-                                    {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name})
-        params = {**space_summary(space), "resolved.git_sha": tracking.git_sha(),
-                  **{f"version.{k}": v for k, v in package_versions().items()}}
-        parent.log_params(params)
-        parent.log_artifact(sweep_dir / "space.yaml")
-        parent.log_artifact(sweep_dir / "trials.txt")
-        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
-            "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
-            "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
-            "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective, "modes": space.modes,
-            "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
+    parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
     echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
          f"{parent.run_id}\n{table}")
-
-    errored = 0
-    metric = space.objective[0] if len(space.objective) == 1 else None
-    mode = space.modes[0] if len(space.objective) == 1 else None
-    for cell in space.cells:
-        payload = {"sweep": name, "cell": cell.name, "labels": cell.labels, "base": space.base,
-                   "constants": cell.constants, "parent_run_id": parent.run_id,
-                   "trials_dir": str(sweep_dir / "trials")}
-        trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), {"CPU": TRIAL_FN_CPU})
-        path = storage / cell.name
-        if tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
-                                       param_space=param_space(cell) or None)
-        else:
-            cell_name = cell.name
-
-            def trial_name(trial, cell_name=cell_name) -> str:
-                return f"{cell_name}-{trial.trial_id.rsplit('_', 1)[-1]}"
-
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(cell),
-                tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency[cell.name]),
-                    scheduler=_scheduler(space, cell), num_samples=space.num_samples,
-                    # the trial function's process (ray, flat_ray imported) serves the next trial too; not
-                    # with early stopping, where a stopped trial's function may still be running
-                    reuse_actors=space.scheduler == "fifo",
-                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
-                                          callbacks=[_Progress(space.objective, echo)]))
-        with _CtrlC() as ctrl_c:
-            results = tuner.fit()
-        states = _trial_states(results)
-        expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
-        # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished
-        if ctrl_c.count or len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
-            raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
-                            f"`flat-ray tune --resume {name}` (finished trials are kept)")
-        errored += sum(s == "ERROR" for s in states.values())
-        _close_stopped_trials(uri, parent.run_id, states)
-
-    report = write_report(sweep_dir)
-    for path in report.files:
-        parent.log_artifact(path, "report")
-    parent.log_metrics({"sweep_s": time.monotonic() - started, "trials_errored": errored}, step=0)
-    parent.finish("FINISHED" if errored == 0 else "FAILED")
+    with parent.system_metrics():
+        board = SweepBoard(space.objective, space.modes, echo)
+        try:
+            errored = sum(_run_cell(space, cell, name, sweep_dir, storage, uri, parent.run_id,
+                                    concurrency[cell.name], board) for cell in space.cells)
+        finally:
+            board.close()
+        report = _close_parent(parent, space, sweep_dir, started, errored)
     echo(report.text)
     return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
                        time.monotonic() - started)
+
+
+def _describe_sweep(space: Space, name: str, result: str = "") -> str:
+    """The sweep's one-paragraph description (the parent run's ``mlflow.note.content``)."""
+    text = (f"Sweep {name} of search space {space.name}: {space.total_trials()} trials in {len(space.cells)} "
+            f"cell(s) ({', '.join(c.name for c in space.cells)}); search {space.algorithm}, scheduler "
+            f"{space.scheduler}, objective {', '.join(f'{m} ({o})' for m, o in zip(space.objective, space.modes, strict=True))}."
+            f" {space.description}")
+    return text + (f" Best: {result}." if result else "")
+
+
+def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: str, table: str,
+                 address: str | None, storage_path: str | None, state: dict[str, Any]) -> tracking.Tracker:
+    """Reopen a resumed sweep's parent run, or start it with the space, the trial table and the sweep state."""
+    if state:
+        parent = tracking.reopen_run(uri, state["parent_run_id"])
+        parent.set_tags({"resumed": "true"})
+        return parent
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "space.yaml").write_text(space.text)
+    (sweep_dir / "trials.txt").write_text(table + "\n")
+    parent = tracking.start_run(uri, name, name, workdir(space.cells[0].config) / "mlartifacts",
+                                {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name,
+                                 "mlflow.note.content": _describe_sweep(space, name),
+                                 **tracking.standard_tags("flat-ray tune")})
+    params = {**space_summary(space), "resolved.git_sha": tracking.git_sha() or "unknown",
+              **{f"version.{k}": v for k, v in package_versions().items()}}
+    parent.log_params(params)
+    parent.log_artifact(sweep_dir / "space.yaml")
+    parent.log_artifact(sweep_dir / "trials.txt")
+    atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
+        "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
+        "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
+        "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective,
+        "modes": space.modes, "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
+    return parent
+
+
+def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
+              concurrency: int, board: SweepBoard) -> int:
+    """One grid cell as one Tune experiment (restored when it has state); returns its number of errored trials."""
+    metric = space.objective[0] if len(space.objective) == 1 else None
+    mode = space.modes[0] if len(space.objective) == 1 else None
+    payload = {"sweep": name, "cell": cell.name, "labels": cell.labels, "base": space.base,
+               "constants": cell.constants, "parent_run_id": parent_run_id,
+               "trials_dir": str(sweep_dir / "trials")}
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), {"CPU": TRIAL_FN_CPU})
+    path = storage / cell.name
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+                                   param_space=param_space(cell) or None)
+    else:
+        def trial_name(trial, cell_name=cell.name) -> str:
+            return f"{cell_name}-{trial.trial_id.rsplit('_', 1)[-1]}"
+
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cell),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency),
+                scheduler=_scheduler(space, cell), num_samples=space.num_samples,
+                # the trial function's process (ray, flat_ray imported) serves the next trial too; not
+                # with early stopping, where a stopped trial's function may still be running
+                reuse_actors=space.scheduler == "fifo",
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
+                                      callbacks=[_Board(board)]))
+    with _CtrlC() as ctrl_c:
+        results = tuner.fit()
+    states = _trial_states(results)
+    expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
+    # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished
+    if ctrl_c.count or len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
+        raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
+                        f"`flat-ray tune --resume {name}` (finished trials are kept)")
+    _close_stopped_trials(uri, parent_run_id, states)
+    return sum(s == "ERROR" for s in states.values())
+
+
+def _close_parent(parent: tracking.Tracker, space: Space, sweep_dir: Path, started: float, errored: int):
+    """The report (files and figures on the parent), each benchmark's best result as parent metrics, the
+    description with the result, and the parent's end status."""
+    report = write_report(sweep_dir)
+    for path in report.files:
+        parent.log_artifact(path, "report")
+    best = report.best_metrics()
+    parent.log_metrics({"sweep_s": time.monotonic() - started, "trials_errored": errored, **best}, step=0)
+    summary = "; ".join(f"{k} {v:.4g}" for k, v in best.items() if k.endswith("/" + space.objective[0]))
+    parent.set_tags({"mlflow.note.content": _describe_sweep(space, sweep_dir.name, summary)})
+    parent.finish("FINISHED" if errored == 0 else "FAILED")
+    return report
 
 
 def _trial_states(results) -> dict[str, str]:

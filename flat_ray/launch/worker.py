@@ -34,10 +34,12 @@ def quiet_worker_logs() -> None:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     from flat_ray.engine.loop import WorkerContext, train_worker
+    from flat_ray.launch.relay import emitter
 
     quiet_worker_logs()
     ctx = ray.train.get_context()
     wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    emit = emitter(config.get("console"), wctx.rank)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
@@ -45,7 +47,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # the run's own latest checkpoint (resume, restart after a failure) wins over a starting checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        train_worker(config, wctx, report, restore_dir=config.get("restore_from"))
+        train_worker(config, wctx, report, restore_dir=config.get("restore_from"), emit=emit)
         return
     with checkpoint.as_directory() as restore_dir:
-        train_worker(config, wctx, report, restore_dir=restore_dir)
+        train_worker(config, wctx, report, restore_dir=restore_dir, emit=emit)

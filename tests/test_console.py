@@ -1,0 +1,81 @@
+"""What a person sees: the per-epoch metric table, progress lines at a bounded rate off a terminal, the sweep's
+per-trial lines, and the report's self-contained HTML page and Pareto front."""
+
+from __future__ import annotations
+
+import io
+
+from flat_ray.console import RunConsole, SweepBoard, metrics_table
+from flat_ray.report import front_points, html_report
+
+
+def test_metrics_table_puts_each_split_on_a_row_and_aligns_the_rest():
+    table = metrics_table({"forget_prob": 0.5, "forget_rougeL_recall": 0.25, "forget_truth_ratio": 0.0001234,
+                           "retain_prob": 0.98765, "model_utility": 0.4, "unlearn_score": 12.0}, "after epoch 1")
+    assert table.splitlines() == [
+        "after epoch 1",
+        "split     prob  rougeL_recall  truth_ratio",
+        "forget  0.5000         0.2500    1.234e-04",
+        "retain  0.9877              -            -",
+        "model_utility  0.4000",
+        "unlearn_score  12.0000",
+    ]
+
+
+def _lines(events) -> list[str]:
+    out = io.StringIO()  # not a terminal: plain lines
+    console = RunConsole("run-a", stream=out)
+    for event in events:
+        console.handle(event)
+    console.close()
+    return out.getvalue().splitlines()
+
+
+def test_progress_off_a_terminal_is_one_line_per_tenth_of_training_not_per_step():
+    steps = [{"kind": "step", "step": s, "epoch": 1 + (s - 1) // 50, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 101)]
+    lines = _lines([{"kind": "start", "total_steps": 100, "epochs": 2, "step": 0}, *steps])
+    assert len(lines) == 10
+    assert lines[0] == "run-a: step 10/100 (epoch 1) loss 0.10000 lr 1.00e-03"
+    assert lines[-1].startswith("run-a: step 100/100 (epoch 2)")
+
+
+def test_evaluation_and_messages_are_labelled_with_the_run():
+    lines = _lines([{"kind": "eval", "epoch": 2, "split": "forget", "done": 0, "total": 4},
+                    {"kind": "eval", "epoch": 2, "split": "retain", "done": 1, "total": 4},
+                    {"kind": "metrics", "epoch": 2, "metrics": {"forget_prob": 0.25}},
+                    {"kind": "line", "text": "exported /x/model"}])
+    assert lines == ["run-a: evaluating (epoch 2, 4 splits)", "run-a: evaluation after epoch 2",
+                     "split     prob  rougeL_recall  truth_ratio", "forget  0.2500              -            -",
+                     "run-a: exported /x/model"]
+
+
+def test_sweep_board_off_a_terminal_prints_one_line_per_finished_or_failed_trial():
+    said: list[str] = []
+    board = SweepBoard(["forget_prob"], ["min"], said.append, stream=io.StringIO())
+    board.started("t1", "lr=0.001")
+    board.result("t1", {"epoch": 1, "forget_prob": 0.5})
+    board.finished("t1", {"epoch": 2, "forget_prob": 0.25}, "lr=0.001")
+    board.failed("t2", "/ray/t2")
+    board.close()
+    assert said == ["trial t1 done: lr=0.001 -> forget_prob=0.25", "trial t2 FAILED: see /ray/t2/error.txt"]
+    assert board.best == 0.25 and board.rows["t2"]["state"] == "FAILED"
+
+
+def test_the_model_before_unlearning_is_on_the_front_when_nothing_beats_its_utility():
+    # forget_prob: lower is better; retain_prob: higher is better
+    trials = [(0.2, 0.7), (0.4, 0.9), (0.5, 0.8)]  # (0.5, 0.8) is dominated by (0.4, 0.9)
+    assert front_points(trials, (0.99, 0.99), "forget_prob", "retain_prob") == [(0.2, 0.7), (0.4, 0.9), (0.99, 0.99)]
+    assert front_points(trials, (0.99, 0.5), "forget_prob", "retain_prob") == [(0.2, 0.7), (0.4, 0.9)]
+
+
+def test_html_report_is_one_page_with_every_row_and_the_plots_inline(tmp_path):
+    png = tmp_path / "pareto_x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    state = {"name": "s1", "space": "demo", "objective": ["unlearn_score"], "modes": ["max"], "parent_run_id": "abc"}
+    rows = [{"model": "demo", "method": "(before unlearning)", "lr": None, "unlearn_score": 0.01},
+            {"model": "demo", "method": "flat/kl", "lr": 6e-4, "unlearn_score": 0.75}]
+    page = html_report(state, {"demo/forget10": rows}, [], [png])
+    assert page.startswith("<!DOCTYPE html>") and "<h2>demo/forget10</h2>" in page
+    assert "<td>(before unlearning)</td>" in page and "<td>flat/kl</td><td>0.0006</td><td>0.7500</td>" in page
+    assert 'src="data:image/png;base64,iVBORw0KGgpmYWtl"' in page
+    assert "<code>abc</code>" in page
