@@ -79,3 +79,40 @@ def test_html_report_is_one_page_with_every_row_and_the_plots_inline(tmp_path):
     assert "<td>(before unlearning)</td>" in page and "<td>flat/kl</td><td>0.0006</td><td>0.7500</td>" in page
     assert 'src="data:image/png;base64,iVBORw0KGgpmYWtl"' in page
     assert "<code>abc</code>" in page
+
+
+def test_train_summary_without_evaluation_prints_no_empty_table_and_links_the_runs_table(capsys, tmp_path):
+    from cli.main import _summary
+    from flat_ray import tracking
+    from flat_ray.launch.driver import TrainResult
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.start_run(uri, "exp", "r1", tmp_path / "art", {})
+    _summary(TrainResult("r1", run.run_id, uri, tmp_path / "model", seconds=3.0))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "run r1 finished in 3 s" and not any(line.startswith("split") for line in lines)
+    experiment = tracking.experiment_id(uri, run.run_id)
+    assert lines[-1].endswith(f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs")
+    assert tracking._client(uri).get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_git_commit_outside_a_checkout_comes_from_pips_install_record(monkeypatch):
+    import subprocess
+
+    from flat_ray import tracking
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")
+
+    class Installed:
+        @staticmethod
+        def read_text(name):
+            assert name == "direct_url.json"
+            return '{"url": "https://github.com/x/flat_ray", "vcs_info": {"vcs": "git", "commit_id": "0123abc"}}'
+
+    monkeypatch.setattr(tracking.subprocess, "run", no_git)
+    monkeypatch.setattr(tracking.metadata, "distribution", lambda name: Installed)
+    assert tracking.git_sha() == "0123abc"
+    assert tracking.standard_tags("flat-ray train")["mlflow.source.git.commit"] == "0123abc"
+    monkeypatch.setattr(tracking.metadata, "distribution", lambda name: type("Plain", (), {"read_text": staticmethod(lambda n: None)}))
+    assert tracking.git_sha() is None and "mlflow.source.git.commit" not in tracking.standard_tags("flat-ray train")

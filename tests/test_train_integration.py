@@ -201,6 +201,9 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     assert forget_after <= 0.5 * forget_before
     assert retain_after >= 0.8 * retain_before
     assert "MLflow run id:" in out and (demo_workdir / "mlflow.db").is_file()
+    # rank 0's progress reached this console through the relay: step lines off a terminal, a table per evaluation
+    name = next(line.split()[1] for line in out.splitlines() if line.startswith("run ") and " finished in " in line)
+    assert f"{name}: step 12/12 (epoch 4)" in out and f"{name}: evaluation after epoch 4" in out
     assert len(list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))) == 1
 
 
