@@ -214,7 +214,7 @@ def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir):
     assert parent.data.metrics["best/demo/forget10/forget_prob"] == pytest.approx(best["forget_prob"])
     assert {"report/report.html", "report/pareto_demo_forget10.png"} <= set(tracking.list_artifacts(uri, parent_id, "report"))
     assert all("plots/training_curves.png" in tracking.list_artifacts(uri, r.info.run_id, "plots") for r in children)
-    assert all(r.inputs.dataset_inputs[0].dataset.name == "demo/forget10" for r in children)
+    assert all(r.inputs.dataset_inputs[0].dataset.name == "demo/forget10" for r in [parent, *children])
 
 
 def test_a_diverged_trial_is_recorded_with_step_and_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir,

@@ -32,6 +32,7 @@ from ray import tune
 
 from flat_ray import tracking
 from flat_ray.console import SweepBoard
+from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.fileio import atomic_write_text
@@ -332,6 +333,10 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: s
     params = {**space_summary(space), "resolved.git_sha": tracking.git_sha() or "unknown",
               **{f"version.{k}": v for k, v in package_versions().items()}}
     parent.log_params(params)
+    for cfg in {(c.config.data.benchmark, c.config.data.split): c.config for c in space.cells}.values():
+        parent.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", load_split(cfg.data.benchmark, cfg.data.split,
+                                                                                 cfg.data.data_dir),
+                           cfg.data.data_dir or cfg.data.benchmark)
     parent.log_artifact(sweep_dir / "space.yaml")
     parent.log_artifact(sweep_dir / "trials.txt")
     atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
