@@ -55,6 +55,9 @@ def cli(log_level: str, verbose: bool) -> None:
     if not verbose:
         # rouge_score's "Using default tokenizer." (absl) and library warnings: flat-ray's own lines only
         logging.getLogger("absl").setLevel(logging.ERROR)
+        # DeepSpeed's logger writes to stdout with its own handler and resets its level on import (accelerate
+        # imports it when transformers saves a model); a filter on the logger survives that
+        logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
         import warnings
 
         warnings.filterwarnings("ignore")

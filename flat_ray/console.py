@@ -23,6 +23,10 @@ SPLIT_COLUMNS = ("prob", "rougeL_recall", "truth_ratio")
 LINE_EVERY_S = 30.0  # plain-line mode: at most one progress line per this many seconds (plus every tenth)
 
 
+def is_terminal(stream: TextIO) -> bool:
+    return stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
 def verbose() -> bool:
     """``flat-ray --verbose``: raw Ray, DeepSpeed and transformers logs on the console (inherited by the processes
     the driver starts, through the environment)."""
@@ -70,6 +74,9 @@ class _Bars:
         self.progress.start()
 
     def start(self, total: int, done: int) -> None:
+        if self.train is not None:  # the workers restarted from a checkpoint: the same bar goes on
+            self.progress.update(self.train, completed=done)
+            return
         self.print(f"{self.name}: {total} optimizer steps")
         self.train = self.progress.add_task("train", total=total, completed=done, info="")
 
@@ -127,8 +134,8 @@ class RunConsole:
     def __init__(self, name: str, stream: TextIO | None = None, echo: Callable[[str], None] | None = None):
         stream = stream or sys.stdout
         self.name = name
-        tty = stream.isatty() and os.environ.get("TERM") != "dumb"
-        self.view: _Bars | _Lines = _Bars(name, stream) if tty else _Lines(name, echo or (lambda s: print(s, file=stream)))
+        self.view: _Bars | _Lines = (_Bars(name, stream) if is_terminal(stream)
+                                     else _Lines(name, echo or (lambda s: print(s, file=stream))))
 
     def handle(self, ev: Mapping[str, Any]) -> None:
         kind = ev.get("kind")
@@ -159,7 +166,7 @@ class SweepBoard:
         self.best: float | None = None
         stream = stream or sys.stdout
         self.live = None
-        if stream.isatty() and os.environ.get("TERM") != "dumb":
+        if is_terminal(stream):
             from rich.console import Console
             from rich.live import Live
 
@@ -200,7 +207,7 @@ class SweepBoard:
             self.echo(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}")
 
     def failed(self, trial: str, where: str) -> None:
-        self._update(trial, state="FAILED")
+        self._update(trial, state=f"FAILED ({where}/error.txt)")
         if self.live is None:
             self.echo(f"trial {trial} FAILED: see {where}/error.txt")
 

@@ -59,10 +59,7 @@ class Report:
             scored = [r for r in rows if r["lr"] is not None and isinstance(r.get(self.objective), float)]
             if not scored:
                 continue
-            best = scored[0]
-            for row in scored[1:]:
-                if _better(self.objective, row[self.objective], best[self.objective]):
-                    best = row
+            best = _best(scored, self.objective, lambda row: row[self.objective])
             out.update({f"best/{bench}/{k}": v for k, v in best.items()
                         if isinstance(v, float) and not math.isnan(v) and k != "lr"})
         return out
@@ -127,6 +124,15 @@ def _better(metric: str, a: float, b: float) -> bool:
     return a > b if METRICS[metric].higher_is_better else a < b
 
 
+def _best(items: list, metric: str, value: Any) -> Any:
+    """The first of ``items`` with the best ``value(item)`` of ``metric`` (direction from the registry)."""
+    best = items[0]
+    for item in items[1:]:
+        if _better(metric, value(item), value(best)):
+            best = item
+    return best
+
+
 def _fmt(metric: str, v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -147,10 +153,7 @@ def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[
         for group in dict.fromkeys(t.group for t in mine):
             members = [t for t in mine if t.group == group]
             done = [t for t in members if t.status == "finished" and objective in t.final]
-            best = None
-            for t in done:
-                if best is None or _better(objective, t.final[objective], best.final[objective]):
-                    best = t
+            best = _best(done, objective, lambda t: t.final[objective]) if done else None
             counts = ", ".join(f"{sum(t.status == s for t in members)} {s}"
                                for s in dict.fromkeys(t.status for t in members))
             row = {"model": model, "method": group, "lr": best.lr if best else None, "trials": counts,

@@ -24,6 +24,7 @@ from flat_ray.errors import FlatRayError
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 SYSTEM_METRICS_S = 5  # sampling interval of the system metrics (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)
+SYSTEM_METRICS_STOP_S = 30  # how long the end of a run waits for the monitor's last flush
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 
 
@@ -66,12 +67,13 @@ def git_sha() -> str | None:
     recorded when it installed from a git URL (``direct_url.json``), else None."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+        top, sha = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
+                                  text=True, timeout=5, check=True).stdout.split()
+        if Path(top).resolve() == here.parent:  # flat_ray's own checkout, not a repository a venv happens to sit in
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, ValueError, subprocess.SubprocessError):
         pass
     try:
         direct = json.loads(metadata.distribution("flat-ray").read_text("direct_url.json") or "{}")
@@ -148,25 +150,37 @@ class Tracker(NullTracker):
     def system_metrics(self) -> Iterator[None]:
         """MLflow's own system metrics (``system/*``: CPU, memory, disk, network, GPU when pynvml sees one),
         sampled in a thread of this process while the block runs."""
+        import threading
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_S, tracking_uri=self.uri,
-                                       resume_logging=True)
-        monitor.start()
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_S, tracking_uri=self.uri,
+                                           resume_logging=True)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - monitoring never stops a run
+            log.warning("no system metrics for MLflow run %s: %s", self.run_id, str(exc).splitlines()[0][:200])
+            monitor = None
         try:
             yield
         finally:
-            monitor.finish()
+            if monitor is not None:  # a slow tracking server may hold the last flush: wait a bounded time
+                stopper = threading.Thread(target=monitor.finish, daemon=True)
+                stopper.start()
+                stopper.join(timeout=SYSTEM_METRICS_STOP_S)
 
-    def log_dataset(self, name: str, rows: Sequence[Mapping[str, Any]], source: str, context: str = "train") -> None:
-        """Record the rows a run trains on as an MLflow dataset input (the UI's Dataset column and filter)."""
+    def log_dataset(self, name: str, rows: Sequence[Mapping[str, Any]], source: Mapping[str, str],
+                    context: str = "train") -> None:
+        """Record the rows a run trains on as an MLflow dataset input (the UI's Dataset column and filter);
+        ``source`` says where they came from (benchmark, split, data_dir)."""
         import pandas as pd
         from mlflow.data import from_pandas
+        from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
         keep = [k for k in ("question", "answer", "text", "prompt") if rows and k in rows[0]]
         frame = pd.DataFrame([{k: str(r.get(k, "")) for k in keep} for r in rows])
-        dataset = from_pandas(frame, source=source, name=name)
+        dataset = from_pandas(frame, source=CodeDatasetSource(dict(source)), name=name)
         self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                            [InputTag("mlflow.data.context", context)])])
 

@@ -39,9 +39,20 @@ def wait_up(url: str, timeout: float = 60) -> None:
     raise SystemExit(f"the MLflow tracking server at {url} did not come up")
 
 
-def shoot(page, url: str, path: Path, wait_for: str) -> None:
+def click_if_there(page, locator) -> None:
+    try:
+        locator.first.click(timeout=3000)
+    except Exception:  # noqa: BLE001 - optional UI chrome that this MLflow version may not have
+        pass
+
+
+def shoot(page, url: str, path: Path, wait_for: str, expand: bool = False) -> None:
     page.goto(url)
     page.wait_for_selector(f"text={wait_for}", timeout=60_000)
+    click_if_there(page, page.get_by_text("Model training", exact=True))  # the UI's ML (not GenAI) mode
+    click_if_there(page, page.locator("[aria-label='Close assistant'], [aria-label='Close']"))
+    if expand:  # the sweep's parent row opens onto its trials
+        click_if_there(page, page.locator("[role='row']", has_text=wait_for).locator("button"))
     page.wait_for_timeout(2500)  # charts and images finish drawing
     page.screenshot(path=str(path))
     print(f"saved {path}")
@@ -69,7 +80,11 @@ def main(sweep_dir: str, out_dir: str) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
             page = browser.new_page(viewport={"width": 1500, "height": 900})
-            shoot(page, f"{url}/#/experiments/{exp}/runs", out / "mlflow_runs.png", parent.info.run_name)
+            shoot(page, f"{url}/#/experiments/{exp}/runs", out / "mlflow_runs.png", parent.info.run_name, expand=True)
+            page.locator("label:has(input[value='CHART'])").click()  # the chart view of the same runs
+            page.wait_for_timeout(4000)
+            page.screenshot(path=str(out / "mlflow_charts.png"))
+            print(f"saved {out / 'mlflow_charts.png'}")
             shoot(page, f"{url}/#/experiments/{exp}/runs/{parent.info.run_id}", out / "mlflow_sweep_run.png",
                   "Description")
             shoot(page, f"{url}/#/experiments/{exp}/runs/{child.info.run_id}/artifacts/plots/training_curves.png",

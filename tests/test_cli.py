@@ -110,6 +110,8 @@ def test_train_dry_run_end_to_end_on_the_demo(tmp_path):
     assert out["first_batch"].startswith("{'forget': (2, ")
     assert 0 < float(out["first_batch_score_forget"]) < 1
     assert "dry run ok" in res.stdout
+    # building the tiny model imports DeepSpeed (through accelerate); its accelerator warning stays off the console
+    assert "built tiny model" in res.stderr and "Setting accelerator" not in res.stdout + res.stderr
     models = list((tmp_path / "wd" / "models").iterdir())
     assert len(models) == 1 and (models[0] / "model.safetensors").is_file()
     # the cached tiny model is reused on the next run

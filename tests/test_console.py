@@ -58,7 +58,7 @@ def test_sweep_board_off_a_terminal_prints_one_line_per_finished_or_failed_trial
     board.failed("t2", "/ray/t2")
     board.close()
     assert said == ["trial t1 done: lr=0.001 -> forget_prob=0.25", "trial t2 FAILED: see /ray/t2/error.txt"]
-    assert board.best == 0.25 and board.rows["t2"]["state"] == "FAILED"
+    assert board.best == 0.25 and board.rows["t2"]["state"] == "FAILED (/ray/t2/error.txt)"
 
 
 def test_the_model_before_unlearning_is_on_the_front_when_nothing_beats_its_utility():
@@ -102,7 +102,7 @@ def test_git_commit_outside_a_checkout_comes_from_pips_install_record(monkeypatc
     from flat_ray import tracking
 
     def no_git(*args, **kwargs):
-        raise subprocess.CalledProcessError(128, "git")
+        raise subprocess.CalledProcessError(128, "git")  # not inside a git checkout
 
     class Installed:
         @staticmethod
@@ -114,5 +114,8 @@ def test_git_commit_outside_a_checkout_comes_from_pips_install_record(monkeypatc
     monkeypatch.setattr(tracking.metadata, "distribution", lambda name: Installed)
     assert tracking.git_sha() == "0123abc"
     assert tracking.standard_tags("flat-ray train")["mlflow.source.git.commit"] == "0123abc"
+    # a venv inside some other repository: that repository's HEAD is not flat_ray's commit
+    monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "/elsewhere\nfff\n"))
+    assert tracking.git_sha() == "0123abc"
     monkeypatch.setattr(tracking.metadata, "distribution", lambda name: type("Plain", (), {"read_text": staticmethod(lambda n: None)}))
     assert tracking.git_sha() is None and "mlflow.source.git.commit" not in tracking.standard_tags("flat-ray train")

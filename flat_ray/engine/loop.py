@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,165 +100,220 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
 
 def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None, show: Emit,
            tracker: tracking.NullTracker) -> None:
-    loop_started = time.perf_counter()
-    cfg = config_from_dict(payload["run"])
-    rank, world = ctx.rank, ctx.world_size
-    out_dir = Path(payload["output_dir"])
-    ds.init_distributed(rank, world, ctx.local_rank)
-
-    def info(message: str, *args: Any) -> None:  # progress lines from rank 0 only: its log and the console
-        if rank == 0:
-            log.info(message, *args)
-            show({"kind": "line", "text": message % args})
-    torch.manual_seed(cfg.optim.seed)
-
-    # ---- data
-    method = METHODS[cfg.method.name]
-    _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
-                                            load_model=False)
-    profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    dataset = build_dataset(cfg, tokenizer, profile, rows)
-    # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.optim.seed)
-    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
-                        collate_fn=Collator(tokenizer.pad_token_id))
-    accum = cfg.optim.grad_accum_steps
-    total_steps = max(1, (len(loader) * cfg.optim.epochs) // accum)
-    warmup = warmup_steps(total_steps, cfg.optim.warmup_ratio)
-
-    # ---- engine
-    ds_config = ds.build_config(cfg, world)
-    model = ds.load_model(payload["model_path"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
-    engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(s, total_steps, warmup, cfg.optim.schedule))
-    device = engine.device
-    # what the workers really run with (the driver may sit on a CPU-only head)
-    tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
-    # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
-    ref_model = ds.build_reference(ds.load_model(payload["model_path"], ds_config,
-                                                 trust_remote_code=cfg.model.trust_remote_code), ds_config) \
-        if method.needs_reference else None
-    start_epoch, global_step = 0, 0
-    if restore_dir:
-        verify(restore_dir, world)  # refuses a checkpoint that was cut short while being written
-        state = ds.load_checkpoint(engine, Path(restore_dir) / "ds")
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        info("resumed after epoch %d (step %d)", start_epoch, global_step)
-        # every start from a checkpoint is counted: after a lost worker Ray Train restarts the workers here, in
-        # the same MLflow run; steps after the checkpoint are logged again at their same step numbers
-        restores = int(tracker.tags().get("restores", 0)) + 1
-        tracker.set_tags({"resumed_from_epoch": start_epoch, "restores": restores})
-
-    show({"kind": "start", "total_steps": total_steps, "epochs": cfg.optim.epochs, "step": global_step})
-
-    # ---- evaluation: the benchmark's suite on bounded subsets of its splits, sharded over the ranks
-    suite = suite_for(cfg)
-    eval_rows = suite.rows(cfg, cfg.eval.max_examples) if cfg.eval.enabled else {}
-    reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.enabled and cfg.eval.reference else None
-
-    def evaluate(epoch: int) -> dict[str, float]:
-        due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
-        if not cfg.eval.enabled or not due:
-            return {}
-        def progress(split: str, done: int, total: int) -> None:
-            show({"kind": "eval", "epoch": epoch, "split": split, "done": done, "total": total})
-
-        summary = suite.run(engine.module, tokenizer, profile, eval_rows, cfg, rank=rank, world_size=world,
-                            device=device, reference_tr=reference_tr, progress=progress)
-        metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
-        tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch}, step=epoch)
-        if rank == 0:
-            log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
-        return metrics
-
+    """The recipe: set up, restore, evaluate, then per epoch train, evaluate and checkpoint; export."""
+    started = time.perf_counter()
+    job = _Job.setup(payload, ctx, tracker, show)
+    start_epoch = job.restore(restore_dir) if restore_dir else 0
+    show({"kind": "start", "total_steps": job.total_steps, "epochs": job.cfg.optim.epochs, "step": job.global_step})
     if start_epoch == 0:
-        report({"epoch": 0, "global_step": 0, **evaluate(0)}, None)
-
-    # ---- train
-    knobs = vars(cfg.method)
-    engine.train()
-    diverged: str | None = None
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        if rank == 0 and dataset.assignment:
-            (out_dir / "templates").mkdir(parents=True, exist_ok=True)
-            (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(dataset.assignment, indent=0))
-        window_start, window_tokens = time.perf_counter(), 0
-        for batch in loader:
-            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in method.splits(knobs))  # on the host
-            batch = _to(batch, device)
-            boundary = engine.is_gradient_accumulation_boundary()
-            out = method_loss(engine, batch, method, knobs, ref_model)
-            engine.backward(out.loss)
-            engine.step()
-            if not boundary:
-                continue
-            global_step += 1
-            metrics = out.metrics  # one host sync per optimizer step, where we log anyway
-            norm = engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else None
-            problem = _divergence(metrics["loss"], grad_norm)
-            # one collective per step: any rank's divergence stops every rank, and tokens are summed
-            flags = all_reduce(torch.tensor([1.0 if problem else 0.0, float(window_tokens)]))
-            if flags[0] > 0:
-                diverged = f"{problem or 'another rank diverged'} at step {global_step} (epoch {epoch + 1}); lower optim.lr"
-                break
-            elapsed = time.perf_counter() - window_start
-            step_metrics = {f"train/{k}": v for k, v in metrics.items()}
-            step_metrics.update({"lr": engine.get_lr()[0], "tokens_per_s": flags[1].item() / max(elapsed, 1e-9),
-                                 **({"grad_norm": grad_norm} if grad_norm is not None else {})})
-            tracker.log_metrics(step_metrics, step=global_step)
-            if rank == 0:
-                show({"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": metrics["loss"],
-                      "lr": step_metrics["lr"]})
-                if global_step % max(1, total_steps // 20) == 0 or global_step == total_steps:
-                    log.info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, cfg.optim.epochs, global_step,
-                             total_steps, metrics["loss"], step_metrics["lr"])
-            window_start, window_tokens = time.perf_counter(), 0
+        report({"epoch": 0, "global_step": 0, **job.evaluate(0)}, None)
+    job.engine.train()
+    for epoch in range(start_epoch, job.cfg.optim.epochs):
+        diverged = job.train_epoch(epoch)
         if diverged:
             # a result, not a failure: the workers end normally (so Ray never restarts them from a checkpoint
             # that would diverge again) and the driver reads the tags; nothing is exported
-            tracker.set_tags({"diverged": "true", "diverged_step": global_step, "diverged_reason": diverged})
-            info("stopped: %s", diverged)
+            tracker.set_tags({"diverged": "true", "diverged_step": job.global_step, "diverged_reason": diverged})
+            job.info("stopped: %s", diverged)
             return
-        epoch_metrics = {"epoch": epoch + 1, "global_step": global_step, **evaluate(epoch + 1)}
-        # staged locally, manifest last, then handed to Ray Train, which copies it to the storage path and
-        # registers it only once the copy is complete (flat_ray.engine.checkpoint)
-        ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{rank}-"))
+        job.checkpoint(epoch, {"epoch": epoch + 1, "global_step": job.global_step, **job.evaluate(epoch + 1)}, report)
+    job.log_peak_memory()
+    job.export()
+    # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it
+    tracker.log_metrics({"worker_s": time.perf_counter() - started}, step=job.global_step)
+
+
+@dataclass
+class _Job:
+    """One rank's training job: what it was built with and where it stands."""
+
+    cfg: Any
+    payload: Mapping[str, Any]
+    rank: int
+    world: int
+    tracker: tracking.NullTracker
+    show: Emit
+    tokenizer: Any
+    profile: Any
+    dataset: Any
+    sampler: DistributedSampler
+    loader: DataLoader
+    total_steps: int
+    engine: Any = None
+    ref_model: Any = None
+    global_step: int = 0
+    eval_rows: dict = field(default_factory=dict)
+    reference_tr: Any = None
+
+    @property
+    def method(self):
+        return METHODS[self.cfg.method.name]
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        return vars(self.cfg.method)
+
+    def info(self, message: str, *args: Any) -> None:
+        """A progress line from rank 0 only: its log and the console."""
+        if self.rank == 0:
+            log.info(message, *args)
+            self.show({"kind": "line", "text": message % args})
+
+    # ---- set-up
+    @classmethod
+    def setup(cls, payload: Mapping[str, Any], ctx: WorkerContext, tracker: tracking.NullTracker, show: Emit) -> _Job:
+        """Data (the method's splits, sharded over the ranks), the DeepSpeed engine, the evaluation rows."""
+        cfg = config_from_dict(payload["run"])
+        ds.init_distributed(ctx.rank, ctx.world_size, ctx.local_rank)
+        torch.manual_seed(cfg.optim.seed)
+        _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
+                                                load_model=False)
+        profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
+        dataset = build_dataset(cfg, tokenizer, profile, load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir))
+        # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.optim.seed)
+        loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
+                            collate_fn=Collator(tokenizer.pad_token_id))
+        total_steps = max(1, (len(loader) * cfg.optim.epochs) // cfg.optim.grad_accum_steps)
+        job = cls(cfg, payload, ctx.rank, ctx.world_size, tracker, show, tokenizer, profile, dataset, sampler, loader,
+                  total_steps)
+        job._build_engine()
+        if cfg.eval.enabled:  # the benchmark's suite on bounded subsets of its splits
+            job.eval_rows = suite_for(cfg).rows(cfg, cfg.eval.max_examples)
+            job.reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.reference else None
+        return job
+
+    def _build_engine(self) -> None:
+        cfg, path = self.cfg, self.payload["model_path"]
+        warmup = warmup_steps(self.total_steps, cfg.optim.warmup_ratio)
+        ds_config = ds.build_config(cfg, self.world)
+        model = ds.load_model(path, ds_config, trust_remote_code=cfg.model.trust_remote_code)
+        self.engine = ds.build_engine(model, ds_config,
+                                      lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
+        # what the workers really run with (the driver may sit on a CPU-only head)
+        self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
+        # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
+        if self.method.needs_reference:
+            self.ref_model = ds.build_reference(ds.load_model(path, ds_config,
+                                                              trust_remote_code=cfg.model.trust_remote_code), ds_config)
+
+    def restore(self, restore_dir: str) -> int:
+        """Continue from a checkpoint; returns the first epoch still to train."""
+        verify(restore_dir, self.world)  # refuses a checkpoint that was cut short while being written
+        state = ds.load_checkpoint(self.engine, Path(restore_dir) / "ds")
+        start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+        self.info("resumed after epoch %d (step %d)", start_epoch, self.global_step)
+        # every start from a checkpoint is counted: after a lost worker Ray Train restarts the workers here, in
+        # the same MLflow run; steps after the checkpoint are logged again at their same step numbers
+        restores = int(self.tracker.tags().get("restores", 0)) + 1
+        self.tracker.set_tags({"resumed_from_epoch": start_epoch, "restores": restores})
+        return start_epoch
+
+    # ---- evaluation
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """The suite's metrics before training, at the end and every ``eval.every_epochs`` (else nothing)."""
+        cfg = self.cfg
+        due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
+        if not cfg.eval.enabled or not due:
+            return {}
+
+        def progress(split: str, done: int, total: int) -> None:
+            self.show({"kind": "eval", "epoch": epoch, "split": split, "done": done, "total": total})
+
+        summary = suite_for(cfg).run(self.engine.module, self.tokenizer, self.profile, self.eval_rows, cfg,
+                                     rank=self.rank, world_size=self.world, device=self.engine.device,
+                                     reference_tr=self.reference_tr, progress=progress)
+        metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
+        self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch}, step=epoch)
+        if self.rank == 0:
+            log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
+        return metrics
+
+    # ---- training
+    def train_epoch(self, epoch: int) -> str | None:
+        """One pass over this rank's shard; returns why training cannot go on, or None."""
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        out_dir = Path(self.payload["output_dir"])
+        if self.rank == 0 and self.dataset.assignment:
+            (out_dir / "templates").mkdir(parents=True, exist_ok=True)
+            (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(self.dataset.assignment, indent=0))
+        splits = self.method.splits(self.knobs)
+        window_start, window_tokens = time.perf_counter(), 0
+        for batch in self.loader:
+            window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in splits)  # counted on the host
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            out = method_loss(self.engine, _to(batch, self.engine.device), self.method, self.knobs, self.ref_model)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            if not boundary:
+                continue
+            self.global_step += 1
+            problem = self._after_step(epoch, out.metrics, window_tokens, time.perf_counter() - window_start)
+            if problem:
+                return problem
+            window_start, window_tokens = time.perf_counter(), 0
+        return None
+
+    def _after_step(self, epoch: int, metrics: Mapping[str, float], tokens: int, elapsed: float) -> str | None:
+        """Check, log and show one optimizer step (one host sync, where we log anyway)."""
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+        problem = _divergence(metrics["loss"], grad_norm)
+        # one collective per step: any rank's divergence stops every rank, and tokens are summed
+        flags = all_reduce(torch.tensor([1.0 if problem else 0.0, float(tokens)]))
+        if flags[0] > 0:
+            return f"{problem or 'another rank diverged'} at step {self.global_step} (epoch {epoch + 1}); lower optim.lr"
+        step_metrics = {f"train/{k}": v for k, v in metrics.items()}
+        step_metrics.update({"lr": self.engine.get_lr()[0], "tokens_per_s": flags[1].item() / max(elapsed, 1e-9),
+                             **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+        self.tracker.log_metrics(step_metrics, step=self.global_step)
+        if self.rank == 0:
+            self.show({"kind": "step", "step": self.global_step, "epoch": epoch + 1, "loss": metrics["loss"],
+                       "lr": step_metrics["lr"]})
+            if self.global_step % max(1, self.total_steps // 20) == 0 or self.global_step == self.total_steps:
+                log.info("epoch %d/%d step %d/%d loss %.5f lr %.2e", epoch + 1, self.cfg.optim.epochs,
+                         self.global_step, self.total_steps, metrics["loss"], step_metrics["lr"])
+        return None
+
+    # ---- checkpoint, memory, export
+    def checkpoint(self, epoch: int, metrics: dict[str, Any], report: Report) -> None:
+        """Staged locally, manifest last, then handed to Ray Train, which copies it to the storage path and
+        registers it only once the copy is complete (:mod:`flat_ray.engine.checkpoint`)."""
+        ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{self.rank}-"))
         try:
-            state = {"epoch": epoch, "global_step": global_step}
+            state = {"epoch": epoch, "global_step": self.global_step}
             with _writing(f"the epoch {epoch + 1} checkpoint to the local staging folder {ckpt}"):
-                ds.save_checkpoint(engine, ckpt / "ds", state)
-                write_manifest(ckpt, rank, world, state)
-            with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {payload.get('storage_dir')} "
+                ds.save_checkpoint(self.engine, ckpt / "ds", state)
+                write_manifest(ckpt, self.rank, self.world, state)
+            with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {self.payload.get('storage_dir')} "
                           "(launch.storage_path)"):
-                report(epoch_metrics, str(ckpt))
+                report(metrics, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    # ---- peak memory of the busiest rank (host RSS; device memory when on GPU)
-    peak = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux reports KiB
-            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-            _rss_now_mb()]
-    peak_t = all_reduce(torch.tensor(peak), op="max")
-    tracker.log_metrics({"peak_rss_mb": peak_t[0].item(), "rss_end_of_training_mb": peak_t[2].item(),
-                         **({"peak_gpu_mem_mb": peak_t[1].item()} if torch.cuda.is_available() else {})},
-                        step=global_step)
+    def log_peak_memory(self) -> None:
+        """Peak memory of the busiest rank (host RSS; device memory when on GPU)."""
+        peak = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux reports KiB
+                torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+                _rss_now_mb()]
+        peak_t = all_reduce(torch.tensor(peak), op="max")
+        self.tracker.log_metrics({"peak_rss_mb": peak_t[0].item(), "rss_end_of_training_mb": peak_t[2].item(),
+                                  **({"peak_gpu_mem_mb": peak_t[1].item()} if torch.cuda.is_available() else {})},
+                                 step=self.global_step)
 
-    # ---- consolidated export (all ranks gather, rank 0 writes)
-    final = out_dir / "model"
-    tmp = out_dir / ".model-partial"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    with _writing(f"the final model to {tmp} (paths.output_dir)"):
-        written = ds.export_hf(engine, tokenizer, tmp, rank)
-    if written is not None:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # moved into place only once complete
-        info("exported %s", final)
-    if dist.is_initialized():
-        dist.barrier()
-    # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it
-    tracker.log_metrics({"worker_s": time.perf_counter() - loop_started}, step=global_step)
+    def export(self) -> None:
+        """The consolidated Hugging Face directory: all ranks gather, rank 0 writes, moved into place once whole."""
+        out_dir = Path(self.payload["output_dir"])
+        final, tmp = out_dir / "model", out_dir / ".model-partial"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        with _writing(f"the final model to {tmp} (paths.output_dir)"):
+            written = ds.export_hf(self.engine, self.tokenizer, tmp, self.rank)
+        if written is not None:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self.info("exported %s", final)
+        if dist.is_initialized():
+            dist.barrier()

@@ -106,8 +106,12 @@ def connect_ray(address: str | None) -> None:
     loud = verbose()
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
     ctx = ray.init(address=address, **kwargs) if address else ray.init(num_cpus=os.cpu_count(), **kwargs)
-    log.info("Ray %s; worker logs in %s/logs%s", "cluster " + address if address else "started locally",
-             ctx.address_info.get("session_dir", "?"), "" if loud else " (flat-ray --verbose shows them here)")
+    if not loud:  # an errored trial's traceback: the sweep names its error.txt instead
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    session = getattr(ctx, "address_info", {}).get("session_dir")  # a ray:// client context has none
+    log.info("Ray %s; worker logs in %s%s", "cluster " + address if address else "started locally",
+             f"{session}/logs" if session else "the cluster's Ray session folder",
+             "" if loud else " (flat-ray --verbose shows them here)")
 
 
 def _start_ray(cfg: RunConfig) -> None:
@@ -270,14 +274,20 @@ def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[st
             **(tags or {})}
     tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
     tracker.log_params(_params(cfg, model_path))
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    tracker.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", rows, cfg.data.data_dir or cfg.data.benchmark)
+    log_split(tracker, cfg)
     atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
     tracker.log_artifact(output_dir / "config.yaml")
     (storage / name).mkdir(parents=True, exist_ok=True)
     atomic_write_text(storage / name / STATE_FILE, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
                                                                "output_dir": str(output_dir)}))
     return tracker, output_dir
+
+
+def log_split(tracker: tracking.Tracker, cfg: RunConfig) -> None:
+    """The run's training split as an MLflow dataset input."""
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+    tracker.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", rows,
+                        {"benchmark": cfg.data.benchmark, "split": cfg.data.split, "data_dir": cfg.data.data_dir or "-"})
 
 
 def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], callbacks: list | None,
@@ -370,9 +380,12 @@ def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, o
                          seconds=time.monotonic() - started)
     from flat_ray.report import run_curves
 
-    figure = run_curves(uri, tracker.run_id, name)
-    if figure is not None:
-        tracker.log_figure(figure, "plots/training_curves.png")
+    try:
+        figure = run_curves(uri, tracker.run_id, name)
+        if figure is not None:
+            tracker.log_figure(figure, "plots/training_curves.png")
+    except Exception as exc:  # noqa: BLE001 - a figure never fails a finished run
+        log.warning("run %s: could not log its training curves (%s)", name, str(exc).splitlines()[0][:200])
     tracker.set_tags({"model_dir": str(model_dir),
                       "mlflow.note.content": describe(cfg, _result_sentence(result.before, result.after))})
     return result

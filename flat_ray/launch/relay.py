@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 POLL_S = 0.25
+DRAIN_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=0)
@@ -39,24 +40,29 @@ class Relay:
         self._thread = threading.Thread(target=self._pump, name="flat-ray-console", daemon=True)
 
     def __enter__(self):
-        self.sink = _Sink.remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.sink = _Sink.options(scheduling_strategy=here).remote()  # on the driver's node: lives as long as it
         self._thread.start()
         return self.sink
 
-    def _drain(self) -> None:
-        for event in ray.get(self.sink.drain.remote()):
-            self.console.handle(event)
+    def _drain(self) -> bool:
+        """Show what arrived; False once the sink or the console fails (the console never takes a run down)."""
+        try:
+            for event in ray.get(self.sink.drain.remote(), timeout=DRAIN_TIMEOUT_S):
+                self.console.handle(event)
+        except Exception:  # noqa: BLE001 - a lost sink (its node died), a console error: progress stops, the run not
+            return False
+        return True
 
     def _pump(self) -> None:
-        while not self._stop.wait(POLL_S):
-            try:
-                self._drain()
-            except Exception:  # noqa: BLE001 - the console must never take a run down
-                return
+        while not self._stop.wait(POLL_S) and self._drain():
+            pass
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=2 * DRAIN_TIMEOUT_S)
         try:
             self._drain()
         finally:

@@ -32,11 +32,17 @@ from ray import tune
 
 from flat_ray import tracking
 from flat_ray.console import SweepBoard
-from flat_ray.data import load_split
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.fileio import atomic_write_text
-from flat_ray.launch.driver import STATE_FILE, connect_ray, ensure_demo_original, preflight, storage_root
+from flat_ray.launch.driver import (
+    STATE_FILE,
+    connect_ray,
+    ensure_demo_original,
+    log_split,
+    preflight,
+    storage_root,
+)
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.pipeline import workdir
 from flat_ray.report import SWEEP_FILE, write_report
@@ -129,27 +135,36 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         logging.getLogger("flat_ray.tune").warning("%s", exc)
 
 
-class _Board(tune.Callback):
-    """Feeds Tune's trial events to the console's :class:`SweepBoard` (a live table on a terminal)."""
+_BOARD: SweepBoard | None = None  # the running sweep's board; Tune pickles its callbacks, so they look it up
 
-    def __init__(self, board: SweepBoard):
-        self.board = board
+
+class _Board(tune.Callback):
+    """Feeds Tune's trial events to the running sweep's :class:`SweepBoard` (a live table on a terminal). It holds
+    no state: Tune saves its callbacks with the experiment (and a resume brings back that copy)."""
+
+    @staticmethod
+    def _board() -> SweepBoard | None:
+        return _BOARD
 
     @staticmethod
     def _sampled(trial) -> str:
         return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.board.started(str(trial), self._sampled(trial))
+        if board := self._board():
+            board.started(str(trial), self._sampled(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.board.result(str(trial), result)
+        if board := self._board():
+            board.result(str(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.board.finished(str(trial), trial.last_result or {}, self._sampled(trial))
+        if board := self._board():
+            board.finished(str(trial), trial.last_result or {}, self._sampled(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.board.failed(str(trial), str(trial.local_path))
+        if board := self._board():
+            board.failed(str(trial), str(trial.local_path))
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -294,14 +309,16 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
     echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
          f"{parent.run_id}\n{table}")
+    global _BOARD
     with parent.system_metrics():
-        board = SweepBoard(space.objective, space.modes, echo)
+        _BOARD = SweepBoard(space.objective, space.modes, echo)
         try:
             errored = sum(_run_cell(space, cell, name, sweep_dir, storage, uri, parent.run_id,
-                                    concurrency[cell.name], board) for cell in space.cells)
+                                    concurrency[cell.name]) for cell in space.cells)
         finally:
-            board.close()
-        report = _close_parent(parent, space, sweep_dir, started, errored)
+            _BOARD.close()
+            _BOARD = None
+    report = _close_parent(parent, space, sweep_dir, started, errored)
     echo(report.text)
     return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
                        time.monotonic() - started)
@@ -334,9 +351,7 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: s
               **{f"version.{k}": v for k, v in package_versions().items()}}
     parent.log_params(params)
     for cfg in {(c.config.data.benchmark, c.config.data.split): c.config for c in space.cells}.values():
-        parent.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", load_split(cfg.data.benchmark, cfg.data.split,
-                                                                                 cfg.data.data_dir),
-                           cfg.data.data_dir or cfg.data.benchmark)
+        log_split(parent, cfg)
     parent.log_artifact(sweep_dir / "space.yaml")
     parent.log_artifact(sweep_dir / "trials.txt")
     atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
@@ -348,7 +363,7 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: s
 
 
 def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
-              concurrency: int, board: SweepBoard) -> int:
+              concurrency: int) -> int:
     """One grid cell as one Tune experiment (restored when it has state); returns its number of errored trials."""
     metric = space.objective[0] if len(space.objective) == 1 else None
     mode = space.modes[0] if len(space.objective) == 1 else None
@@ -374,7 +389,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
                 reuse_actors=space.scheduler == "fifo",
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
-                                      callbacks=[_Board(board)]))
+                                      callbacks=[_Board()]))
     with _CtrlC() as ctrl_c:
         results = tuner.fit()
     states = _trial_states(results)
