@@ -53,13 +53,28 @@ def check_reachable(uri: str) -> None:
         return
     if not uri.startswith(("http://", "https://", "databricks")):
         raise FlatRayError(f"tracking.mlflow_uri {uri!r} is not supported; use sqlite:///PATH or http(s)://HOST:PORT")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     try:
-        _client(uri).search_experiments(max_results=1)
+        with _probe_settings():  # one quick try here; MLflow's own retries and back-off for everything after
+            _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # MlflowException, requests' ConnectionError, ...
         raise FlatRayError(f"MLflow server {uri} is unreachable ({type(exc).__name__}); start it "
                            "(mlflow server --host 127.0.0.1) or set tracking.mlflow_uri") from None
+
+
+@contextmanager
+def _probe_settings() -> Iterator[None]:
+    """No retries and a 5 s timeout for the reachability probe only; the process's settings are put back."""
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    before = {k: os.environ.get(k) for k in probe}
+    os.environ.update(probe)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def git_sha() -> str | None:

@@ -187,9 +187,7 @@ def test_mistake_gives_one_line_exit_2_and_writes_nothing(argv, message, via, tm
                                                           capsys, tripwires):
     inputs = make_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)  # a default relative path (flat_ray_work) would land here and be seen
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-                       # tracking.check_reachable sets these for itself; keep them from leaking into later tests
-                       ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")):
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
         monkeypatch.setenv(key, value)
     args = [a.format(tmp=tmp_path, tiny=tiny_model_dir, **{"in": inputs}) for a in argv]
     before = tree(tmp_path)

@@ -51,3 +51,22 @@ def test_eval_shards_cover_every_item_once_with_equal_lengths(n, world):
 def test_rouge_l_recall_uses_the_stemmer():
     assert rouge_l_recall("the authors write novels", "the author writes novels") == pytest.approx(1.0)
     assert rouge_l_recall("nothing", "the author was born in Osaka") == 0.0
+
+
+def test_the_workers_model_load_passes_the_pinned_revision(tiny_model_dir, monkeypatch):
+    """model.revision reaches the training workers' load (a hub model pinned to a revision trains on it)."""
+    import transformers
+
+    from flat_ray.engine import ds
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(path, *args, **kwargs):
+        seen.append(kwargs.get("revision"))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    config = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    ds.load_model(str(tiny_model_dir), config, revision="v1.2")
+    assert seen == ["v1.2"]

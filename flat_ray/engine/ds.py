@@ -83,14 +83,16 @@ def build_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def load_model(path: str, ds_config: dict[str, Any], *, trust_remote_code: bool = False):
-    """Load a causal LM; under ZeRO-3 it is created partitioned (never materialised whole on one rank)."""
+def load_model(path: str, ds_config: dict[str, Any], *, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a causal LM (at ``revision`` for a hub id); under ZeRO-3 it is created partitioned (never materialised
+    whole on one rank)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     hook = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else (torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 revision=revision)
     model._flat_ray_ds_hook = hook  # keep transformers' ZeRO-3 hook alive as long as the model
     return model
 

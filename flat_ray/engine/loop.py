@@ -167,7 +167,7 @@ class _Job:
         ds.init_distributed(ctx.rank, ctx.world_size, ctx.local_rank)
         torch.manual_seed(cfg.optim.seed)
         _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
-                                                load_model=False)
+                                                revision=cfg.model.revision, load_model=False)
         profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
         dataset = build_dataset(cfg, tokenizer, profile, load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir))
         # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
@@ -187,15 +187,15 @@ class _Job:
         cfg, path = self.cfg, self.payload["model_path"]
         warmup = warmup_steps(self.total_steps, cfg.optim.warmup_ratio)
         ds_config = ds.build_config(cfg, self.world)
-        model = ds.load_model(path, ds_config, trust_remote_code=cfg.model.trust_remote_code)
+        load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
+        model = ds.load_model(path, ds_config, **load)
         self.engine = ds.build_engine(model, ds_config,
                                       lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
         # what the workers really run with (the driver may sit on a CPU-only head)
         self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
         # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
         if self.method.needs_reference:
-            self.ref_model = ds.build_reference(ds.load_model(path, ds_config,
-                                                              trust_remote_code=cfg.model.trust_remote_code), ds_config)
+            self.ref_model = ds.build_reference(ds.load_model(path, ds_config, **load), ds_config)
 
     def restore(self, restore_dir: str) -> int:
         """Continue from a checkpoint; returns the first epoch still to train."""
