@@ -97,7 +97,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     """Build model, data and one batch; compute the method's loss once (no optimizer step). Returns a summary."""
     import torch
 
-    from flat_ray.engine.schedule import steps_per_epoch
+    from flat_ray.engine.schedule import micro_batches_per_epoch, optimizer_steps
     from flat_ray.engine.step import method_loss
 
     method = METHODS[cfg.method.name]
@@ -111,7 +111,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     prep.model.eval()
     with torch.no_grad():
         out = method_loss(prep.model, batch, method, vars(cfg.method), reference)
-    per_epoch = steps_per_epoch(n, cfg.optim.micro_batch_size, cfg.launch.num_workers, cfg.optim.grad_accum_steps)
+    micro = micro_batches_per_epoch(n, cfg.optim.micro_batch_size, cfg.launch.num_workers)
     return {
         "model": prep.model_path,
         "parameters": count_parameters(prep.model),
@@ -120,7 +120,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         "template_source": cfg.data.template_source,
         "first_templates": prep.dataset.assignment[:3],
         "method": f"{method.name} ({', '.join(f'{k}={getattr(cfg.method, k)}' for k in method.knobs)})",
-        "optimizer_steps": per_epoch * cfg.optim.epochs,
+        "optimizer_steps": optimizer_steps(micro, cfg.optim.epochs, cfg.optim.grad_accum_steps),
         "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.splits(vars(cfg.method))},
         **{f"first_batch_{k}": round(v, 6) for k, v in out.metrics.items()},
     }

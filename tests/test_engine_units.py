@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flat_ray.config import load_config
-from flat_ray.engine.schedule import lr_multiplier, steps_per_epoch, warmup_steps
+from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 from flat_ray.eval.runner import rouge_l_recall, shard
 
 
@@ -17,7 +17,9 @@ def test_schedule_warmup_then_decay():
     assert [lr_multiplier(s, total, warm, "constant") for s in range(2, total)] == [1.0] * 8
     cosine = [lr_multiplier(s, total, warm, "cosine") for s in range(2, total)]
     assert cosine[0] == 1.0 and cosine[4] == pytest.approx(0.5)
-    assert steps_per_epoch(10, 2, 2, 1) == 3 and steps_per_epoch(10, 2, 2, 2) == 2
+    assert micro_batches_per_epoch(10, 2, 2) == 3 and micro_batches_per_epoch(8, 2, 2) == 2
+    # 3 micro-batches per epoch, 2 epochs: windows of 2 carry over the epoch boundary; a last partial one never steps
+    assert [optimizer_steps(3, 2, k) for k in (1, 2, 3, 4, 7)] == [6, 3, 2, 1, 0]
     assert warmup_steps(25, 0.2) == 5
 
 
@@ -70,3 +72,45 @@ def test_the_workers_model_load_passes_the_pinned_revision(tiny_model_dir, monke
     config = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
     ds.load_model(str(tiny_model_dir), config, revision="v1.2")
     assert seen == ["v1.2"]
+
+
+STEP_COUNT_SCRIPT = r"""
+import json, sys, tempfile
+from flat_ray.config import load_config
+from flat_ray.engine.loop import WorkerContext, train_worker
+from flat_ray.pipeline import dry_run
+
+model, out = sys.argv[1], {}
+for accum in (1, 3, 4):
+    cfg = load_config(None, [f"model.name_or_path={model}", "data.split=forget05", "data.max_length=48",
+                             "optim.micro_batch_size=2", "optim.epochs=2", f"optim.grad_accum_steps={accum}",
+                             "deepspeed.stage=0", "launch.num_workers=1", "eval.enabled=false"])
+    steps = []
+    payload = {"run": cfg.to_dict(), "model_path": model, "output_dir": tempfile.mkdtemp(),
+               "mlflow": {"uri": None, "run_id": None}}
+    train_worker(payload, WorkerContext(0, 1, 0), lambda metrics, ckpt: steps.append(metrics["global_step"]))
+    out[accum] = [dry_run(cfg)["optimizer_steps"], steps[-1]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_dry_runs_step_count_is_what_the_real_loop_takes(tiny_model_dir, tmp_path):
+    """10 questions, micro-batch 2, one rank, 2 epochs: 10 micro-batches, so 10, 3 and 2 optimizer steps at
+    accumulation 1, 3 and 4 (DeepSpeed's count, which carries partial windows across epochs)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    res = subprocess.run([sys.executable, "-c", STEP_COUNT_SCRIPT, str(tiny_model_dir)], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts == {"1": [10, 10], "3": [3, 3], "4": [2, 2]}

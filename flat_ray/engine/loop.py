@@ -30,7 +30,7 @@ from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import verify, write_manifest
-from flat_ray.engine.schedule import lr_multiplier, warmup_steps
+from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss
 from flat_ray.errors import StorageError
 from flat_ray.eval.suites import suite_for
@@ -174,7 +174,8 @@ class _Job:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.optim.seed)
         loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
                             collate_fn=Collator(tokenizer.pad_token_id))
-        total_steps = max(1, (len(loader) * cfg.optim.epochs) // cfg.optim.grad_accum_steps)
+        # the lr schedule needs at least one step even when a run is too short to take one
+        total_steps = max(1, optimizer_steps(len(loader), cfg.optim.epochs, cfg.optim.grad_accum_steps))
         job = cls(cfg, payload, ctx.rank, ctx.world_size, tracker, show, tokenizer, profile, dataset, sampler, loader,
                   total_steps)
         job._build_engine()

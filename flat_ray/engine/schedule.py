@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 
 
-def steps_per_epoch(num_examples: int, micro_batch_size: int, world_size: int, grad_accum_steps: int) -> int:
-    """Optimizer steps per epoch; the last, partial accumulation window still steps."""
-    micro_batches = math.ceil(num_examples / (micro_batch_size * world_size))
-    return math.ceil(micro_batches / grad_accum_steps)
+def optimizer_steps(micro_batches_per_epoch: int, epochs: int, grad_accum_steps: int) -> int:
+    """Optimizer steps of a whole run. DeepSpeed counts micro-batches across epochs and steps at every
+    ``grad_accum_steps``-th one: a partial window at the end of an epoch carries into the next, and one left at
+    the end of the run never steps."""
+    return (micro_batches_per_epoch * epochs) // grad_accum_steps
+
+
+def micro_batches_per_epoch(num_examples: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank runs per epoch (the sampler pads every rank to the same count)."""
+    return math.ceil(num_examples / (micro_batch_size * world_size))
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
