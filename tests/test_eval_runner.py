@@ -158,3 +158,20 @@ def test_eval_bad_input(args, message, tmp_path, capsys):
     code, out, err = run_cli(["eval", f"paths.workdir={tmp_path}/wd", *[a.format(tmp=tmp_path) for a in args]], capsys)
     assert code == 2 and message in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "wd").exists()  # nothing written
+
+
+def test_text_token_logprobs_are_the_plain_log_softmax_of_each_gold_token(tiny):
+    """MUSE's PrivLeak scores come from these: every token after the first, given the ones before it."""
+    import torch
+
+    from flat_ray.eval.runner import text_token_logprobs
+
+    model, tok = tiny
+    texts = ["The Silent Orchard was written in Lisbon.", "Paris"]
+    got = text_token_logprobs(model, tok, texts, max_length=64, batch_size=2)
+    for text, values in zip(texts, got, strict=True):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        expected = logp.gather(-1, ids[0, 1:, None]).squeeze(-1).numpy()
+        assert values.shape == expected.shape and np.allclose(values, expected, atol=1e-5)

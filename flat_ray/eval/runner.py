@@ -19,7 +19,7 @@ import torch.distributed as dist
 from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
 from flat_ray.distributed import all_reduce, multi_process
 from flat_ray.eval.tofu import SplitValues
-from flat_ray.losses import mean_token_nll
+from flat_ray.losses import IGNORE_INDEX, mean_token_nll, token_logprobs
 from flat_ray.models import PromptProfile
 
 _SCORER = None
@@ -183,10 +183,11 @@ def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, max
             chunk = items[b * batch_size:(b + 1) * batch_size] or items[-1:]
             batch = collate(chunk)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            # fp32 log-probs of the gold tokens, chunk by chunk: no fp32 copy of the (B, T, V) logits
+            lp, valid = token_logprobs(model(input_ids=ids, attention_mask=mask).logits,
+                                       ids.masked_fill(mask == 0, IGNORE_INDEX))
             if b < n_batches:
-                out += [row[m.bool()].cpu().tolist() for row, m in zip(lp, mask[:, 1:], strict=True)]
+                out += [row[m].cpu().tolist() for row, m in zip(lp, valid, strict=True)]
     finally:
         model.train(was_training)
     return [np.asarray(v) for v in _gather({"lp": out}, keep, idx)["lp"]]
