@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from flat_ray.assets import DEMO_SPEC  # noqa: E402
 from flat_ray.data import BUILTIN_TEMPLATES, encode_qa, load_split  # noqa: E402
 from flat_ray.data.demo import demo_texts  # noqa: E402
 from flat_ray.eval.runner import evaluate_split, rouge_l_recall  # noqa: E402
 from flat_ray.losses import mean_token_nll  # noqa: E402
 from flat_ray.models import PROFILES, build_tiny_model, load_model_and_tokenizer  # noqa: E402
-from flat_ray.pipeline import DEMO_SPEC  # noqa: E402
 
 
 @torch.no_grad()

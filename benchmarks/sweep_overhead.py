@@ -29,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from flat_ray import tracking
-    from flat_ray.launch.driver import ensure_demo_original
+    from flat_ray.assets import ensure_demo_original
+    from flat_ray.launch.driver import finetuner
     from flat_ray.launch.tune import run_sweep
     from flat_ray.sweep import load_space
 
@@ -39,7 +40,7 @@ def main() -> None:
         space = Path(tmp) / "overhead.yaml"
         space.write_text(f"name: overhead\nbase: [demo]\nset: {{paths.workdir: {workdir}, optim.epochs: {args.epochs}}}\n"
                          f"params: {{optim.lr: {{grid: [{lrs}]}}}}\nobjective: unlearn_score\n")
-        ensure_demo_original(load_space(str(space)).cells[0].config)  # not part of the measurement
+        ensure_demo_original(load_space(str(space)).cells[0].config, finetuner())  # not part of the measurement
         started = time.monotonic()
         result = run_sweep(str(space), [], name=f"overhead-{time.strftime('%Y%m%d-%H%M%S')}", echo=print)
         wall = time.monotonic() - started

@@ -228,6 +228,7 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
     else:
         from flat_ray.eval.harness import parse_tasks
         from flat_ray.eval.run import evaluate_model
+        from flat_ray.launch.driver import finetuner
 
         overrides = [f"{key}={value}" for key, value in (("model.name_or_path", model), ("data.benchmark", benchmark),
                      ("data.split", split), ("data.data_dir", data_dir), ("eval.truth_ratio", truth_ratio)) if value]
@@ -237,7 +238,7 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
         hf_logging.disable_progress_bar()
         result = evaluate_model(cfg, reference=reference, tasks=parse_tasks(tasks) if tasks else None,
                                 tasks_include=tasks_include, limit=limit, max_examples=max_examples, out_dir=out,
-                                run_id=run_id)
+                                run_id=run_id, finetune=finetuner(console=True))
         summary = {**result.summary, **{f"lm_eval/{t}/{m}": v for t, ms in result.utility.items() for m, v in ms.items()},
                    "out_dir": str(result.out_dir), "mlflow_run_id": result.run_id}
     if as_json:

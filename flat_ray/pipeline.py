@@ -4,43 +4,25 @@ dataset with template answers, collator. ``dry_run`` builds them and computes th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from flat_ray.assets import resolve_model_path
 from flat_ray.config import RunConfig
 from flat_ray.data import (
     BENCHMARKS,
-    BUILTIN_TEMPLATES,
     Collator,
     UnlearnDataset,
     load_split,
     make_template_source,
 )
-from flat_ray.data.demo import demo_texts
 from flat_ray.data.text import chunk_rows
 from flat_ray.losses import METHODS
 from flat_ray.models import (
     PROFILES,
-    TinySpec,
-    cached_tiny_model,
     count_parameters,
     load_model_and_tokenizer,
     resolve_profile,
 )
-
-
-def workdir(cfg: RunConfig) -> Path:
-    return Path(cfg.paths.workdir).expanduser().resolve()
-
-
-# The demo's model: big enough (about 1 M parameters) to keep forget and retain authors apart, small enough to
-# fine-tune on two CPU cores in a couple of minutes.
-DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4)
-
-
-def tiny_model_path(cfg: RunConfig) -> Path:
-    """The cached tiny model, built from the demo text and the built-in templates on first use."""
-    return cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models", DEMO_SPEC)
 
 
 @dataclass
@@ -83,9 +65,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict]
 def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     # data first: a bad data file should fail before a model is built or downloaded
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    from flat_ray.launch.driver import resolve_model_path  # no Ray import: the driver imports it lazily
-
-    path = resolve_model_path(cfg, train_original=False)
+    path = resolve_model_path(cfg)  # a dry run never fine-tunes: the cached demo original, else the tiny model
     model, tokenizer = load_model_and_tokenizer(
         path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
     profile = profile_for(cfg, path, tokenizer)

@@ -176,7 +176,7 @@ def test_train_refuses_bad_input_before_anything_is_written(args, message, tmp_p
 
 
 def test_demo_original_cache_key_follows_its_inputs(tmp_path):
-    from flat_ray.launch.driver import demo_original_path
+    from flat_ray.assets import demo_original_path
 
     a = load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"])
     b = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from flat_ray import tracking
+from flat_ray.assets import FineTune, resolve_model_path, workdir
 from flat_ray.config import RunConfig
 from flat_ray.data import BENCHMARKS
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
@@ -22,7 +23,7 @@ from flat_ray.eval.runner import evaluate_tofu
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_log_dir, read_reference, summarize, write_log_dir
 from flat_ray.models import load_model_and_tokenizer
-from flat_ray.pipeline import profile_for, workdir
+from flat_ray.pipeline import profile_for
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ARTIFACT_DIR = "tofu_eval"
@@ -49,11 +50,10 @@ def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, str
     return read_reference(Path(ref).expanduser())
 
 
-def model_location(cfg: RunConfig) -> str:
-    """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``."""
-    from flat_ray.launch.driver import resolve_model_path
-
-    path = resolve_model_path(cfg)
+def model_location(cfg: RunConfig, finetune: FineTune | None = None) -> str:
+    """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``; the demo's original
+    is built with ``finetune`` when it is not cached yet."""
+    path = resolve_model_path(cfg, finetune)
     if (Path(path) / "model" / "config.json").is_file():
         return str(Path(path) / "model")
     return path
@@ -61,7 +61,9 @@ def model_location(cfg: RunConfig) -> str:
 
 def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[str] | None = None,
                    tasks_include: str | None = None, limit: int | None = None, max_examples: int | None = None,
-                   out_dir: str | None = None, run_id: str | None = None) -> EvalResult:
+                   out_dir: str | None = None, run_id: str | None = None,
+                   finetune: FineTune | None = None) -> EvalResult:
+    """Evaluate one model (``finetune`` builds the demo's original if it is asked for and not cached yet)."""
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     # everything a user can get wrong, before the model is loaded or anything is written
     suite = suite_for(cfg)
@@ -72,7 +74,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     if run_id:
         tracking.run_data_or_error(uri, run_id)
     manager = task_manager(tasks, tasks_include) if tasks else None
-    path = model_location(cfg)
+    path = model_location(cfg, finetune)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
                                                 revision=cfg.model.revision)
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)

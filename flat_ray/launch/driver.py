@@ -6,19 +6,17 @@ fine-tuning). Everything a user can get wrong is checked before Ray starts or an
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flat_ray import tracking
+from flat_ray.assets import FineTune, resolve_model_path, workdir
 from flat_ray.config import RunConfig, load_config
 from flat_ray.console import RunConsole, verbose
 from flat_ray.data import load_split, make_template_source
@@ -29,7 +27,7 @@ from flat_ray.eval.tofu import read_reference
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
-from flat_ray.pipeline import profile_for, tiny_model_path, workdir
+from flat_ray.pipeline import profile_for
 
 log = logging.getLogger(__name__)
 STATE_FILE = "flat_ray_run.json"  # next to Ray's own files: which MLflow run and output dir a Ray run belongs to
@@ -127,51 +125,9 @@ def _start_ray(cfg: RunConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- demo models
-def _demo_finetune_config(cfg: RunConfig) -> RunConfig:
-    base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
-    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=cfg.launch, paths=cfg.paths,
-                               tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
-
-
-def resolve_model_path(cfg: RunConfig, *, train_original: bool = True, console: bool = False) -> str:
-    """Sentinels become cached local models: ``tiny`` is built; ``demo`` is built and fine-tuned, or, with
-    ``train_original=False`` (a dry run never trains), the cached original if there is one, else ``tiny``."""
-    if cfg.model.name_or_path == TINY:
-        return str(tiny_model_path(cfg))
-    if cfg.model.name_or_path == DEMO_ORIGINAL:
-        if train_original:
-            return str(ensure_demo_original(cfg, console=console))
-        cached = demo_original_path(cfg)
-        return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
-    return cfg.model.name_or_path
-
-
-def demo_original_path(cfg: RunConfig) -> Path:
-    """Where the demo's original model for ``cfg`` is cached: named by a hash of everything that shapes it (the
-    tiny model, the fine-tuning recipe, workers, ZeRO stage), so a change of any of them rebuilds it."""
-    ft = _demo_finetune_config(cfg)
-    recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
-    recipe["world_size"] = ft.launch.num_workers
-    recipe["tiny"] = tiny_model_path(ft).name
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    return workdir(cfg) / "models" / f"demo-original-{digest}"
-
-
-def ensure_demo_original(cfg: RunConfig, *, console: bool = False) -> Path:
-    """Build (once) and return the demo's original model: the tiny model fine-tuned on all demo authors."""
-    target = demo_original_path(cfg)
-    if (target / "config.json").is_file():
-        return target
-    ft = _demo_finetune_config(cfg)
-    digest = target.name.removeprefix("demo-original-")
-    log.info("building the demo's original model (fine-tuning the tiny model on all demo authors)")
-    result = run_training(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=f"demo-original-{digest}")),
-                          console=console)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(result.model_dir, tmp)
-    tmp.rename(target)
-    return target
+def finetuner(console: bool = False) -> FineTune:
+    """How the launch layer fine-tunes (the demo's original model): a Ray Train run of the config."""
+    return lambda cfg: run_training(cfg, console=console).model_dir
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -336,7 +292,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
     preflight(cfg, uri)
-    model_path = resolve_model_path(cfg, console=console)
+    model_path = resolve_model_path(cfg, finetuner(console))
     _start_ray(cfg)
     tracker, output_dir = _open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),

@@ -31,6 +31,7 @@ import ray
 from ray import tune
 
 from flat_ray import tracking
+from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
@@ -38,13 +39,12 @@ from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import (
     STATE_FILE,
     connect_ray,
-    ensure_demo_original,
+    finetuner,
     log_split,
     preflight,
     storage_root,
 )
 from flat_ray.models import DEMO_ORIGINAL
-from flat_ray.pipeline import workdir
 from flat_ray.report import SWEEP_FILE, write_report
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
@@ -304,7 +304,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     concurrency = _check_cluster(space, address, storage_path is not None, uri)
     for cell in space.cells:  # build the demo's original model once, before trials need it
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
-            ensure_demo_original(cell.config, console=True)
+            ensure_demo_original(cell.config, finetuner(console=True))
     table = format_table(trial_table_with(space, concurrency))
     parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
     echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "

@@ -1,0 +1,85 @@
+"""Model assets, below the pipeline: the work directory, the cached tiny model and the demo's original model.
+
+The original is the tiny model fine-tuned on all demo authors. Fine-tuning is a Ray Train run, which lives above
+this layer (``flat_ray.launch``), so whoever may build the original passes the fine-tune function in: nothing here
+imports the launch layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from flat_ray.config import RunConfig, load_config
+from flat_ray.data import BUILTIN_TEMPLATES
+from flat_ray.data.demo import demo_texts
+from flat_ray.models import DEMO_ORIGINAL, TINY, TinySpec, cached_tiny_model
+
+log = logging.getLogger(__name__)
+
+# The demo's model: big enough (about 1 M parameters) to keep forget and retain authors apart, small enough to
+# fine-tune on two CPU cores in a couple of minutes.
+DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4)
+
+# runs a fine-tuning config to the end and returns the exported model directory
+FineTune = Callable[[RunConfig], Path]
+
+
+def workdir(cfg: RunConfig) -> Path:
+    return Path(cfg.paths.workdir).expanduser().resolve()
+
+
+def tiny_model_path(cfg: RunConfig) -> Path:
+    """The cached tiny model, built from the demo text and the built-in templates on first use."""
+    return cached_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), workdir(cfg) / "models", DEMO_SPEC)
+
+
+def demo_finetune_config(cfg: RunConfig) -> RunConfig:
+    """The recipe of the demo's original model, run with ``cfg``'s engine, workers and paths."""
+    base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
+    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=cfg.launch, paths=cfg.paths,
+                               tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
+
+
+def demo_original_path(cfg: RunConfig) -> Path:
+    """Where the demo's original model for ``cfg`` is cached: named by a hash of everything that shapes it (the
+    tiny model, the fine-tuning recipe, workers, ZeRO stage), so a change of any of them rebuilds it."""
+    ft = demo_finetune_config(cfg)
+    recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
+    recipe["world_size"] = ft.launch.num_workers
+    recipe["tiny"] = tiny_model_path(ft).name
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return workdir(cfg) / "models" / f"demo-original-{digest}"
+
+
+def ensure_demo_original(cfg: RunConfig, finetune: FineTune) -> Path:
+    """Build (once, with ``finetune``) and return the demo's original model."""
+    target = demo_original_path(cfg)
+    if (target / "config.json").is_file():
+        return target
+    ft = demo_finetune_config(cfg)
+    log.info("building the demo's original model (fine-tuning the tiny model on all demo authors)")
+    model_dir = finetune(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=target.name)))
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(cfg: RunConfig, finetune: FineTune | None = None) -> str:
+    """Sentinels become cached local models: ``tiny`` is built; ``demo`` is built and fine-tuned with
+    ``finetune``, or without one (a dry run never trains) the cached original if there is one, else ``tiny``."""
+    if cfg.model.name_or_path == TINY:
+        return str(tiny_model_path(cfg))
+    if cfg.model.name_or_path == DEMO_ORIGINAL:
+        if finetune is not None:
+            return str(ensure_demo_original(cfg, finetune))
+        cached = demo_original_path(cfg)
+        return str(cached) if (cached / "config.json").is_file() else str(tiny_model_path(cfg))
+    return cfg.model.name_or_path
