@@ -198,19 +198,22 @@ def test_searchers_and_schedulers_follow_the_space(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    from flat_ray.launch.tune import _scheduler, _searcher
+    from flat_ray.launch.tune import SCHEDULER_BUILDERS, SEARCH_BUILDERS
+    from flat_ray.sweep import SCHEDULERS, SEARCHERS
 
+    # every name a space may use has a builder, and no builder hides behind an unlisted name
+    assert set(SEARCH_BUILDERS) == set(SEARCHERS.keys()) and set(SCHEDULER_BUILDERS) == set(SCHEDULERS.keys())
     demo = load_space("demo")
-    assert isinstance(_searcher(demo, demo.cells[0], 1), BasicVariantGenerator)
+    assert isinstance(SEARCH_BUILDERS[demo.algorithm](demo, demo.cells[0], 1), BasicVariantGenerator)
     multi = load_space(_write(tmp_path, "base: [demo]\nparams: {optim.lr: {loguniform: [1.0e-4, 1.0e-3]}}\n"
                                         "search: {algorithm: optuna, seed: 3}\n"
                                         "objective: [forget_prob, retain_prob]\n"))
-    searcher = _searcher(multi, multi.cells[0], 2)
+    searcher = SEARCH_BUILDERS[multi.algorithm](multi, multi.cells[0], 2)
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 2
     assert searcher.searcher.metric == ["forget_prob", "retain_prob"]
     assert searcher.searcher.mode == ["min", "max"]  # directions from the metric registry
     tofu = load_space("tofu_baselines")
-    sched = _scheduler(tofu, tofu.cells[0])
+    sched = SCHEDULER_BUILDERS[tofu.scheduler](tofu, tofu.cells[0])
     assert isinstance(sched, ASHAScheduler) and sched._max_t == tofu.cells[0].config.optim.epochs + 1
 
 

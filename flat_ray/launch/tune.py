@@ -78,34 +78,43 @@ def param_space(cell: Cell) -> dict[str, Any]:
     return {key: domain(spec) for key, spec in cell.params.items()}
 
 
-def _searcher(space: Space, cell: Cell, concurrency: int):
-    """Searchers limit concurrency themselves (Tune ignores ``max_concurrent_trials`` for the basic one)."""
-    if space.algorithm == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        metric = space.objective if len(space.objective) > 1 else space.objective[0]
-        mode = space.modes if len(space.objective) > 1 else space.modes[0]
-        return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=space.seed), max_concurrent=concurrency)
+def _basic(space: Space, cell: Cell, concurrency: int):
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=space.seed, max_concurrent=concurrency)
 
 
-def _scheduler(space: Space, cell: Cell):
-    if space.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+def _optuna(space: Space, cell: Cell, concurrency: int):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
-        # one report per epoch plus the evaluation before training: epochs + 1 iterations. A trial that reaches
-        # max_t ends by itself (stop_last_trials=False): stopping it there would cut off its export
-        max_t = cell.config.optim.epochs + 1
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                             grace_period=min(space.scheduler_args.get("grace_period", 1) + 1, max_t),
-                             reduction_factor=space.scheduler_args.get("reduction_factor", 2),
-                             stop_last_trials=False)
+    metric = space.objective if len(space.objective) > 1 else space.objective[0]
+    mode = space.modes if len(space.objective) > 1 else space.modes[0]
+    return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=space.seed), max_concurrent=concurrency)
+
+
+def _fifo(space: Space, cell: Cell):
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
+
+
+def _asha(space: Space, cell: Cell):
+    from ray.tune.schedulers import ASHAScheduler
+
+    # one report per epoch plus the evaluation before training: epochs + 1 iterations. A trial that reaches
+    # max_t ends by itself (stop_last_trials=False): stopping it there would cut off its export
+    max_t = cell.config.optim.epochs + 1
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                         grace_period=min(space.scheduler_args.get("grace_period", 1) + 1, max_t),
+                         reduction_factor=space.scheduler_args.get("reduction_factor", 2),
+                         stop_last_trials=False)
+
+
+# The Ray objects behind the names of flat_ray.sweep's SEARCHERS and SCHEDULERS registries (same keys, tested).
+# Searchers limit concurrency themselves (Tune ignores ``max_concurrent_trials`` for the basic one).
+SEARCH_BUILDERS: dict[str, Callable[[Space, Cell, int], Any]] = {"basic": _basic, "optuna": _optuna}
+SCHEDULER_BUILDERS: dict[str, Callable[[Space, Cell], Any]] = {"fifo": _fifo, "asha": _asha}
 
 
 # ------------------------------------------------------------------------------------------ the trial
@@ -382,8 +391,8 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
         tuner = tune.Tuner(
             trainable, param_space=param_space(cell),
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=_searcher(space, cell, concurrency),
-                scheduler=_scheduler(space, cell), num_samples=space.num_samples,
+                metric=metric, mode=mode, search_alg=SEARCH_BUILDERS[space.algorithm](space, cell, concurrency),
+                scheduler=SCHEDULER_BUILDERS[space.scheduler](space, cell), num_samples=space.num_samples,
                 # the trial function's process (ray, flat_ray imported) serves the next trial too; not
                 # with early stopping, where a stopped trial's function may still be running
                 reuse_actors=space.scheduler == "fifo",
