@@ -131,11 +131,11 @@ class _Lines:
 class RunConsole:
     """Renders one run's events: bars on a terminal, plain lines otherwise."""
 
-    def __init__(self, name: str, stream: TextIO | None = None, echo: Callable[[str], None] | None = None):
+    def __init__(self, name: str, stream: TextIO | None = None):
         stream = stream or sys.stdout
         self.name = name
         self.view: _Bars | _Lines = (_Bars(name, stream) if is_terminal(stream)
-                                     else _Lines(name, echo or (lambda s: print(s, file=stream))))
+                                     else _Lines(name, lambda s: print(s, file=stream)))
 
     def handle(self, ev: Mapping[str, Any]) -> None:
         kind = ev.get("kind")

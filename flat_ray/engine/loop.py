@@ -240,12 +240,13 @@ class _Job:
         if self.rank == 0 and self.dataset.assignment:
             (out_dir / "templates").mkdir(parents=True, exist_ok=True)
             (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(self.dataset.assignment, indent=0))
-        splits = self.method.splits(self.knobs)
+        method, knobs = self.method, self.knobs  # looked up once per epoch, not per micro-batch
+        splits = method.splits(knobs)
         window_start, window_tokens = time.perf_counter(), 0
         for batch in self.loader:
             window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in splits)  # counted on the host
             boundary = self.engine.is_gradient_accumulation_boundary()
-            out = method_loss(self.engine, _to(batch, self.engine.device), self.method, self.knobs, self.ref_model)
+            out = method_loss(self.engine, _to(batch, self.engine.device), method, knobs, self.ref_model)
             self.engine.backward(out.loss)
             self.engine.step()
             if not boundary:

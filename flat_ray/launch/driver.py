@@ -131,11 +131,16 @@ def finetuner(console: bool = False) -> FineTune:
 
 
 # --------------------------------------------------------------------------------------------------- running
+def _divergence(cfg: RunConfig) -> str | None:
+    """The run's f-divergence when its method has one (FLAT), else None."""
+    return cfg.method.divergence if "divergence" in METHODS[cfg.method.name].knobs else None
+
+
 def _run_name(cfg: RunConfig) -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    knob = f"-{cfg.method.divergence}" if "divergence" in METHODS[cfg.method.name].knobs else ""
+    knob = f"-{_divergence(cfg)}" if _divergence(cfg) else ""
     return f"{cfg.method.name}{knob}-lr{cfg.optim.lr:g}-{stamp}"
 
 
@@ -177,8 +182,7 @@ def _worker_error(exc: BaseException) -> str:
 
 def describe(cfg: RunConfig, result: str = "") -> str:
     """One paragraph saying what a run is (MLflow's run description, ``mlflow.note.content``)."""
-    knobs = METHODS[cfg.method.name].knobs
-    detail = f" with the {cfg.method.divergence} divergence" if "divergence" in knobs else ""
+    detail = f" with the {_divergence(cfg)} divergence" if _divergence(cfg) else ""
     text = (f"{cfg.method.name}{detail} on {cfg.data.benchmark}/{cfg.data.split}, model {cfg.model.name_or_path}: "
             f"lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, micro-batch {cfg.optim.micro_batch_size} x "
             f"{cfg.optim.grad_accum_steps} accumulation x {cfg.launch.num_workers} workers, DeepSpeed ZeRO-"
@@ -224,7 +228,7 @@ def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[st
     output_dir.mkdir(parents=True, exist_ok=True)
     tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
             "method": cfg.method.name,
-            "divergence": cfg.method.divergence if "divergence" in METHODS[cfg.method.name].knobs else "-",
+            "divergence": _divergence(cfg) or "-",
             "flat_ray.ray_run": name, "mlflow.note.content": describe(cfg),
             **tracking.standard_tags("flat-ray " + ("finetune" if cfg.method.name == "sft" else "train")),
             **(tags or {})}
