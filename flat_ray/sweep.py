@@ -324,34 +324,55 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
         raise FlatRayError(f"search space {path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     raw = _mapping(raw, f"search space {path}")
     _check_keys(raw, TOP_KEYS, f"search space {path}")
-    name = str(raw.get("name") or Path(path).stem)
     base = _base(raw.get("base"), path)
-    sweep_consts = {_dotted(k, "set"): v for k, v in _mapping(raw.get("set"), "set").items()}
-    resources = _mapping(raw.get("resources"), "resources")
-    _check_keys(resources, list(RESOURCE_KEYS), "resources")
-    sweep_consts.update({RESOURCE_KEYS[k]: v for k, v in resources.items()})
+    consts, specs = _sweep_values(raw)
     from flat_ray.config import parse_override
 
     cli = dict(parse_override(o) for o in overrides)
     for key in cli:
         _dotted(key, "override")
-    sweep_specs, more = _params(raw.get("params"), "params")
-    sweep_consts.update(more)
+    algorithm, seed = _search(raw)
+    scheduler, sched = _scheduler(raw)
+    objective = _objective(raw, algorithm, scheduler)
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise FlatRayError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    cells = _cells(raw, base, consts, specs, cli, algorithm, objective)
+    return Space(str(raw.get("name") or Path(path).stem), path, str(raw.get("description", "")), base, cells,
+                 num_samples, algorithm, seed, scheduler, sched, objective, _report(raw), text, list(overrides))
 
-    grid = _mapping(raw.get("grid"), "grid")
-    _check_keys(grid, AXES, "grid")
+
+def _sweep_values(raw: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sweep-wide constants (``set``, ``resources``, constant ``params``) and search axes (``params``)."""
+    consts = {_dotted(k, "set"): v for k, v in _mapping(raw.get("set"), "set").items()}
+    resources = _mapping(raw.get("resources"), "resources")
+    _check_keys(resources, list(RESOURCE_KEYS), "resources")
+    consts.update({RESOURCE_KEYS[k]: v for k, v in resources.items()})
+    specs, more = _params(raw.get("params"), "params")
+    consts.update(more)
+    return consts, specs
+
+
+def _search(raw: dict) -> tuple[str, int]:
     search = _mapping(raw.get("search"), "search")
     _check_keys(search, SEARCH_KEYS, "search")
-    algorithm = SEARCHERS.canonical(str(search.get("algorithm", "basic")))
     seed = search.get("seed", 0)
     if not isinstance(seed, int):
         raise FlatRayError(f"search.seed must be an integer, got {seed!r}")
+    return SEARCHERS.canonical(str(search.get("algorithm", "basic"))), seed
+
+
+def _scheduler(raw: dict) -> tuple[str, dict[str, int]]:
     sched = _mapping(raw.get("scheduler"), "scheduler")
     _check_keys(sched, SCHEDULER_KEYS, "scheduler")
     scheduler = SCHEDULERS.canonical(str(sched.pop("name", "fifo")))
     for key, value in sched.items():
         if not isinstance(value, int) or value < 1:
             raise FlatRayError(f"scheduler.{key} must be an integer >= 1, got {value!r}")
+    return scheduler, sched
+
+
+def _objective(raw: dict, algorithm: str, scheduler: str) -> list[str]:
     objective = raw.get("objective", "unlearn_score")
     objective = [objective] if isinstance(objective, str) else objective
     if not isinstance(objective, list) or not objective:
@@ -365,15 +386,24 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
         raise FlatRayError(f"a multi-objective sweep ({', '.join(objective)}) needs search.algorithm=optuna")
     if len(objective) > 1 and scheduler == "asha":
         raise FlatRayError("scheduler asha needs a single objective; use fifo with several objectives")
-    num_samples = raw.get("num_samples", 1)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise FlatRayError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    return objective
+
+
+def _report(raw: dict) -> dict[str, list[str]]:
     report = _mapping(raw.get("report"), "report")
     _check_keys(report, ("forget", "utility", "pareto"), "report")
     report = {k: [METRICS.canonical(m) for m in (report.get(k) or [])] for k in ("forget", "utility", "pareto")}
     if report["pareto"] and len(report["pareto"]) != 2:
         raise FlatRayError(f"report.pareto needs two metrics (x: forget, y: utility), got {report['pareto']}")
+    return report
 
+
+def _cells(raw: dict, base: list[str], sweep_consts: dict[str, Any], sweep_specs: dict[str, Any],
+           cli: dict[str, Any], algorithm: str, objective: list[str]) -> list[Cell]:
+    """One cell per combination of the grid's entries: sweep-wide values, then the entries', then the command
+    line's overrides (which may not touch a search axis)."""
+    grid = _mapping(raw.get("grid"), "grid")
+    _check_keys(grid, AXES, "grid")
     axes = [_entries(axis, grid.get(axis)) for axis in AXES]
     cells = []
     for combo in _product(axes):
@@ -395,8 +425,7 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise FlatRayError(f"grid entries give duplicate cell names: {names}")
-    return Space(name, path, str(raw.get("description", "")), base, cells, num_samples, algorithm, seed, scheduler,
-                 sched, objective, report, text, list(overrides))
+    return cells
 
 
 def _product(axes: list[list[_Entry]]) -> list[tuple[_Entry, ...]]:
