@@ -78,3 +78,41 @@ def test_layers_below_launch_never_import_it():
     bad = {m: sorted(t for t in ts if t.startswith("flat_ray.launch")) for m, ts in edges.items()
            if m.startswith("flat_ray.") and not m.startswith("flat_ray.launch")}
     assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+# the layers DESIGN keeps free of the orchestration stack (what a loss, a metric or a config needs)
+PURE = ("flat_ray.losses", "flat_ray.data", "flat_ray.config", "flat_ray.sweep", "flat_ray.engine.step",
+        "flat_ray.engine.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.eval.metrics",
+        "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console")
+STACK = ("ray", "deepspeed", "mlflow")
+
+
+def _third_party(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_pure_layers_never_reach_ray_deepspeed_or_mlflow_even_lazily():
+    mods, edges = _modules(), _imports(_modules())
+    for start in PURE:
+        assert start in mods, start
+        seen, todo = set(), [m for m in mods if m == start or m.startswith(start + ".")]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += edges[m]
+        reached = {m: sorted(_third_party(mods[m]) & set(STACK)) for m in seen}
+        assert {m: t for m, t in reached.items() if t} == {}, start
+
+
+def test_no_function_in_the_package_or_cli_is_over_80_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in _modules().values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80]
+    assert long == []
