@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
+
 
 def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
     """``[CONFIG.yaml] [key=value ...]`` -> (config path or None, overrides)."""
@@ -203,7 +205,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--reference", metavar="DIR|FILE|RUN_ID",
               help="Forget-quality reference: TOFU-format eval logs, an open-unlearning result JSON, or the MLflow "
                    "run id of a `flat-ray eval` of a retain model.")
-@click.option("--truth-ratio", type=click.Choice(["arithmetic", "geometric"]), help="Truth-ratio variant.")
+@click.option("--truth-ratio", type=click.Choice(TRUTH_RATIOS.keys()), help="Truth-ratio variant.")
 @click.option("--max-examples", type=click.IntRange(min=1), help="Evaluate only the first N questions per split.")
 @click.option("--tasks", help="lm-eval tasks for utility: 'default' (the paper's set) or a comma-separated list.")
 @click.option("--tasks-include", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAMLs.")
@@ -224,7 +226,7 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
     if from_logs:
         from flat_ray.eval.run import summary_from_logs
 
-        summary = summary_from_logs(from_logs, reference, truth_ratio or "arithmetic")
+        summary = summary_from_logs(from_logs, reference, truth_ratio or DEFAULT_TRUTH_RATIO)
     else:
         from flat_ray.eval.harness import parse_tasks
         from flat_ray.eval.run import evaluate_model

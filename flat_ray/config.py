@@ -23,7 +23,9 @@ import yaml
 
 from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
 from flat_ray.data.templates import read_template_file
+from flat_ray.engine.schedule import DECAYS
 from flat_ray.errors import FlatRayError
+from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
 
@@ -143,7 +145,7 @@ class MethodConfig:
         _positive("method.retain_weight", self.retain_weight, allow_zero=True)
 
 
-SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULES = tuple(DECAYS)  # the schedule module's decay table is the one list of names
 
 
 @dataclass
@@ -201,8 +203,9 @@ class EvalConfig:
     max_examples: int = doc(32, "Questions per split in per-epoch evaluation (a bounded subset).")
     max_new_tokens: int = doc(32, "Greedy generation length for ROUGE.")
     batch_size: int = doc(8, "Evaluation batch size per worker.")
-    truth_ratio: str = doc("arithmetic", "Truth-ratio variant for the per-split statistic and model utility: "
-                                         "arithmetic (reproduces TOFU's published numbers) or geometric.")
+    truth_ratio: str = doc(DEFAULT_TRUTH_RATIO, "Truth-ratio variant for the per-split statistic and model utility: "
+                                                f"{TRUTH_RATIOS.choices()} (arithmetic reproduces TOFU's published "
+                                                "numbers).")
     prompt_words: int = doc(200, "hp completion test: words of each passage given as the prompt.")
     privleak_auc_retrain: float = doc(0.4772, "MUSE PrivLeak: the retrained model's forget-vs-holdout AUC (MUSE's "
                                               "published News value; `flat-ray eval` of a retain model prints "
@@ -217,7 +220,7 @@ class EvalConfig:
         for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size", "prompt_words"):
             if getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
-        _choice("eval.truth_ratio", self.truth_ratio, ("arithmetic", "geometric"))
+        _choice("eval.truth_ratio", self.truth_ratio, TRUTH_RATIOS.keys())
         if self.reference and not Path(self.reference).expanduser().exists():
             raise FlatRayError(f"eval.reference {self.reference!r} does not exist; give TOFU-format eval logs or "
                                "an open-unlearning result JSON")

@@ -5,7 +5,7 @@ paraphrased answer, or the answer itself for real authors / world facts), ``aver
 per perturbed answer) and ``rougeL_recall`` of a greedy generation. Everything else is computed from those four,
 exactly as TOFU's ``aggregate_stat_eval.py`` does, so published logs and flat-ray's own results compare directly.
 
-Truth ratio, two variants (``TRUTH_RATIOS``):
+Truth ratio, two variants (the registry of :mod:`flat_ray.eval.ratios`):
 
 - ``arithmetic`` (default): R = mean_j P(perturbed_j) / P(ã), with P = exp(-L). With it, model utility of TOFU's
   published Llama-2-7b-chat logs is 0.585886 (full) and 0.575240 (retain90), the numbers TOFU reports; that is why
@@ -36,6 +36,7 @@ from scipy.stats import hmean, ks_2samp
 
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.metrics import add_derived
+from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 
 # TOFU's eval-log file for each evaluation split
 LOG_FILES = {
@@ -48,17 +49,6 @@ UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 NORMALISED_PROB_SPLITS = ("real_authors", "world_facts")  # probability normalised over the perturbed options
 
 
-# rows may have different numbers of perturbed answers: missing ones are NaN and ignored
-def _arithmetic(para: np.ndarray, pert: np.ndarray) -> np.ndarray:
-    return np.nanmean(np.exp(-pert), -1) / np.exp(-para)
-
-
-def _geometric(para: np.ndarray, pert: np.ndarray) -> np.ndarray:
-    return np.exp(para - np.nanmean(pert, -1))
-
-
-TRUTH_RATIOS = {"arithmetic": _arithmetic, "geometric": _geometric}
-DEFAULT_TRUTH_RATIO = "arithmetic"
 
 
 @dataclass
