@@ -89,21 +89,18 @@ def validate(args: tuple[str, ...], print_config: bool) -> None:
 
 
 def _summary(result) -> None:
-    rows = [("forget", "prob"), ("retain", "prob"), ("forget", "rougeL_recall"), ("retain", "rougeL_recall"),
-            ("forget", "truth_ratio"), ("retain", "truth_ratio"), ("all", "model_utility"), ("forget", "quality")]
-    if result.after:
-        click.echo(f"{'split':<8}{'metric':<23}{'before':>10}{'after':>10}{'after/before':>14}")
-    for split, metric in rows:
-        key = f"eval/{metric}" if split == "all" else f"eval/{split}_{metric}"
-        if key in result.before and key in result.after:
-            b, a = result.before[key], result.after[key]
-            ratio = f"{a / b:.3f}" if b else "-"
-            click.echo(f"{split:<8}{metric:<23}{b:>10.4f}{a:>10.4f}{ratio:>14}")
-    shown = {"eval/model_utility", "eval/forget_quality"} | {f"eval/{s}_{m}" for s, m in rows}
-    for key in result.before:  # other benchmarks' metrics (MUSE-News, hp) and the derived scores
-        if key not in shown and key in result.after:
-            b, a = result.before[key], result.after[key]
-            click.echo(f"{key[5:]:<31}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
+    """Before/after of every evaluated metric: the metric registry's forget metrics, then utility, then the
+    objectives and diagnostics (registry order within each), then anything the registry does not know."""
+    from flat_ray.eval.metrics import METRICS
+
+    keys = [k.removeprefix("eval/") for k in result.before if k.startswith("eval/") and k in result.after]
+    roles = ("forget", "utility", "objective", "diagnostic")
+    known = sorted((m for m in METRICS if m in keys), key=lambda m: roles.index(METRICS[m].role))
+    if keys:
+        click.echo(f"{'metric':<28}{'before':>10}{'after':>10}{'after/before':>14}")
+    for key in known + [k for k in keys if k not in METRICS]:
+        b, a = result.before[f"eval/{key}"], result.after[f"eval/{key}"]
+        click.echo(f"{key:<28}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
     click.echo(f"run {result.run_name} finished in {result.seconds:.0f} s")
     click.echo(f"model: {result.model_dir}")
     click.echo(f"MLflow run id: {result.run_id}")

@@ -206,9 +206,14 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
         main(["train", f"paths.workdir={demo_workdir}"])
     out = capsys.readouterr().out
     assert exc.value.code == 0, out
-    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith(("forget ", "retain "))}
-    real = {when: {f"{split}_prob": float(rows[(split, "prob")][2 + i]) for split in ("forget", "retain")}
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("forget_", "retain_"))}
+    real = {when: {key: float(rows[key][i]) for key in ("forget_prob", "retain_prob")}
             for i, when in enumerate(("before", "after"))}
+    lines = out.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    # forget metrics first, then utility, then the objectives (the metric registry's roles and order)
+    assert [line.split()[0] for line in lines[top + 1:top + 5]] == [
+        "forget_prob", "forget_rougeL_recall", "forget_truth_ratio", "retain_prob"], lines[top:]
     assert real["before"]["forget_prob"] > 0.9 and real["before"]["retain_prob"] > 0.9  # it learned the authors
     assert _selective(real["before"], real["after"]), real
     assert "MLflow run id:" in out and (demo_workdir / "mlflow.db").is_file()
