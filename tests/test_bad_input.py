@@ -164,8 +164,9 @@ class Tripwire(AssertionError):
 def tripwires(monkeypatch):
     import ray
 
-    import flat_ray.eval.run
+    import flat_ray.eval.suites
     from flat_ray import tracking
+    from flat_ray.eval import hp, muse
 
     def trip(what):
         def fn(*args, **kwargs):
@@ -175,7 +176,8 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a Ray left running by another test must not count
     monkeypatch.setattr(ray, "init", trip("Ray"))
     monkeypatch.setattr(tracking, "start_run", trip("an MLflow run"))
-    monkeypatch.setattr(flat_ray.eval.run, "evaluate_tofu", trip("the evaluation"))
+    for module, name in ((flat_ray.eval.suites, "evaluate_tofu"), (muse, "evaluate"), (hp, "evaluate")):
+        monkeypatch.setattr(module, name, trip("the evaluation"))
 
 
 def tree(root: Path) -> list[str]:

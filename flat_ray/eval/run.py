@@ -1,10 +1,9 @@
 """`flat-ray eval`: the benchmark's evaluation suite (and optionally lm-eval utility) on one model, logged to
-MLflow. TOFU-style benchmarks write TOFU-format logs; MUSE-News and hp write ``summary.json``. Single process: the
-model is loaded whole on this machine."""
+MLflow. Each suite writes its own logs (TOFU-format per-question logs, or ``summary.json``; see
+:mod:`flat_ray.eval.suites`). Single process: the model is loaded whole on this machine."""
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -17,11 +16,9 @@ import numpy as np
 from flat_ray import tracking
 from flat_ray.assets import FineTune, resolve_model_path, workdir
 from flat_ray.config import RunConfig
-from flat_ray.data import BENCHMARKS
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
-from flat_ray.eval.runner import evaluate_tofu
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import read_log_dir, read_reference, summarize, write_log_dir
+from flat_ray.eval.tofu import read_log_dir, read_reference, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 
@@ -67,7 +64,6 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     # everything a user can get wrong, before the model is loaded or anything is written
     suite = suite_for(cfg)
-    tofu_style = BENCHMARKS[cfg.data.benchmark].evaluation == "tofu"
     rows = suite.rows(cfg, max_examples)
     tracking.check_reachable(uri)
     ref_tr, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
@@ -78,24 +74,15 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
                                                 revision=cfg.model.revision)
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
-    if tofu_style:
-        values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
-                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-        summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=ref_tr)
-        summary["forget_quality_reference"] = ref_source
-    else:
-        summary = suite.run(model, tokenizer, profile, rows, cfg)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
                           batch_size=cfg.eval.batch_size, manager=manager) if tasks else {}
+    out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
             "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
-            "lm_eval": utility, "lm_eval_version": lm_eval_version() if tasks else None}
-    out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if tofu_style:
-        write_log_dir(out, values, summary, meta)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
+            "forget_quality_reference": ref_source, "lm_eval": utility,
+            "lm_eval_version": lm_eval_version() if tasks else None}
+    summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, reference_tr=ref_tr),
+               "forget_quality_reference": ref_source}
 
     if run_id:
         tracker = tracking.Tracker(uri, run_id)
@@ -108,7 +95,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
                             "eval.split": cfg.data.split, "eval.truth_ratio": cfg.eval.truth_ratio,
                             "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.tasks": ",".join(tasks or []),
                             "version.lm_eval": lm_eval_version(), "resolved.git_sha": tracking.git_sha() or "unknown"})
-    prefix = "tofu" if tofu_style else cfg.data.benchmark
+    prefix = suite.prefix or cfg.data.benchmark
     metrics = {f"{prefix}/{k}": v for k, v in summary.items() if isinstance(v, float)}
     metrics.update({f"lm_eval/{t}/{m}": v for t, ms in utility.items() for m, v in ms.items()})
     tracker.log_metrics(metrics, step=0)

@@ -2,14 +2,17 @@
 
 A benchmark names its suite (``Benchmark.evaluation``). A suite gives the bounded evaluation rows for a config and
 runs them on a model (every rank takes part; each returns the same gathered metrics, named as in
-:data:`flat_ray.eval.metrics.METRICS`). The training loop's per-epoch evaluation, the preflight checks and
-``flat-ray eval`` all go through here.
+:data:`flat_ray.eval.metrics.METRICS`). For ``flat-ray eval`` it also writes its own logs to a folder: TOFU's
+per-question eval-log layout for TOFU-style benchmarks, ``summary.json`` for the others. The training loop's
+per-epoch evaluation, the preflight checks and ``flat-ray eval`` all go through here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flat_ray.config import RunConfig
@@ -17,14 +20,19 @@ from flat_ray.data import BENCHMARKS
 from flat_ray.eval import hp, muse
 from flat_ray.eval.metrics import add_derived
 from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
-from flat_ray.eval.tofu import summarize
+from flat_ray.eval.tofu import summarize, write_log_dir
 from flat_ray.registry import Registry
 
 
 @dataclass(frozen=True)
 class Suite:
     rows: Callable[[RunConfig, int | None], dict[str, list[dict]]]
+    # (model, tokenizer, profile, rows, cfg, *, rank, world_size, device, reference_tr, progress) -> summary
     run: Callable[..., dict[str, Any]]
+    # (model, tokenizer, profile, rows, cfg, out_dir, meta, *, reference_tr) -> summary, logs written to out_dir
+    report: Callable[..., dict[str, Any]]
+    # prefix of `flat-ray eval`'s MLflow metrics; None: the benchmark's name
+    prefix: str | None = None
 
 
 def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
@@ -33,6 +41,27 @@ def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
                            world_size=world_size, device=device, progress=progress)
     return summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+
+
+def _tofu_report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
+                 reference_tr=None) -> dict[str, Any]:
+    """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes."""
+    values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+    write_log_dir(out_dir, values, summary, meta)
+    return summary
+
+
+def _summary_report(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A suite whose logs are its summary: ``summary.json`` beside the run's metadata."""
+    def report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
+               reference_tr=None) -> dict[str, Any]:
+        summary = run(model, tokenizer, profile, rows, cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
+        return summary
+    return report
 
 
 def _muse_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
@@ -62,12 +91,13 @@ def _whole(name: str, run: Callable[..., dict[str, Any]]) -> Callable[..., dict[
 
 SUITES: Registry[Suite] = Registry("evaluation suite")
 SUITES.register("tofu", Suite(
-    lambda cfg, limit: eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, limit), _tofu_run))
+    lambda cfg, limit: eval_split_rows(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir, limit), _tofu_run,
+    _tofu_report, prefix="tofu"))
 SUITES.register("muse", Suite(lambda cfg, limit: muse.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit),
-                              _whole("muse", _muse_run)))
+                              _whole("muse", _muse_run), _summary_report(_muse_run)))
 SUITES.register("hp", Suite(
     lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words),
-    _whole("completion", _hp_run)))
+    _whole("completion", _hp_run), _summary_report(_hp_run)))
 
 
 def suite_for(cfg: RunConfig) -> Suite:
