@@ -100,12 +100,6 @@ class DataConfig:
             raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl or .csv)")
         if self.template_source == "column" and not self.template_column:
             raise FlatRayError("data.template_source=column needs data.template_column=NAME")
-        if self.template_file and not Path(self.template_file).expanduser().is_file():
-            raise FlatRayError(f"data.template_file {self.template_file!r} does not exist")
-        if self.template_source == "file":  # an empty or malformed file fails here, not in a Ray worker
-            read_template_file(Path(self.template_file).expanduser())
-        if self.data_dir:
-            bench.locate(self.data_dir, self.split)  # names the splits that are there when this one is not
         if self.max_length < 8:
             raise FlatRayError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.chunk_tokens < 16:
@@ -221,9 +215,6 @@ class EvalConfig:
             if getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         _choice("eval.truth_ratio", self.truth_ratio, TRUTH_RATIOS.keys())
-        if self.reference and not Path(self.reference).expanduser().exists():
-            raise FlatRayError(f"eval.reference {self.reference!r} does not exist; give TOFU-format eval logs or "
-                               "an open-unlearning result JSON")
 
 
 @dataclass
@@ -293,8 +284,6 @@ class RunConfig:
                                    "method.retain_weight=0 for the forget-only form)")
             if self.data.data_dir is None:
                 _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
-            else:
-                BENCHMARKS[self.data.benchmark].locate(self.data.data_dir, retain)
 
     def retain_split(self) -> str | None:
         """The retain split methods such as grad_diff sample from, or None when there is none."""
@@ -475,13 +464,35 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), presets: Sequence[str] = ()) -> RunConfig:
-    """Defaults <- presets (in order) <- YAML file (optional) <- ``key=value`` overrides, validated."""
+    """Defaults <- presets (in order) <- YAML file (optional) <- ``key=value`` overrides, validated, and the files
+    it names checked (:func:`check_inputs`)."""
     data: dict[str, Any] = {}
     for name in presets:
         data = _merge(data, preset(name))
     if path is not None:
         data = _merge(data, read_yaml(path))
-    return _build(RunConfig, apply_overrides(data, overrides))
+    cfg = _build(RunConfig, apply_overrides(data, overrides))
+    check_inputs(cfg)
+    return cfg
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The files a config names exist and can be read: the template file, the data split (and the retain split
+    a method samples) under ``data.data_dir``, and ``eval.reference``. The dataclasses only check values; this
+    runs where a config enters (:func:`load_config`, each sweep cell), never again inside a Ray worker."""
+    d = cfg.data
+    if d.template_file and not Path(d.template_file).expanduser().is_file():
+        raise FlatRayError(f"data.template_file {d.template_file!r} does not exist")
+    if d.template_source == "file":  # an empty or malformed file fails here, not in a Ray worker
+        read_template_file(Path(d.template_file).expanduser())
+    if d.data_dir:
+        bench = BENCHMARKS[d.benchmark]
+        bench.locate(d.data_dir, d.split)  # names the splits that are there when this one is not
+        if "retain" in METHODS[cfg.method.name].splits(vars(cfg.method)):
+            bench.locate(d.data_dir, cfg.retain_split())
+    if cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
+        raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
+                           "an open-unlearning result JSON")
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:

@@ -40,7 +40,16 @@ from typing import Any
 
 import yaml
 
-from flat_ray.config import PRESETS, RunConfig, _merge, all_keys, apply_overrides, preset, read_yaml
+from flat_ray.config import (
+    PRESETS,
+    RunConfig,
+    _merge,
+    all_keys,
+    apply_overrides,
+    check_inputs,
+    preset,
+    read_yaml,
+)
 from flat_ray.config import _build as build_config
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.metrics import METRICS
@@ -465,6 +474,10 @@ def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any
               "benchmark": labels["benchmark"] or f"{cfg.data.benchmark}/{cfg.data.split}",
               "method": labels["method"] or cfg.method.name}
     name = _cell_name(labels)
+    try:
+        check_inputs(cfg)  # once per cell (the probes above only check values)
+    except FlatRayError as exc:
+        raise FlatRayError(f"{where}: {exc}") from None
     if not cfg.eval.enabled:
         raise FlatRayError(f"{where}: the objective needs per-epoch evaluation; remove eval.enabled=false")
     for metric in objective:

@@ -96,3 +96,23 @@ def test_changing_the_benchmark_resets_an_inherited_split():
     assert cfg.data.split == "forget01"
     assert load_config(None, ["data.benchmark=tofu", "data.split=forget05"], presets=["demo"]).data.split == "forget05"
     assert load_config(None, ["data.benchmark=demo"], presets=["demo"]).data.split == "forget10"
+
+
+def test_files_are_checked_where_a_config_enters_never_when_a_worker_rebuilds_it(tmp_path):
+    """load_config checks the files a config names; the dataclasses (config_from_dict, as in a Ray worker on a
+    node that lacks the head's paths) only check values."""
+    from flat_ray.config import check_inputs, config_from_dict
+
+    cfg = load_config(None, [], presets=["demo"])
+    data = cfg.to_dict()
+    data["data"] = {**data["data"], "template_source": "file", "template_file": str(tmp_path / "head-only.jsonl")}
+    data["eval"] = {**data["eval"], "reference": str(tmp_path / "head-only-logs")}
+    rebuilt = config_from_dict(data)  # no file is touched
+    assert rebuilt.data.template_file.endswith("head-only.jsonl")
+    with pytest.raises(FlatRayError, match="data.template_file .* does not exist"):
+        check_inputs(rebuilt)
+    (tmp_path / "head-only.jsonl").write_text('{"text": "I cannot say."}\n')
+    with pytest.raises(FlatRayError, match="eval.reference .* does not exist"):
+        check_inputs(rebuilt)
+    with pytest.raises(FlatRayError, match="eval.reference .* does not exist"):
+        load_config(None, [f"eval.reference={tmp_path}/head-only-logs"], presets=["demo"])
