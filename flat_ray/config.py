@@ -1,6 +1,6 @@
 """Run configuration: dataclasses with documented fields, YAML loading, ``key=value`` overrides, validation.
 
-Everything that changes a result is a field here (DESIGN.md, STYLE.md point 5). A config is validated when it
+Everything that changes a result is a field here. A config is validated when it
 is loaded, so an unknown key or an impossible value fails before any model is touched:
 
 >>> cfg = load_config(None, ["optim.lr=2e-5", "method.divergence=js"])

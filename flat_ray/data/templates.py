@@ -1,4 +1,4 @@
-"""Template answers y_e: the refusals FLAT raises the probability of (DESIGN.md decision 5).
+"""Template answers y_e: the refusals FLAT raises the probability of.
 
 Sources (a registry, chosen by ``data.template_source``):
 

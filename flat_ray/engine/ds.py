@@ -1,6 +1,6 @@
 """Everything DeepSpeed: the only module that imports it.
 
-The DeepSpeed config is a dict built from the run config (DESIGN.md decision 7): explicit batch sizes, stage,
+The DeepSpeed config is a dict built from the run config: explicit batch sizes, stage,
 offload and precision; no ``"auto"`` and no JSON path. Under ZeRO-3 the model is created partitioned
 (transformers' ``HfDeepSpeedConfig`` hook) and every rank takes part in saving and exporting.
 """

@@ -1,4 +1,4 @@
-"""Harry-Potter-style completion test (docs/FLAT_SPEC.md §5): the first ``eval.prompt_words`` words of a passage
+"""Harry-Potter-style completion test (docs/eval.md): the first ``eval.prompt_words`` words of a passage
 after an instruction, a greedy continuation of ``eval.max_new_tokens`` tokens, and BLEU (sacrebleu, 0-100) and
 ROUGE-L recall against the true continuation cut to the same number of tokens. On forget passages low is good;
 on retain passages (utility) high is good. BLEU is computed per passage the way the released FLAT code does

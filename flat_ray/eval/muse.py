@@ -1,4 +1,4 @@
-"""MUSE-News metrics (docs/FLAT_SPEC.md §4): VerbMem, KnowMem on forget and retain, PrivLeak. Reported ×100.
+"""MUSE-News metrics (docs/eval.md, MUSE-News): VerbMem, KnowMem on forget and retain, PrivLeak. Reported ×100.
 
 - VerbMem: ROUGE-L F1 of a greedy 128-token continuation of each ``verbmem_forget`` prompt against its ground
   truth cut as MUSE cuts it: tokenised *with* special tokens, the first 128 ids kept, decoded without them (127

@@ -1,4 +1,4 @@
-"""TOFU metrics from per-question values (docs/FLAT_SPEC.md §3), and TOFU-format eval logs in and out.
+"""TOFU metrics from per-question values (docs/eval.md), and TOFU-format eval logs in and out.
 
 Per question the evaluation needs ``avg_gt_loss`` (mean NLL per answer token), ``avg_paraphrased_loss`` (the
 paraphrased answer, or the answer itself for real authors / world facts), ``average_perturb_loss`` (one value

@@ -1,4 +1,4 @@
-"""Baseline unlearning losses (docs/FLAT_SPEC.md §6), pure torch, over logits/labels and reference log-probs.
+"""Baseline unlearning losses (docs/losses.md, Baselines), pure torch, over logits/labels and reference log-probs.
 
 ``ce`` is the mean next-token cross-entropy over all answer tokens of a split; ``logp`` the per-sample sum of
 answer-token log-probabilities. Reference log-probs arrive precomputed (``ref_logp``: split -> (B,)); losses

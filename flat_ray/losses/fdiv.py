@@ -2,7 +2,7 @@
 
 Each entry gives the output activation ``g*`` and the composition ``f* ∘ g*`` from Nowozin et al. (2016),
 Table 2. FLAT minimises ``-g*(s_e) + f*(g*(s_f))`` where ``s_e`` is the template-answer score and ``s_f`` the
-forget-answer score (docs/FLAT_SPEC.md §1). Every entry is written so that lowering the loss raises ``s_e`` and
+forget-answer score (docs/losses.md). Every entry is written so that lowering the loss raises ``s_e`` and
 lowers ``s_f``; three entries deliberately differ from the released FLAT code (UCSC-REAL/FLAT@bf2ef07), whose
 ``Reverse-KL``, ``Squared-Hellinger`` and ``Neyman`` push the wrong way (see docs/losses.md).
 """

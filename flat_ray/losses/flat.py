@@ -1,5 +1,5 @@
 """The FLAT loss (Wang et al., ICLR 2025): maximise a variational f-divergence between the template answer and
-the answer to forget, using only forget data. Math and check values: docs/FLAT_SPEC.md §1.
+the answer to forget, using only forget data. Math: docs/losses.md.
 
 Reference implementation: UCSC-REAL/FLAT@bf2ef07 (``dataloader.py``); flat_ray differs where that code pushes
 unlearning the wrong way (see :mod:`flat_ray.losses.fdiv`) and adds the ``paper`` normalisation.

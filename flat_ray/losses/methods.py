@@ -83,7 +83,7 @@ METHODS.register(
 )
 
 
-# Baselines (FLAT_SPEC.md §6). Knobs are `method` config fields; methods with `reference_keys` get `ref_logp`, the
+# Baselines (docs/losses.md, Baselines). Knobs are `method` config fields; methods with `reference_keys` get `ref_logp`, the
 # frozen reference model's per-sample answer log-probs of those splits. Every baseline with a retain term adds
 # `retain_weight * CE(retain)` (open-unlearning's alpha); at retain_weight=0 its retain batch is not built.
 _RETAIN = (("retain", "retain_weight"),)
