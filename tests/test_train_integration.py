@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,8 @@ PREFLIGHT_MISTAKES = [
     (["data.benchmark=tofu", "data.data_dir={dir}/bad", "data.split=forget01"], "not valid JSON"),
     (["tracking.mlflow_uri=http://127.0.0.1:9"], "MLflow server http://127.0.0.1:9 is unreachable"),
     (["tracking.mlflow_uri=file:///tmp/mlruns"], "is not supported; use sqlite"),
-    (["launch.num_workers=8"], "needs 7.92 CPUs but this machine has"),
+    ([f"launch.num_workers={(os.cpu_count() or 1) + 2}"], f"needs {((os.cpu_count() or 1) + 2) * 0.99:g} CPUs but "
+                                                         f"this machine has {os.cpu_count() or 1}"),
     (["launch.gpus_per_worker=1"], "GPU(s); lower launch.gpus_per_worker"),
     (["--resume", "never-ran"], "no run named 'never-ran'"),
 ]
