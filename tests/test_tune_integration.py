@@ -1,5 +1,6 @@
 """`flat-ray tune` for real: local Ray Tune driving Ray Train trials (DeepSpeed on CPU/gloo), MLflow on SQLite,
-the tiny model. A driver killed mid-sweep resumes with only the missing trials; Optuna + ASHA runs end cleanly."""
+the tiny model. A sweep interrupted twice (SIGKILL, then Ctrl-C) resumes with only the missing trials, a diverged
+trial among them; Optuna + ASHA runs end cleanly; the demo sweep as the README runs it."""
 
 from __future__ import annotations
 
@@ -62,36 +63,62 @@ def _tune(cwd: Path, monkeypatch, capsys, *args: str) -> str:
     return out
 
 
-def test_a_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_model_dir):
+def _wait_for(db: Path, run_name: str, steps: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 480
+    while _metric_count(db, run_name, "train/loss") < steps:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{run_name} did not reach step {steps} in time"
+        time.sleep(0.5)
+
+
+def test_an_interrupted_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_model_dir):
+    """One sweep, three trials, interrupted twice: the first trial diverges (a result of the search: recorded
+    with its step and reason, never re-run); the driver is SIGKILLed during the second trial (as a lost head
+    would be); the resumed sweep is stopped with SIGINT (Ctrl-C: a resume hint, exit 1, no traceback) during the
+    third; the second resume finishes. Every trial ends up in its own MLflow run, none twice."""
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
-params: {optim.lr: {grid: [1.0e-4, 2.0e-3, 5.0e-4]}}
+params: {optim.lr: {grid: [1.0e+30, 2.0e-3, 5.0e-4]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
 objective: unlearn_score
 report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pareto: [forget_prob, retain_prob]}
 """, epochs=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", str(space)]
     db = tmp_path / "flat_ray_work" / "mlflow.db"
-    log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([*cmd, "--name", "rs"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
     from flat_ray.sweep import load_space
 
     cell = load_space(str(space)).cells[0].name
     assert cell.endswith("-demo_forget05-flat")
-    second = f"{cell}-00001"
-    try:
-        deadline = time.monotonic() + 480
-        # kill the driver once the second trial is part-way through training (the first one has finished)
-        while _metric_count(db, second, "train/loss") < 2:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second trial did not start in time"
-            time.sleep(1)
+    diverging, second, third = (f"{cell}-0000{i}" for i in range(3))
+
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([*cmd, "--name", "rs"], cwd=tmp_path, env=env, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # SIGKILL the driver part-way through the second trial (the first one has diverged and ended)
+        _wait_for(db, second, 2, first, log)
         killed_at = time.time()
     finally:
         kill_tree(first)  # the driver and all of Ray's processes it started
     before = dict(_runs(db))
-    assert before[f"{cell}-00000"] == "FINISHED" and before[second] == "RUNNING"
-    assert f"{cell}-00002" not in before
+    assert before[diverging] == "FAILED" and before[second] == "RUNNING" and third not in before
+
+    log = tmp_path / "second.log"
+    resumed = subprocess.Popen([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, stdout=log.open("w"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # Ctrl-C during the third trial
+        _wait_for(db, third, 1, resumed, log)
+        resumed.send_signal(signal.SIGINT)
+        resumed.wait(timeout=300)
+    finally:
+        if resumed.poll() is None:
+            kill_tree(resumed)
+    out = log.read_text()
+    assert resumed.returncode == 1, out[-3000:]
+    # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
+    # traceback of its own while Ray shuts down: flat-ray's process itself prints none
+    own = [line for line in out.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
+    assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
+    assert "flat-ray: error: sweep rs was interrupted" in out and "flat-ray tune --resume rs" in out
+    time.sleep(3)
 
     done = subprocess.run([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -106,20 +133,28 @@ report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pa
     parent = tracking.run_data(uri, state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
     children = tracking.child_runs(uri, state["parent_run_id"])
-    names = sorted(r.info.run_name for r in children)
-    assert names == [f"{cell}-0000{i}" for i in range(3)]  # no duplicates
+    assert sorted(r.info.run_name for r in children) == [diverging, second, third]  # no duplicates
     by_name = {r.info.run_name: r for r in children}
-    assert all(r.info.status == "FINISHED" for r in children)
-    finished_first = by_name[f"{cell}-00000"]
-    assert "resumed" not in finished_first.data.tags and finished_first.info.end_time / 1000 < killed_at
-    assert by_name[second].data.tags["resumed"] == "true"  # continued in its own MLflow run
-    assert "resumed" not in by_name[f"{cell}-00002"].data.tags
+    # the diverged trial: failed at its first non-finite step, nothing exported, not re-run by either resume
+    bad = by_name[diverging]
+    assert bad.info.status == "FAILED" and bad.data.tags["diverged"] == "true" and "model_dir" not in bad.data.tags
+    step = int(bad.data.tags["diverged_step"])
+    assert step >= 1 and f"at step {step} (epoch 1)" in bad.data.tags["diverged_reason"]
+    assert "resumed" not in bad.data.tags and bad.info.end_time / 1000 < killed_at
+    for name in (second, third):  # each continued in its own MLflow run, to the end
+        run = by_name[name]
+        assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true" and "diverged" not in run.data.tags
+        assert Path(run.data.tags["model_dir"], "config.json").is_file()
     # consistent parameters across trials: the MLflow compare view lines them up
     keys = {frozenset(r.data.params) for r in children}
     assert len(keys) == 1 and "optim.lr" in next(iter(keys))
-    assert {r.data.params["optim.lr"] for r in children} == {"0.0001", "0.002", "0.0005"}
+    assert {r.data.params["optim.lr"] for r in children} == {"1e+30", "0.002", "0.0005"}
     assert all(r.data.tags["mlflow.parentRunId"] == state["parent_run_id"] for r in children)
-    # the report: files, logged on the parent, and `flat-ray report` by name
+    # the report: the trial that did not finish, files, logged on the parent, and `flat-ray report` by name
+    report = (sweep / "report" / "report.md").read_text()
+    assert "## Trials that did not finish" in report and "1 diverged" in report and "2 finished" in report
+    (line,) = [x for x in report.splitlines() if x.startswith(f"| {diverging} |")]
+    assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
     for name in ("report.md", "report.json", "pareto_demo_forget05.png", "loss_demo_forget05.png"):
         assert (sweep / "report" / name).is_file(), name
     assert "report/report.md" in tracking.list_artifacts(uri, state["parent_run_id"], "report")
@@ -141,7 +176,7 @@ search: {algorithm: optuna, seed: 1}
 scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 objective: unlearn_score
 resources: {num_workers: 1, deepspeed_stage: 2}
-""", epochs=3)
+""", epochs=2)
     out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "oa")
     assert "concurrent" in out and "| model" in out
     uri = tracking.default_uri(tmp_path / "flat_ray_work")
@@ -215,75 +250,3 @@ def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir):
     assert {"report/report.html", "report/pareto_demo_forget10.png"} <= set(tracking.list_artifacts(uri, parent_id, "report"))
     assert all("plots/training_curves.png" in tracking.list_artifacts(uri, r.info.run_id, "plots") for r in children)
     assert all(r.inputs.dataset_inputs[0].dataset.name == "demo/forget10" for r in [parent, *children])
-
-
-def test_a_diverged_trial_is_recorded_with_step_and_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir,
-                                                                                monkeypatch, capsys):
-    """An absurd learning rate is a result of the search: the trial stops at the first non-finite step, MLflow and
-    the report say where and why, and the next trial runs to the end."""
-    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
-params: {optim.lr: {grid: [1.0e+30, 1.0e-3]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
-objective: unlearn_score
-resources: {num_workers: 1, deepspeed_stage: 0}
-""", epochs=2)
-    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "dv")
-    assert "2 trials, 0 errored" in out
-    import json
-
-    sweep = tmp_path / "flat_ray_work" / "sweeps" / "dv"
-    state = json.loads((sweep / "sweep.json").read_text())
-    uri = tracking.default_uri(tmp_path / "flat_ray_work")
-    by_lr = {r.data.params["optim.lr"]: r for r in tracking.child_runs(uri, state["parent_run_id"])}
-    bad, good = by_lr["1e+30"], by_lr["0.001"]
-    assert bad.info.status == "FAILED" and bad.data.tags["diverged"] == "true"
-    step = int(bad.data.tags["diverged_step"])
-    assert step >= 1 and f"at step {step} (epoch 1)" in bad.data.tags["diverged_reason"]
-    assert "model_dir" not in bad.data.tags  # nothing exported
-    assert good.info.status == "FINISHED" and "diverged" not in good.data.tags
-    report = (sweep / "report" / "report.md").read_text()
-    assert "## Trials that did not finish" in report
-    (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
-    assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
-    assert "1 diverged" in report and "1 finished" in report
-
-
-def test_ctrl_c_stops_a_sweep_with_a_resume_hint_and_resume_completes_it(tmp_path, tiny_model_dir):
-    """SIGINT (Ctrl-C) is the graceful interruption: Tune saves its state, the command says how to continue, exits
-    1, and `--resume` runs only what is missing."""
-    space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
-params: {optim.lr: {grid: [1.0e-3, 5.0e-4]}}
-objective: unlearn_score
-resources: {num_workers: 1, deepspeed_stage: 0}
-""", epochs=3)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", str(space)]
-    db = tmp_path / "flat_ray_work" / "mlflow.db"
-    first = subprocess.Popen([*cmd, "--name", "ci"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    from flat_ray.sweep import load_space
-
-    second = f"{load_space(str(space)).cells[0].name}-00001"
-    try:
-        deadline = time.monotonic() + 480
-        while _metric_count(db, second, "train/loss") < 1:
-            assert first.poll() is None, first.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the second trial did not start in time"
-            time.sleep(0.5)
-        first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            kill_tree(first)
-    assert first.returncode == 1, out[-2000:] + err[-3000:]
-    # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
-    # traceback of its own while Ray shuts down: flat-ray's process itself prints none
-    own = [line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
-    assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
-    assert "flat-ray: error: sweep ci was interrupted" in err and "flat-ray tune --resume ci" in err
-    time.sleep(3)
-    done = subprocess.run([*cmd, "--resume", "ci"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = _runs(db)
-    children = sorted(name for name, _ in runs if name.endswith(("-00000", "-00001")))
-    assert len(children) == 2 and {status for _, status in runs} == {"FINISHED"}
