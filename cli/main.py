@@ -119,8 +119,40 @@ def _browse(uri: str, run_id: str) -> None:
                    f"http://127.0.0.1:5000/{page}")
 
 
-def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str | None, address: str | None) -> None:
+def _gpu_gib(spec: str | None) -> float | None:
+    """``--gpu-memory``, else the memory of this machine's first GPU, else None (nothing to check against)."""
+    from flat_ray.memory import GIB, gpu_memory_gib
+
+    if spec:
+        return gpu_memory_gib(spec)
+    if _local_gpus():
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return None
+
+
+def _memory_plan(cfg, model_path: str, gpu_gib: float | None) -> None:
+    from flat_ray.memory import GIB, arch_for, fit_hint, plan
+
+    arch = arch_for(model_path)
+    if arch is None:
+        click.echo(f"memory plan: the architecture of {model_path} is unknown here (no config.json)")
+        return
+    size = f"{arch.params / 1e9:.2f} B" if arch.params >= 1e8 else f"{arch.params / 1e6:.2f} M"
+    click.echo(f"memory plan per GPU ({size} parameters, {cfg.launch.num_workers} ranks, ZeRO-"
+               f"{cfg.deepspeed.stage}, bf16 unless deepspeed.precision says otherwise):")
+    for line in plan(cfg, arch).lines():
+        click.echo(line)
+    if gpu_gib is not None:
+        hint = fit_hint(cfg, arch, gpu_gib * GIB)
+        click.echo(f"  fits in {gpu_gib:g} GiB" if hint is None else f"  does not fit in {gpu_gib:g} GiB: {hint}")
+
+
+def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str | None, address: str | None,
+         gpu_memory: str | None = None) -> None:
     cfg = _load(args, presets, address)
+    gpu_gib = _gpu_gib(gpu_memory)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -131,8 +163,13 @@ def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str |
         width = max(map(len, summary))
         for key, value in summary.items():
             click.echo(f"{key:<{width}}  {value}")
+        _memory_plan(cfg, summary["model"], gpu_gib)
         click.echo("dry run ok: no parameters were updated")
         return
+    if gpu_gib is not None:
+        from flat_ray.memory import check_fits
+
+        check_fits([(f"run {cfg.tracking.run_name or cfg.model.name_or_path}", cfg)], gpu_gib)
     from flat_ray.launch.driver import run_training
 
     _summary(run_training(cfg, resume=resume, console=True))
@@ -144,6 +181,9 @@ _run_options = [
                                                   "no Ray, no training."),
     click.option("--resume", metavar="RUN_NAME", help="Continue the named run from its latest checkpoint."),
     click.option("--address", metavar="ADDR", help="Join this Ray cluster (same as launch.address=ADDR)."),
+    click.option("--gpu-memory", metavar="GIB|CLUSTER.yaml", help="GPU memory per worker (GiB, or the smallest GPU "
+                 "of a Ray cluster YAML's node types): refuse a run whose memory plan does not fit; default: this "
+                 "machine's GPU."),
 ]
 
 
@@ -155,25 +195,27 @@ def _with_run_options(fn):
 
 @cli.command()
 @_with_run_options
-def train(args: tuple[str, ...], dry_run: bool, resume: str | None, address: str | None) -> None:
+def train(args: tuple[str, ...], dry_run: bool, resume: str | None, address: str | None,
+          gpu_memory: str | None) -> None:
     """Run one unlearning job on Ray Train workers with DeepSpeed, recorded in MLflow.
 
     With no config file it runs the embedded demo: the tiny model fine-tuned on all demo authors (built and
     cached first), then FLAT on forget10 with 2 workers and ZeRO-3.
     """
-    _run(args, [], dry_run, resume, address)
+    _run(args, [], dry_run, resume, address, gpu_memory)
 
 
 @cli.command()
 @_with_run_options
-def finetune(args: tuple[str, ...], dry_run: bool, resume: str | None, address: str | None) -> None:
+def finetune(args: tuple[str, ...], dry_run: bool, resume: str | None, address: str | None,
+             gpu_memory: str | None) -> None:
     """Fine-tune a model with the plain next-token loss (original or retain models, e.g. data.split=retain90).
 
     Same machinery as train, with method.name=sft and data.split=full unless the config says otherwise. With no
     config file it builds the demo's original model recipe.
     """
     has_file = any("=" not in a for a in args)
-    _run(args, ["finetune"] if has_file else ["finetune", "demo_finetune"], dry_run, resume, address)
+    _run(args, ["finetune"] if has_file else ["finetune", "demo_finetune"], dry_run, resume, address, gpu_memory)
 
 
 def _print_summary(summary: dict) -> None:
@@ -265,7 +307,11 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
                                                     "multi-node clusters: an NFS or bucket mount).")
 @click.option("--mlflow-uri", metavar="URI", help="MLflow tracking URI (an http server on a cluster).")
 @click.option("--workdir", metavar="DIR", help="Where --resume looks for sweeps (default flat_ray_work).")
-def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_path, mlflow_uri, workdir) -> None:
+@click.option("--gpu-memory", metavar="GIB|CLUSTER.yaml", help="GPU memory of the nodes that run trials (GiB, or the "
+              "smallest GPU of a Ray cluster YAML's node types): the dry run says which cells fit, a sweep refuses "
+              "to start a cell that does not; default: this machine's GPU.")
+def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_path, mlflow_uri, workdir,
+         gpu_memory) -> None:
     """Sweep a search space with Ray Tune: models x benchmarks x methods, sampled hyperparameters.
 
     Every trial is a `flat-ray train` run (Ray Train workers, DeepSpeed) nested under one MLflow parent run per
@@ -289,11 +335,12 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
             sp = saved_space(resume, workdir)[0]
         else:
             sp = load_space(space, list(overrides))
-        cpus, gpus = os.cpu_count() or 1, _local_gpus()
+        cpus, gpus, gpu_gib = os.cpu_count() or 1, _local_gpus(), _gpu_gib(gpu_memory)
         click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
                    f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "
                    f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
-        click.echo(format_table(trial_table(sp, cpus, gpus)))
+        click.echo(format_table(trial_table(sp, cpus, gpus, gpu_gib)))
+        _misfits(sp, gpu_gib)
         click.echo(f"concurrency computed for this machine ({cpus} CPUs, {gpus} GPUs); nothing was started")
         return
     from transformers.utils import logging as hf_logging
@@ -301,6 +348,17 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
     from flat_ray.launch.tune import run_sweep
 
     hf_logging.disable_progress_bar()
+    gpu_gib = _gpu_gib(gpu_memory)
+    if gpu_gib is not None:  # refuse before a GPU node is paid for
+        from flat_ray.memory import check_fits
+
+        if resume:
+            from flat_ray.report import saved_space
+
+            sp = saved_space(resume, workdir)[0]
+        else:
+            sp = load_space(space, list(overrides))
+        check_fits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib)
     result = run_sweep(space, list(overrides), name=name, resume=resume, address=address,
                        storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir, echo=click.echo)
     click.echo(f"sweep {result.name}: {result.trials} trials, {result.errored} errored, {result.seconds:.0f} s")
@@ -312,6 +370,17 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
         raise RunFailed(f"{result.errored} trial(s) failed (see the FAILED runs in MLflow experiment {result.name} and "
                         f"the error.txt of each failed trial under Ray's results); `flat-ray tune --resume "
                         f"{result.name}` retries them")
+
+
+def _misfits(sp, gpu_gib: float | None) -> None:
+    """Under the dry run's table: what would make each cell that does not fit in the GPUs fit."""
+    from flat_ray.memory import GIB, arch_for, fit_hint
+
+    for cell in sp.cells if gpu_gib is not None else []:
+        arch = arch_for(cell.config.model.name_or_path) if cell.config.launch.gpus_per_worker else None
+        hint = fit_hint(cell.config, arch, gpu_gib * GIB) if arch else None
+        if hint:
+            click.echo(f"{cell.name} does not fit in {gpu_gib:g} GiB per GPU: {hint}")
 
 
 def _local_gpus() -> int:

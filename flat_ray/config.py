@@ -56,6 +56,9 @@ class ModelConfig:
                                      f"then generic) or one of: {PROFILES.choices()}.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub to run. Off unless you trust the source.")
     revision: str | None = doc(None, "Hub revision (branch, tag or commit) to pin; null for the default branch.")
+    gradient_checkpointing: bool = doc(False, "Recompute each layer's activations in the backward pass instead of "
+                                              "keeping them: far less activation memory for about a third more "
+                                              "compute (see the memory plan of --dry-run).")
 
     def __post_init__(self):
         if not self.name_or_path:

@@ -503,18 +503,29 @@ def max_concurrent(cfg: RunConfig, cpus: float, gpus: float) -> int:
     return max(0, min(fits))
 
 
-def trial_table(space: Space, cpus: float, gpus: float) -> list[dict[str, Any]]:
-    """One row per cell: trials, axes, per-trial resources and the concurrency on ``cpus``/``gpus``."""
+def trial_table(space: Space, cpus: float, gpus: float, gpu_gib: float | None = None) -> list[dict[str, Any]]:
+    """One row per cell: trials, axes, per-trial resources and the concurrency on ``cpus``/``gpus``; for GPU
+    trials also the memory plan's peak per GPU (``?`` for a model whose architecture is unknown here) and, given
+    the GPUs' memory ``gpu_gib``, whether it fits."""
+    from flat_ray.memory import GIB, arch_for, plan
+
     rows = []
     for cell in space.cells:
         need = trial_resources(cell.config)
-        rows.append({
+        row = {
             "cell": cell.name, "trials": cell.trials(space.num_samples),
             "axes": "; ".join(f"{k}={s.describe()}" for k, s in cell.params.items()) or "-",
             "workers": cell.config.launch.num_workers, "cpus/trial": round(need["CPU"], 2),
             "gpus/trial": need["GPU"], "zero": cell.config.deepspeed.stage,
             "concurrent": max_concurrent(cell.config, cpus, gpus),
-        })
+        }
+        if need["GPU"]:
+            arch = arch_for(cell.config.model.name_or_path)
+            peak = plan(cell.config, arch).peak / GIB if arch else None
+            row["GiB/GPU"] = f"{peak:.1f}" if peak is not None else "?"
+            if gpu_gib is not None:
+                row["fits"] = "?" if peak is None else ("yes" if peak <= gpu_gib else "no")
+        rows.append(row)
     return rows
 
 
@@ -522,10 +533,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain fixed-width table (console and markdown-compatible enough to read in a file)."""
     if not rows:
         return ""
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # GPU cells add memory columns
+    width = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(width[c]) for c in cols)]
-    lines += ["  ".join(_fmt(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    lines += ["  ".join(_fmt(r.get(c, "")).ljust(width[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
 

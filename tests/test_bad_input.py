@@ -87,6 +87,11 @@ MISTAKES = [
          "GPU(s); lower launch.gpus_per_worker", via="script"),
     case("train-more-cpus-than-exist", ["train", "launch.num_workers=1000", *RUN_PATHS],
          "CPUs but this machine has"),
+    case("tune-does-not-fit-the-gpus", ["tune", "--space", "tofu", "--gpu-memory", "16", *TUNE_PATHS],
+         "cell llama2-7b-tofu_forget01-flat needs about 20.9 GiB per GPU at its peak of evaluation, the GPUs have 16 "
+         "GiB: set"),
+    case("train-gpu-memory-not-a-size", ["train", "--gpu-memory", "lots", *RUN_PATHS],
+         "--gpu-memory 'lots' is neither a number of GiB nor a cluster YAML file"),
     case("train-override-without-key", ["train", "=1e-5", *RUN_PATHS], "must look like section.key=value"),
     case("train-override-without-value", ["train", "optim.lr", *RUN_PATHS],
          "an override needs a value: optim.lr=VALUE"),

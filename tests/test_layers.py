@@ -83,7 +83,7 @@ def test_layers_below_launch_never_import_it():
 # the layers DESIGN keeps free of the orchestration stack (what a loss, a metric or a config needs)
 PURE = ("flat_ray.losses", "flat_ray.data", "flat_ray.config", "flat_ray.sweep", "flat_ray.engine.step",
         "flat_ray.engine.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.eval.metrics",
-        "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console")
+        "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console", "flat_ray.memory")
 STACK = ("ray", "deepspeed", "mlflow")
 
 

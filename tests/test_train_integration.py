@@ -260,8 +260,10 @@ def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
 # batches). Every method's direction is checked in process (tests/test_method_steps.py).
 @pytest.mark.parametrize("method", ["npo", "idk"])
 def test_baselines_train_under_zero3_with_two_workers(method, ray_local, base, tiny_model_dir):
+    # NPO also recomputes its layers in backward (gradient checkpointing under ZeRO-3 with a reference engine)
+    extra = ["model.gradient_checkpointing=true"] if method == "npo" else []
     cfg = cfg_for(base, f"method.name={method}", "deepspeed.stage=3", "optim.epochs=1", "eval.enabled=false",
-                  f"tracking.run_name=baseline-{method}", "tracking.log_model=false")
+                  f"tracking.run_name=baseline-{method}", "tracking.log_model=false", *extra)
     res = run_training(cfg)
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(res.model_dir / "model.safetensors")
@@ -270,3 +272,4 @@ def test_baselines_train_under_zero3_with_two_workers(method, ray_local, base, t
     assert len(losses) == 3 and all(map(np.isfinite, losses))
     run = tracking.run_data(res.mlflow_uri, res.run_id)
     assert run.data.tags["method"] == method and run.data.params["method.name"] == method
+    assert run.data.params["model.gradient_checkpointing"] == str(method == "npo")

@@ -190,6 +190,8 @@ class _Job:
         ds_config = ds.build_config(cfg, self.world)
         load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
         model = ds.load_model(path, ds_config, **load)
+        if cfg.model.gradient_checkpointing:  # recompute layers in backward (training mode only; eval is unchanged)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = ds.build_engine(model, ds_config,
                                       lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
         # what the workers really run with (the driver may sit on a CPU-only head)

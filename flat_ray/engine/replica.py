@@ -33,6 +33,8 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None) -> di
     returns the evaluation suite's float metrics ``{"before": ..., "after": ...}``."""
     world = world_size or cfg.launch.num_workers
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
     dataset = build_dataset(cfg, tokenizer, profile, load_split(cfg.data.benchmark, cfg.data.split,
                                                                  cfg.data.data_dir))

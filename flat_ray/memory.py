@@ -1,0 +1,216 @@
+"""A per-GPU memory plan for one trial, before anything is paid for (pure arithmetic; docs/memory.md).
+
+From the model's architecture (its ``config.json``, or a known hub model) and the run config, it estimates what one
+rank holds at its peak of training and of evaluation:
+
+- weights, gradients and AdamW state per ZeRO stage (sharded over the ranks from stage 3, 2 and 1), none of
+  the ones offloaded to CPU;
+- under ZeRO-3, the parameters gathered for the layers being computed (DeepSpeed's live-parameter limit);
+- activations for one micro-batch (forget + template sequences, plus retain ones where the method has a retain
+  term), with or without gradient checkpointing, and the logits with their gradient;
+- NPO's and DPO's frozen reference model (sharded like the trained one under ZeRO-3);
+- the evaluation's key/value cache for ``eval.batch_size`` prompts of ``data.max_length`` plus
+  ``eval.max_new_tokens`` tokens;
+- a fixed allowance for the CUDA context and communication buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flat_ray.config import RunConfig
+from flat_ray.errors import FlatRayError
+from flat_ray.losses import METHODS
+
+GIB = 2**30
+CONTEXT_BYTES = 1.0 * GIB  # CUDA context, NCCL buffers, allocator slack
+LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
+BYTES_PER_ACTIVATION = 34  # per token, hidden unit and layer in 16-bit with a fused attention kernel (no s^2 term)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the memory plan needs to know about a decoder-only transformer."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    gated_mlp: bool = True  # Llama-style gate/up/down (3 matrices) or fc1/fc2 (2)
+    tied_embeddings: bool = False
+
+    @property
+    def params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return embeddings + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> Arch:
+        """From a transformers ``config.json`` (Llama, Mistral, Phi, GPT-NeoX and OPT key names)."""
+        hidden = c.get("hidden_size") or c["n_embd"]
+        heads = c.get("num_attention_heads") or c["n_head"]
+        return cls(vocab=c["vocab_size"], hidden=hidden, layers=c.get("num_hidden_layers") or c["n_layer"],
+                   intermediate=c.get("intermediate_size") or c.get("ffn_dim") or 4 * hidden, heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads,
+                   gated_mlp=c.get("hidden_act", c.get("activation_function", "")) in ("silu", "swiglu"),
+                   tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+# the shipped spaces' hub models, for dry runs on a machine that has not downloaded them
+KNOWN: dict[str, Arch] = {
+    "locuslab/tofu_ft_llama2-7b": Arch(32000, 4096, 32, 11008, 32, 32),
+    "meta-llama/Llama-2-7b-hf": Arch(32000, 4096, 32, 11008, 32, 32),
+    "meta-llama/Llama-2-7b-chat-hf": Arch(32000, 4096, 32, 11008, 32, 32),
+    "muse-bench/MUSE-news_target": Arch(32000, 4096, 32, 11008, 32, 32),
+    "locuslab/tofu_ft_phi-1.5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),
+    "microsoft/phi-1_5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),
+    "facebook/opt-2.7b": Arch(50272, 2560, 32, 10240, 32, 32, gated_mlp=False, tied_embeddings=True),
+}
+
+
+def arch_for(name_or_path: str) -> Arch | None:
+    """The architecture of a local model directory, a hub model in the local cache, or a known hub model."""
+    local = Path(name_or_path).expanduser() / "config.json"
+    if local.is_file():
+        return Arch.from_config(json.loads(local.read_text()))
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    snapshots = cache.expanduser() / f"models--{name_or_path.replace('/', '--')}" / "snapshots"
+    for found in sorted(snapshots.glob("*/config.json")) if snapshots.is_dir() else []:
+        return Arch.from_config(json.loads(found.read_text()))
+    return KNOWN.get(name_or_path)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes per GPU, by part; ``train`` and ``evaluate`` are the two peaks, ``peak`` the larger."""
+
+    parts: dict[str, float]
+    train: float
+    evaluate: float
+
+    @property
+    def peak(self) -> float:
+        return max(self.train, self.evaluate)
+
+    def lines(self) -> list[str]:
+        out = [f"  {name:<22}{value / GIB:8.2f} GiB" for name, value in self.parts.items() if value]
+        return out + [f"  {'peak of training':<22}{self.train / GIB:8.2f} GiB",
+                      f"  {'peak of evaluation':<22}{self.evaluate / GIB:8.2f} GiB"]
+
+
+def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: str = "bf16") -> Plan:
+    """The per-GPU plan of ``cfg`` on ``world_size`` ranks (default ``launch.num_workers``) in ``precision``
+    (what ``deepspeed.precision=auto`` means on a GPU is bf16)."""
+    n = world_size or cfg.launch.num_workers
+    ds, o = cfg.deepspeed, cfg.optim
+    p = arch.params
+    w = 4 if (ds.precision if ds.precision != "auto" else precision) == "fp32" else 2
+    stage = ds.stage
+    parts = {
+        "weights": 0.0 if ds.offload_params else p * w / (n if stage == 3 else 1),
+        "gradients": p * w / (n if stage >= 2 else 1),
+        # AdamW: m and v in fp32, plus an fp32 master copy of 16-bit weights
+        "optimizer": 0.0 if ds.offload_optimizer else p * (8 + (4 if w == 2 else 0)) / (n if stage >= 1 else 1),
+        "gathered (ZeRO-3)": min(p, LIVE_PARAMETERS) * w if stage == 3 else 0.0,
+    }
+    splits = METHODS[cfg.method.name].splits(vars(cfg.method))
+    rows = o.micro_batch_size * len(splits)  # forget, template and retain sequences go through one forward
+    tokens = rows * cfg.data.max_length
+    per_layer = BYTES_PER_ACTIVATION * tokens * arch.hidden * w / 2
+    if cfg.model.gradient_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+        parts["activations"] = arch.layers * tokens * arch.hidden * w + per_layer
+    else:
+        parts["activations"] = arch.layers * per_layer
+    parts["logits"] = 2 * tokens * arch.vocab * w  # the logits and their gradient
+    if METHODS[cfg.method.name].needs_reference:
+        # a second engine with the same ZeRO settings: sharded under ZeRO-3, in CPU memory with parameter offload
+        parts["reference model"] = 0.0 if ds.offload_params else p * w / (n if stage == 3 else 1)
+    kv_dim = arch.hidden * arch.kv_heads // arch.heads
+    parts["eval KV cache"] = (2 * arch.layers * cfg.eval.batch_size * (cfg.data.max_length + cfg.eval.max_new_tokens)
+                              * kv_dim * w) if cfg.eval.enabled else 0.0
+    parts["CUDA context"] = CONTEXT_BYTES
+    resident = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered (ZeRO-3)", "CUDA context"))
+    resident += parts.get("reference model", 0.0)
+    return Plan(parts, resident + parts["activations"] + parts["logits"], resident + parts["eval KV cache"])
+
+
+def fit_hint(cfg: RunConfig, arch: Arch, gpu_bytes: float, world_size: int | None = None) -> str | None:
+    """None when ``cfg`` fits in ``gpu_bytes`` per GPU; else what to change, trying the knobs in the order that
+    costs least speed (gradient checkpointing, optimizer offload, a smaller evaluation batch, parameter offload)."""
+    import dataclasses
+
+    current = plan(cfg, arch, world_size)
+    if current.peak <= gpu_bytes:
+        return None
+    steps = [("model.gradient_checkpointing=true", "model", {"gradient_checkpointing": True}),
+             ("deepspeed.offload_optimizer=true", "deepspeed", {"offload_optimizer": True}),
+             (f"eval.batch_size={max(1, cfg.eval.batch_size // 2)}", "eval",
+              {"batch_size": max(1, cfg.eval.batch_size // 2)}),
+             ("deepspeed.offload_params=true", "deepspeed", {"offload_params": True})]
+    knobs, trial = [], cfg
+    for knob, section, change in steps:
+        if section == "deepspeed" and trial.deepspeed.stage < (3 if "params" in knob else 1):
+            continue  # parameter offload needs ZeRO-3, optimizer offload ZeRO 1-3
+        if all(getattr(getattr(trial, section), k) == v for k, v in change.items()):
+            continue
+        trial = dataclasses.replace(trial, **{section: dataclasses.replace(getattr(trial, section), **change)})
+        knobs.append(knob)
+        if plan(trial, arch, world_size).peak <= gpu_bytes:
+            return f"set {', '.join(knobs)}"
+    return "it does not fit even with every memory knob; use more workers or GPUs with more memory"
+
+
+# GPU memory (GiB) of the AWS instance families a cluster.yaml may name
+INSTANCE_GPU_GIB = {"g4dn": 16, "g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80,
+                    "p5": 80, "p5e": 141, "p5en": 141}
+
+
+def gpu_memory_gib(spec: str) -> float:
+    """``--gpu-memory``: a number of GiB, or a Ray cluster YAML whose GPU node types set the smallest GPU."""
+    import yaml
+
+    try:
+        return float(spec)
+    except ValueError:
+        pass
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FlatRayError(f"--gpu-memory {spec!r} is neither a number of GiB nor a cluster YAML file")
+    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    sizes = []
+    for name, node in node_types.items():
+        if not (node.get("resources") or {}).get("GPU"):
+            continue
+        instance = str((node.get("node_config") or {}).get("InstanceType", ""))
+        family = instance.split(".")[0]
+        if family not in INSTANCE_GPU_GIB:
+            raise FlatRayError(f"{path}: node type {name} has instance type {instance!r}, whose GPU memory flat-ray "
+                               f"does not know ({', '.join(INSTANCE_GPU_GIB)}); pass --gpu-memory GIB")
+        sizes.append(INSTANCE_GPU_GIB[family])
+    if not sizes:
+        raise FlatRayError(f"{path} has no node type with GPU resources; pass --gpu-memory GIB")
+    return float(min(sizes))
+
+
+def check_fits(runs: list[tuple[str, RunConfig]], gpu_gib: float) -> None:
+    """Refuse the first GPU run of ``runs`` ((name, config) pairs) whose plan does not fit in ``gpu_gib``, naming
+    the knobs that would make it fit. Runs on CPU, and models whose architecture is unknown here, pass."""
+    for name, cfg in runs:
+        arch = arch_for(cfg.model.name_or_path) if cfg.launch.gpus_per_worker else None
+        if arch is None:
+            continue
+        hint = fit_hint(cfg, arch, gpu_gib * GIB)
+        if hint:
+            p = plan(cfg, arch)
+            when = "training" if p.train >= p.evaluate else "evaluation"
+            raise FlatRayError(f"{name} needs about {p.peak / GIB:.1f} GiB per GPU at its peak of {when}, the GPUs "
+                               f"have {gpu_gib:g} GiB: {hint} (--dry-run shows the plan)")
