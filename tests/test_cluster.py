@@ -4,6 +4,7 @@ installs, GPU node types that scale to zero."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,35 @@ def test_gpu_node_types_scale_from_zero_and_the_head_does_not_train(cluster):
 
 
 def test_services_bind_privately_and_installs_are_pinned(cluster):
-    import ray
 
     head = " ".join(cluster["head_start_ray_commands"])
     assert "mlflow server" in head and "0.0.0.0" not in yaml.safe_dump(cluster)
     assert "hostname -I" in head and "--dashboard-host=127.0.0.1" in head
-    assert "sqlite:////shared/mlflow.db" in head  # a SQL backend on the shared disk
+    # SQLite on the head's own disk (its locks are not safe on NFS), artifacts on the shared one
+    assert "--backend-store-uri sqlite:////home/ubuntu/mlflow/mlflow.db" in head and "/shared/mlartifacts" in head
+    assert "socat TCP-LISTEN:5000,bind=127.0.0.1" in head  # where `ray attach -p 5000` forwards to
+    assert "pgrep" in head  # `ray up --no-restart` re-runs these without a second server
     assert cluster["provider"]["use_internal_ips"] is True
-    setup = " ".join(cluster["setup_commands"])
-    assert "-c ~/flat-ray/constraints/cluster.txt" in setup
-    pins = dict(line.split("==") for line in (ROOT / "constraints" / "cluster.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    setup = cluster["setup_commands"]
+    assert "apt-get update" in setup[0] and setup[0].index("apt-get update") < setup[0].index("apt-get install")
+    # Python >= 3.11 (pyproject) on Ubuntu 22.04's 3.10: a uv-managed 3.11 venv
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11" and any("uv venv --python 3.11 ~/venv" in c for c in setup)
+    assert any("-c ~/flat-ray/constraints/cluster.txt" in c and "[cluster]" in c for c in setup)
+
+
+def test_the_cluster_lock_pins_every_distribution_of_the_stack():
+    """constraints/cluster.txt (scripts/lock_cluster.py) pins the whole dependency tree, not only the top level,
+    so nodes launched later install the same versions."""
+    import ray
+
+    lines = [line for line in (ROOT / "constraints" / "cluster.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9][^\s]*", line) for line in lines), lines
+    pins = dict(line.split("==") for line in lines)
     assert pins["ray"] == ray.__version__  # the cluster runs the Ray the tests run
-    assert {"torch", "deepspeed", "transformers", "mlflow"} <= set(pins)
+    top = {"torch", "deepspeed", "transformers", "datasets", "mlflow", "lm-eval", "click", "nvidia-ml-py"}
+    deep = {"numpy", "pyarrow", "protobuf", "pydantic", "grpcio", "safetensors", "huggingface-hub", "aiohttp"}
+    assert top | deep <= set(pins) and len(pins) > 100
