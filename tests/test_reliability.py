@@ -181,11 +181,15 @@ def test_a_lost_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupte
     killed: list[int] = []
     done = threading.Event()
 
+    started = time.time()
+
     def kill_a_worker_after_the_second_checkpoint():
         _wait_for_checkpoints(run_dir, 2, lambda: not done.is_set())
-        workers = _train_workers()
-        assert len(workers) == 2, workers
-        victim = workers[-1]
+        # this run's two ranks: the first two RayTrainWorker processes created since it started (Ray may have
+        # started another one since, e.g. a worker it keeps warm)
+        workers = sorted((p for p in _train_workers() if p.create_time() >= started - 1), key=lambda p: p.create_time())
+        assert len(workers) >= 2, workers
+        victim = workers[1]
         killed.append(victim.pid)
         victim.send_signal(signal.SIGKILL)
 
@@ -223,7 +227,7 @@ def test_a_lost_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupte
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_not_a_half_written_one(tmp_path, tiny_model_dir):
     work = tmp_path / "work"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = _overrides(tiny_model_dir, work, "optim.epochs=6", "eval.enabled=false", "tracking.run_name=dk")
+    args = _overrides(tiny_model_dir, work, "optim.epochs=4", "eval.enabled=false", "tracking.run_name=dk")
     run_dir = work / "ray_results" / "dk"
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([FLAT_RAY, "train", *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -253,6 +257,6 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_not_a_half_writt
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert int(run.data.tags["resumed_from_epoch"]) == last_epoch + 1  # the last registered one, not the newer one
     steps = {s for s, _ in tracking.metric_history(state["mlflow_uri"], state["run_id"], "train/loss")}
-    assert steps == set(range(1, 19))  # 6 epochs x 3 steps, none missing
+    assert steps == set(range(1, 13))  # 4 epochs x 3 steps, none missing
     assert len(_runs_named(state["mlflow_uri"], "flat-ray", "dk")) == 1
     assert (Path(state["output_dir"]) / "model" / "model.safetensors").is_file()
