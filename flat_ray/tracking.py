@@ -210,13 +210,15 @@ class Tracker(NullTracker):
 
 
 def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Path, tags: Mapping[str, Any]) -> Tracker:
-    """Create the experiment if needed (with an explicit artifact location) and a new run in it."""
+    """Create the experiment if needed and a new run in it. A local store gets an explicit artifact location under
+    ``artifact_root``; a tracking server keeps its own (its ``--artifacts-destination``, reached through the
+    server from every node), so artifacts never land on the disk of whichever node logs them."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
+        location = None if uri.startswith(("http://", "https://")) else Path(artifact_root).resolve().as_uri()
         try:
-            exp_id = client.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri(),
-                                              tags=EXPERIMENT_KIND)
+            exp_id = client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
         except Exception:  # another process (a concurrent trial) created it first
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
