@@ -291,3 +291,22 @@ def test_text_benchmark_spaces_follow_their_recipes():
     (cell,) = hp.cells
     assert cell.config.data.benchmark == "hp" and cell.config.data.data_dir is None  # the user passes the book
     assert hp.objective == ["completion_score"] and hp.modes == ["max"]
+
+
+def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local):
+    """Joined to a cluster whose GPU nodes scale from zero (this local Ray has no GPU), a sweep does not run one
+    trial at a time: every trial of a cell may be pending, so the autoscaler sees their whole demand. Those
+    trials run on nodes yet to come, so shared storage and a server MLflow are required up front."""
+    from flat_ray.launch.tune import _check_cluster
+
+    space = load_space("tofu")  # 8 trials per cell, each 2 x (8 CPU, 1 GPU)
+    with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
+                                           "pass --storage-path on shared storage"):
+        _check_cluster(space, "auto", False, "sqlite:///x.db")
+    with pytest.raises(FlatRayError, match="waits for nodes the autoscaler adds but MLflow is a local SQLite file"):
+        _check_cluster(space, "auto", True, "sqlite:///x.db")
+    assert _check_cluster(space, "auto", True, "http://head:5000") == {c.name: 8 for c in space.cells}
+    with pytest.raises(FlatRayError, match="one trial needs 16.01 CPUs and 2 GPUs but this machine has"):
+        _check_cluster(space, None, True, "http://head:5000")  # no cluster to wait for
+    demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
+    assert _check_cluster(demo, None, False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}

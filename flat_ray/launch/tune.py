@@ -235,30 +235,34 @@ def _connect(address: str | None) -> None:
 
 
 def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: str) -> dict[str, int]:
-    """Concurrency per cell from the cluster's resources; shared storage and a server MLflow on many nodes."""
+    """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
+
+    On this machine a cell runs as many trials at once as its resources allow. On a cluster every trial of a cell
+    may be pending at once: Tune starts what fits, and the autoscaler sees the demand of all the others (a cluster
+    whose GPU nodes scale from zero has no room for any trial when the sweep starts). Trials that wait for nodes
+    the autoscaler will add run on other nodes, so they need the multi-node storage and MLflow as well."""
     have = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        if not storage_given:
-            raise FlatRayError(f"the Ray cluster has {len(nodes)} nodes: pass --storage-path on shared storage "
-                               "(NFS mount or s3://...) so every node sees the checkpoints")
-        if uri.startswith("sqlite:"):
-            raise FlatRayError(f"the Ray cluster has {len(nodes)} nodes but MLflow is a local SQLite file ({uri}); "
-                               "pass --mlflow-uri http://HEAD:5000 (the server cluster.yaml starts)")
-    out = {}
+    out, waiting = {}, []
     for cell in space.cells:
         n = max_concurrent(cell.config, have.get("CPU", 0), have.get("GPU", 0))
+        if n == 0 and not address:
+            need = trial_resources(cell.config)
+            raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
+                               f"{need['GPU']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
+                               f"and {have.get('GPU', 0):g} GPUs; lower resources.num_workers or "
+                               "resources.cpus_per_worker, or pass --address of a cluster")
         if n == 0:
-            if not address:
-                need = trial_resources(cell.config)
-                raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
-                                   f"{need['GPU']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
-                                   f"and {have.get('GPU', 0):g} GPUs; lower resources.num_workers or "
-                                   "resources.cpus_per_worker, or pass --address of a cluster")
-            log.warning("cell %s: no room for a trial on the cluster yet; running 1 at a time while the "
-                        "autoscaler adds nodes", cell.name)
-            n = 1
-        out[cell.name] = n
+            waiting.append(cell.name)
+        out[cell.name] = cell.trials(space.num_samples) if address else n
+    where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
+             f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
+    if where and not storage_given:
+        raise FlatRayError(f"{where}: pass --storage-path on shared storage (an NFS mount) so every node sees the "
+                           "checkpoints")
+    if where and uri.startswith("sqlite:"):
+        raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
+                           "(the server cluster.yaml starts)")
     return out
 
 
