@@ -310,3 +310,21 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
         _check_cluster(space, None, True, "http://head:5000")  # no cluster to wait for
     demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
     assert _check_cluster(demo, None, False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+
+
+def test_trial_functions_are_pinned_to_the_head_node(ray_local):
+    """The per-trial function asks for a sliver of the head-only resource, so it (and Ray Train's controller on its
+    node) never lands on a GPU node; the resource name is one Ray really gives its head."""
+    import ray
+
+    from flat_ray.launch.tune import TRIAL_FN_RESOURCES
+
+    assert TRIAL_FN_RESOURCES["node:__internal_head__"] > 0
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+
+    @ray.remote(num_cpus=TRIAL_FN_RESOURCES["CPU"],
+                resources={k: v for k, v in TRIAL_FN_RESOURCES.items() if k != "CPU"})
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    assert ray.get(where.remote(), timeout=60) == head

@@ -1,6 +1,6 @@
 """``flat-ray tune``: search spaces become Ray Tune experiments, one per grid cell, run one after another.
 
-Each trial is a small driver function (``{"CPU": 0.01}``) that builds a Ray Train ``TorchTrainer`` through
+Each trial is a small driver function (``{"CPU": 0.01}``, pinned to the head node) that builds a Ray Train ``TorchTrainer`` through
 :func:`flat_ray.launch.driver.run_training` with ``TuneReportCallback``, so a trial does exactly what
 ``flat-ray train`` does and its MLflow run is a child of the sweep's parent run. Trial names are the cell name
 plus Tune's trial index: the same on every resume, which is what lets a resumed trial find its Ray Train run
@@ -60,6 +60,11 @@ from flat_ray.sweep import (
     trial_table,
     with_constants,
 )
+
+# The per-trial function (and with it Ray Train V2's controller, which runs on its node) stays on the head: a
+# placement group would otherwise prefer the node with the most free CPUs, a GPU node, whose loss would kill the
+# trial instead of letting Ray Train restart its workers. Every Ray head has the resource node:__internal_head__.
+TRIAL_FN_RESOURCES = {"CPU": TRIAL_FN_CPU, "node:__internal_head__": 0.001}
 
 log = logging.getLogger(__name__)
 REMOTE_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
@@ -383,7 +388,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
     payload = {"sweep": name, "cell": cell.name, "labels": cell.labels, "base": space.base,
                "constants": cell.constants, "parent_run_id": parent_run_id,
                "trials_dir": str(sweep_dir / "trials")}
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), {"CPU": TRIAL_FN_CPU})
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), TRIAL_FN_RESOURCES)
     path = storage / cell.name
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
