@@ -1,8 +1,8 @@
 """``flat-ray tune``: search spaces become Ray Tune experiments, one per grid cell, run one after another.
 
-Each trial is a small driver function (``{"CPU": 0.01}``, pinned to the head node) that builds a Ray Train ``TorchTrainer`` through
-:func:`flat_ray.launch.driver.run_training` with ``TuneReportCallback``, so a trial does exactly what
-``flat-ray train`` does and its MLflow run is a child of the sweep's parent run. Trial names are the cell name
+Each trial is a small driver function (``{"CPU": 0.01}``, pinned to the head node) that builds a Ray Train
+``TorchTrainer`` through :func:`flat_ray.launch.driver.run_training` with ``TuneReportCallback``, so a trial does
+exactly what ``flat-ray train`` does and its MLflow run is a child of the sweep's parent run. Trial names are the cell name
 plus Tune's trial index: the same on every resume, which is what lets a resumed trial find its Ray Train run
 (checkpoints) and its MLflow run again.
 
