@@ -374,13 +374,10 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
 def _misfits(sp, gpu_gib: float | None) -> None:
     """Under the dry run's table: what would make each cell that does not fit in the GPUs fit."""
-    from flat_ray.memory import GIB, arch_for, fit_hint
+    from flat_ray.memory import misfits
 
-    for cell in sp.cells if gpu_gib is not None else []:
-        arch = arch_for(cell.config.model.name_or_path) if cell.config.launch.gpus_per_worker else None
-        hint = fit_hint(cell.config, arch, gpu_gib * GIB) if arch else None
-        if hint:
-            click.echo(f"{cell.name} does not fit in {gpu_gib:g} GiB per GPU: {hint}")
+    for line in misfits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib) if gpu_gib is not None else []:
+        click.echo(line)
 
 
 def _local_gpus() -> int:

@@ -16,6 +16,7 @@ rank holds at its peak of training and of evaluation:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -146,7 +147,6 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
 def fit_hint(cfg: RunConfig, arch: Arch, gpu_bytes: float, world_size: int | None = None) -> str | None:
     """None when ``cfg`` fits in ``gpu_bytes`` per GPU; else what to change, trying the knobs in the order that
     costs least speed (gradient checkpointing, optimizer offload, a smaller evaluation batch, parameter offload)."""
-    import dataclasses
 
     current = plan(cfg, arch, world_size)
     if current.peak <= gpu_bytes:
@@ -201,16 +201,23 @@ def gpu_memory_gib(spec: str) -> float:
     return float(min(sizes))
 
 
-def check_fits(runs: list[tuple[str, RunConfig]], gpu_gib: float) -> None:
-    """Refuse the first GPU run of ``runs`` ((name, config) pairs) whose plan does not fit in ``gpu_gib``, naming
-    the knobs that would make it fit. Runs on CPU, and models whose architecture is unknown here, pass."""
+def misfits(runs: list[tuple[str, RunConfig]], gpu_gib: float) -> list[str]:
+    """One line per GPU run of ``runs`` ((name, config) pairs) whose plan does not fit in ``gpu_gib``: how much it
+    needs and the knobs that would make it fit. Runs on CPU, and models whose architecture is unknown here, fit."""
+    out = []
     for name, cfg in runs:
         arch = arch_for(cfg.model.name_or_path) if cfg.launch.gpus_per_worker else None
-        if arch is None:
-            continue
-        hint = fit_hint(cfg, arch, gpu_gib * GIB)
+        hint = fit_hint(cfg, arch, gpu_gib * GIB) if arch else None
         if hint:
             p = plan(cfg, arch)
             when = "training" if p.train >= p.evaluate else "evaluation"
-            raise FlatRayError(f"{name} needs about {p.peak / GIB:.1f} GiB per GPU at its peak of {when}, the GPUs "
-                               f"have {gpu_gib:g} GiB: {hint} (--dry-run shows the plan)")
+            out.append(f"{name} needs about {p.peak / GIB:.1f} GiB per GPU at its peak of {when}, the GPUs have "
+                       f"{gpu_gib:g} GiB: {hint}")
+    return out
+
+
+def check_fits(runs: list[tuple[str, RunConfig]], gpu_gib: float) -> None:
+    """Refuse the first run of :func:`misfits`."""
+    problems = misfits(runs, gpu_gib)
+    if problems:
+        raise FlatRayError(f"{problems[0]} (--dry-run shows the plan)")
