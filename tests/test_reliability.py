@@ -1,17 +1,15 @@
 """Reliability for real (local Ray, 2 Ray Train workers, DeepSpeed ZeRO-3 on CPU, MLflow on SQLite): a lost worker
-restarts from its checkpoint, a killed driver resumes without picking up a half-written checkpoint, a full or
-read-only disk fails with one clear line, checkpoints refuse to load when cut short."""
+restarts from its checkpoint and a killed driver resumes without picking up a half-written checkpoint (one run
+lives through both), a full or read-only disk fails with one clear line, checkpoints refuse to load when cut
+short."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -24,10 +22,8 @@ from flat_ray.config import load_config
 from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint, RunFailed
 from flat_ray.fileio import atomic_write_text, check_writable
-from flat_ray.launch.driver import STATE_FILE, run_training, storage_root
-from tests.procs import kill_tree
+from flat_ray.launch.driver import STATE_FILE, run_training
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
 
 
@@ -37,38 +33,12 @@ def _overrides(model: Path, work: Path, *extra: str) -> list[str]:
             "eval.batch_size=4", "deepspeed.stage=3", f"paths.workdir={work}", *extra]
 
 
-def _registered(run_dir: Path) -> list[str]:
-    """Checkpoint folders Ray Train has registered for a run (the ones a restore may use)."""
-    try:
-        snap = json.loads((run_dir / SNAPSHOT).read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])]
-
-
-def _wait_for_checkpoints(run_dir: Path, n: int, alive, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while len(_registered(run_dir)) < n:
-        assert alive(), "the run ended before it was interrupted"
-        assert time.monotonic() < deadline, f"no {n} registered checkpoint(s) in {run_dir}"
-        time.sleep(0.05)
-
-
 def _runs_named(uri: str, experiment: str, name: str) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-
-
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            found.append(proc)
-    return found
 
 
 # ------------------------------------------------------------------------------------ checkpoints, unit level
@@ -169,94 +139,42 @@ def test_a_full_disk_fails_the_run_with_one_clear_line(tmp_path, tmpfs, ray_loca
     assert tracking.run_data(state["mlflow_uri"], state["run_id"]).info.status == "FAILED"
 
 
-# ------------------------------------------------------------------------------------------------ lost worker
+# ------------------------------------------------------------------- lost worker, then killed driver, resumed
 @pytest.mark.slow
-def test_a_lost_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupted_run(tmp_path, ray_local,
-                                                                                      tiny_model_dir):
-    common = _overrides(tiny_model_dir, tmp_path / "work", "optim.epochs=5", "eval.every_epochs=5",
-                        "launch.max_failures=1")
-    clean = run_training(load_config(None, [*common, "tracking.run_name=clean"]))
-    cfg = load_config(None, [*common, "tracking.run_name=lost"])
-    run_dir = storage_root(cfg) / "lost"
-    killed: list[int] = []
-    done = threading.Event()
+def test_a_lost_worker_and_a_killed_driver_end_where_the_uninterrupted_run_ends(interrupted, zero3):
+    """One run lives through both (tests/runs.py): a Ray Train worker SIGKILLed after the first checkpoint (Ray
+    Train restarts the workers from it, in the same MLflow run), then the driver and every process it started
+    SIGKILLed after the second, with a cut-short newer checkpoint left behind; `flat-ray train --resume` finishes
+    it from the last complete checkpoint. It ends where the uninterrupted run ends."""
+    run = interrupted
+    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
+    assert run.checkpoints_at_worker_kill == 1, "the worker was killed after the second checkpoint already"
+    assert not psutil.pid_exists(run.killed_worker) or psutil.Process(run.killed_worker).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(IncompleteCheckpoint, match="is incomplete"):
+        verify(run.half_written, 2)
 
-    started = time.time()
-
-    def kill_a_worker_after_the_second_checkpoint():
-        _wait_for_checkpoints(run_dir, 2, lambda: not done.is_set())
-        # this run's two ranks: the first two RayTrainWorker processes created since it started (Ray may have
-        # started another one since, e.g. a worker it keeps warm)
-        workers = sorted((p for p in _train_workers() if p.create_time() >= started - 1), key=lambda p: p.create_time())
-        assert len(workers) >= 2, workers
-        victim = workers[1]
-        killed.append(victim.pid)
-        victim.send_signal(signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_a_worker_after_the_second_checkpoint, daemon=True)
-    killer.start()
-    try:
-        lost = run_training(cfg)
-    finally:
-        done.set()
-        killer.join(10)
-    assert killed, "no worker was killed"
-    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
-
-    # the same MLflow run carried on: no duplicate, the restart recorded
-    runs = _runs_named(lost.mlflow_uri, cfg.tracking.experiment, "lost")
-    assert len(runs) == 1 and runs[0].info.run_id == lost.run_id
-    run = tracking.run_data(lost.mlflow_uri, lost.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["restores"] == "1" and int(run.data.tags["resumed_from_epoch"]) >= 2
+    state = json.loads((run.run_dir / STATE_FILE).read_text())
+    uri, run_id = state["mlflow_uri"], state["run_id"]
+    data = tracking.run_data(uri, run_id)
+    assert data.info.status == "FINISHED" and data.data.tags["resumed"] == "true"
+    # two restores, both counted in the one MLflow run: Ray Train's after the lost worker, then --resume from the
+    # last registered checkpoint (not the newer, half-written one)
+    assert data.data.tags["restores"] == "2"
+    assert int(data.data.tags["resumed_from_epoch"]) == run.last_epoch + 1 >= 2
+    assert len(_runs_named(uri, "flat-ray", "interrupted")) == 1
 
     # and it ends where the uninterrupted run ends: same steps, losses, evaluation and weights
-    def curve(res):
-        return dict(tracking.metric_history(res.mlflow_uri, res.run_id, "train/loss"))
+    _, clean = zero3
 
-    a, b = curve(clean), curve(lost)
-    assert sorted(a) == sorted(b) and len(a) == 15
+    def by_step(u: str, rid: str, key: str) -> dict[int, float]:
+        return dict(tracking.metric_history(u, rid, key))  # a step trained again after a restore: its last value
+
+    a, b = by_step(clean.mlflow_uri, clean.run_id, "train/loss"), by_step(uri, run_id, "train/loss")
+    assert sorted(b) == sorted(a) == list(range(1, 13))  # 4 epochs x 3 steps, none missing
     assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], abs=2e-5)
-    assert lost.after and lost.after == pytest.approx(clean.after, abs=1e-4)
-    wa, wb = load_file(clean.model_dir / "model.safetensors"), load_file(lost.model_dir / "model.safetensors")
+    for key in ("eval/forget_prob", "eval/retain_prob", "eval/forget_truth_ratio"):
+        ea, eb = by_step(clean.mlflow_uri, clean.run_id, key), by_step(uri, run_id, key)
+        assert sorted(ea) == sorted(eb) == [0, 2, 4] and [eb[s] for s in ea] == pytest.approx(list(ea.values()), abs=1e-4)
+    model_dir = Path(state["output_dir"]) / "model"
+    wa, wb = load_file(clean.model_dir / "model.safetensors"), load_file(model_dir / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
-
-
-# ------------------------------------------------------------------------------------- killed driver, resumed
-@pytest.mark.slow
-def test_a_killed_run_resumes_from_its_last_complete_checkpoint_not_a_half_written_one(tmp_path, tiny_model_dir):
-    work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = _overrides(tiny_model_dir, work, "optim.epochs=4", "eval.enabled=false", "tracking.run_name=dk")
-    run_dir = work / "ray_results" / "dk"
-    log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([FLAT_RAY, "train", *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    try:
-        _wait_for_checkpoints(run_dir, 2, lambda: first.poll() is None)
-    finally:
-        kill_tree(first)  # nothing of the killed run registers a checkpoint after this
-    registered = _registered(run_dir)
-    last = run_dir / registered[-1]
-    last_epoch = verify(last, 2)["epoch"]
-    # a newer checkpoint folder whose copy was cut short by the crash: Ray Train never registered it, and
-    # flat_ray's manifest check would refuse it anyway
-    half = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
-    shutil.copytree(last, half)
-    biggest = max((p for p in half.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as fh:
-        fh.truncate(biggest.stat().st_size // 2)
-    with pytest.raises(IncompleteCheckpoint, match="is incomplete"):
-        verify(half, 2)
-
-    res = subprocess.run([FLAT_RAY, "train", "--resume", "dk", f"paths.workdir={work}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    state = json.loads((run_dir / STATE_FILE).read_text())
-    run = tracking.run_data(state["mlflow_uri"], state["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    assert int(run.data.tags["resumed_from_epoch"]) == last_epoch + 1  # the last registered one, not the newer one
-    steps = {s for s, _ in tracking.metric_history(state["mlflow_uri"], state["run_id"], "train/loss")}
-    assert steps == set(range(1, 13))  # 4 epochs x 3 steps, none missing
-    assert len(_runs_named(state["mlflow_uri"], "flat-ray", "dk")) == 1
-    assert (Path(state["output_dir"]) / "model" / "model.safetensors").is_file()

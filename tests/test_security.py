@@ -5,47 +5,29 @@ from __future__ import annotations
 
 import ast
 import inspect
-import os
 import re
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.runs import SENTINEL
+
 ROOT = Path(__file__).resolve().parents[1]
-FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
 SOURCES = sorted([*(ROOT / "flat_ray").rglob("*.py"), *(ROOT / "cli").rglob("*.py")])
-SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-           "AWS_SECRET_ACCESS_KEY")
-SENTINEL = f"sk-sentinel-{uuid.uuid4().hex[:12]}"  # every secret's value starts with this
 
 
 # ------------------------------------------------------------------------------------ secrets in a real run
-@pytest.fixture(scope="module")
-def secret_run(tmp_path_factory, tiny_model_dir):
-    """One short `flat-ray train` (1 Ray Train worker, 1 epoch, 3 steps) in a process whose environment holds the
-    secrets; Ray is started by that process, so its workers inherit them."""
-    work = tmp_path_factory.mktemp("secrets")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           **{name: f"{SENTINEL}-{name}" for name in SECRETS}}
-    argv = [FLAT_RAY, "train", f"model.name_or_path={tiny_model_dir}", "data.split=forget05", "data.max_length=64",
-            "launch.num_workers=1", "deepspeed.stage=0", "optim.epochs=1", "optim.micro_batch_size=4",
-            "optim.lr=1e-3", "eval.max_examples=2", "eval.max_new_tokens=4", "eval.batch_size=2",
-            "tracking.run_name=secrets", f"paths.workdir={work}"]
-    res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=work, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    run_id = re.search(r"MLflow run id: ([0-9a-f]{32})", res.stdout).group(1)
-    return work, run_id, res
-
-
-@pytest.mark.slow  # a real Ray run: 35-85 s on 2 shared CPU cores
-def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(secret_run, tmp_path):
+@pytest.mark.slow
+def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(interrupted, tmp_path):
+    """The suite's interrupted run (tests/runs.py: `flat-ray train` killed and resumed) ran in a process whose
+    environment holds the secrets; Ray was started by that process, so its workers inherited them."""
     from mlflow.tracking import MlflowClient
 
-    work, run_id, res = secret_run
-    assert SENTINEL not in res.stdout + res.stderr
+    work = interrupted.work
+    assert interrupted.resumed.returncode == 0, interrupted.resumed.stderr[-3000:]
+    printed = interrupted.first_log + interrupted.resumed.stdout + interrupted.resumed.stderr
+    assert "MLflow run id:" in printed and SENTINEL not in printed
+    run_id = re.search(r"MLflow run id: ([0-9a-f]{32})", interrupted.resumed.stdout).group(1)
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.params and run.data.metrics  # the scan below looks at a real run
@@ -58,17 +40,18 @@ def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(secret_run,
     artifacts = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
     logged = [p for p in artifacts.rglob("*") if p.is_file()]
     assert {"config.yaml", "model.safetensors"} <= {p.name for p in logged}
-    # every file of the run: downloaded artifacts, the output folder, Ray's run folder, the MLflow store itself
+    # every file of the run: downloaded artifacts, the output folder, Ray's run folder with its checkpoints, the
+    # MLflow store itself
     scanned = [*logged, *(p for p in work.rglob("*") if p.is_file())]
-    assert (work / "runs" / "secrets" / "config.yaml") in scanned and (work / "mlflow.db") in scanned
+    assert (work / "runs" / "interrupted" / "config.yaml") in scanned and (work / "mlflow.db") in scanned
+    assert any(p.name.endswith("_optim_states.pt") for p in scanned)  # DeepSpeed's checkpoint files too
     leaks = [str(p) for p in scanned if SENTINEL.encode() in p.read_bytes()]
     assert not leaks, f"secret found in {leaks}"
 
 
 @pytest.mark.slow
-def test_exported_model_is_safetensors_only(secret_run):
-    work, _, _ = secret_run
-    model_dir = work / "runs" / "secrets" / "model"
+def test_exported_model_is_safetensors_only(interrupted):
+    model_dir = interrupted.work / "runs" / "interrupted" / "model"
     names = {p.name for p in model_dir.iterdir()}
     assert "model.safetensors" in names
     pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]

@@ -1,5 +1,5 @@
 """`flat-ray train` for real: local Ray (2 CPUs), 2 Ray Train workers, DeepSpeed on CPU/gloo, MLflow on SQLite,
-a tiny transformers model. One ZeRO-3 run is shared by several tests."""
+a tiny transformers model. One ZeRO-3 run (tests/runs.py) is shared by several tests."""
 
 from __future__ import annotations
 
@@ -18,27 +18,13 @@ from flat_ray import tracking
 from flat_ray.config import load_config
 from flat_ray.errors import RunFailed
 from flat_ray.launch.driver import STATE_FILE, run_training, storage_root
+from tests.runs import ZERO3
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def base(tmp_path_factory, tiny_model_dir):
-    """Overrides for a small, fast run on the tiny model (10 forget questions, 2 epochs)."""
-    work = tmp_path_factory.mktemp("train")
-    return [f"model.name_or_path={tiny_model_dir}", "data.split=forget05", "data.max_length=64",
-            "optim.micro_batch_size=2", "optim.epochs=2", "optim.lr=2e-3", "optim.warmup_ratio=0.1",
-            "eval.max_examples=4", "eval.max_new_tokens=6", "eval.batch_size=4", f"paths.workdir={work}"]
-
-
 def cfg_for(base, *extra):
     return load_config(None, [*base, *extra])
-
-
-@pytest.fixture(scope="session")
-def zero3(ray_local, base):
-    cfg = cfg_for(base, "deepspeed.stage=3", "tracking.run_name=zero3")
-    return cfg, run_training(cfg)
 
 
 def loss_curve(result):
@@ -80,15 +66,15 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     assert "plots/training_curves.png" in tracking.list_artifacts(res.mlflow_uri, res.run_id, "plots")
-    # 10 questions / (2 per worker x 2 workers) = 3 micro-batches (last one padded) per epoch, 2 epochs
-    assert len(loss_curve(res)) == 6
+    # 10 questions / (2 per worker x 2 workers) = 3 micro-batches (last one padded) per epoch, 4 epochs
+    assert len(loss_curve(res)) == 12
     for key in ("train/score_template", "train/score_forget", "train/weight_template", "train/weight_forget",
                 "lr", "grad_norm", "tokens_per_s"):
-        assert len(tracking.metric_history(res.mlflow_uri, res.run_id, key)) == 6, key
+        assert len(tracking.metric_history(res.mlflow_uri, res.run_id, key)) == 12, key
     lrs = [v for _, v in tracking.metric_history(res.mlflow_uri, res.run_id, "lr")]
     assert max(lrs) == pytest.approx(2e-3) and lrs[-1] < lrs[1]  # warm-up, then linear decay
     steps = [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob")]
-    assert steps == [0, 1, 2]  # before training and after each epoch
+    assert steps == [0, 2, 4]  # before training and every eval.every_epochs=2 epochs
     assert set(res.before) == set(res.after) and "eval/model_utility" in res.before
     # the 12 per-split TOFU numbers, model utility and the derived scores (no forget quality: no reference)
     assert {f"eval/{s}_{m}" for s in ("forget", "retain", "real_authors", "world_facts")
@@ -104,38 +90,27 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
 
 def test_zero2_and_zero3_give_the_same_loss_curve(zero3, base):
     cfg3, res3 = zero3
-    res2 = run_training(cfg_for(base, "deepspeed.stage=2", "tracking.run_name=zero2"))
+    res2 = run_training(cfg_for(base, *ZERO3, "deepspeed.stage=2", "tracking.run_name=zero2"))
     c2, c3 = loss_curve(res2), loss_curve(res3)
-    assert len(c2) == len(c3) == 6
+    assert len(c2) == len(c3) == 12
     assert c2 == pytest.approx(c3, abs=2e-5)
     assert c3[-1] < c3[0] - 1e-4  # the curve moves (FLAT's TV loss starts near 0 on an untrained model)
     s2, s3 = (tracking.metric_history(r.mlflow_uri, r.run_id, "train/score_forget") for r in (res2, res3))
     assert [v for _, v in s2] == pytest.approx([v for _, v in s3], rel=1e-3)
 
 
-def test_resume_from_epoch_one_checkpoint_reproduces_the_uninterrupted_run(zero3, base):
+def test_a_new_run_from_a_checkpoint_reproduces_the_uninterrupted_run(zero3, base):
     cfg, res = zero3
     storage = storage_root(cfg) / "zero3"
     checkpoints = sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2
-    resumed = run_training(cfg_for(base, "deepspeed.stage=3", "tracking.run_name=zero3-from-epoch1"),
+    assert len(checkpoints) == 2  # launch's num_to_keep: the checkpoints after epochs 3 and 4
+    resumed = run_training(cfg_for(base, *ZERO3, "tracking.run_name=zero3-from-epoch3"),
                            resume_from=str(checkpoints[0]))
     full, part = loss_curve(res), loss_curve(resumed)
-    assert len(part) == 3  # only epoch 2 was trained
-    assert part == pytest.approx(full[3:], abs=2e-5)
+    assert len(part) == 3  # only epoch 4 was trained
+    assert part == pytest.approx(full[9:], abs=2e-5)
     a, b = load_file(res.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-
-
-def test_resume_by_name_continues_the_same_mlflow_run(zero3, base):
-    cfg, res = zero3
-    again = run_training(cfg, resume="zero3")
-    assert again.run_id == res.run_id and again.run_name == "zero3"
-    assert len(loss_curve(again)) == 6  # the run was complete: nothing trained twice, nothing duplicated
-    run = tracking.run_data(res.mlflow_uri, res.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    state = json.loads((storage_root(cfg) / "zero3" / STATE_FILE).read_text())
-    assert state["run_id"] == res.run_id
 
 
 def test_divergence_stops_the_run_and_marks_it_failed(ray_local, base):

@@ -1,0 +1,118 @@
+"""The suite's shared end-to-end runs: built once per session (fixtures in conftest.py), checked by several tests.
+
+- ``zero3``: an uninterrupted 2-worker ZeRO-3 `flat-ray train` run on the tiny model (in process, the suite's Ray).
+- ``interrupted``: the same config run by the `flat-ray` console script in a process whose environment holds
+  secrets. A Ray Train worker is SIGKILLed after the first checkpoint (Ray Train restarts the workers from it), the
+  driver and every process it started are SIGKILLed after the second, a cut-short newer checkpoint is planted, and
+  `flat-ray train --resume` finishes the run. Reliability tests compare it with ``zero3``; security tests scan
+  everything it wrote and printed for the secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from tests.procs import kill_tree
+
+FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+           "AWS_SECRET_ACCESS_KEY")
+SENTINEL = f"sk-sentinel-{uuid.uuid4().hex[:12]}"  # every secret's value starts with this
+
+# the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs
+ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2")
+
+
+def tiny_overrides(model: Path, work: Path) -> list[str]:
+    """A small, fast run on the tiny model (10 forget questions; 3 micro-batches of 2 per worker and epoch)."""
+    return [f"model.name_or_path={model}", "data.split=forget05", "data.max_length=64", "optim.micro_batch_size=2",
+            "optim.epochs=2", "optim.lr=2e-3", "optim.warmup_ratio=0.1", "eval.max_examples=4",
+            "eval.max_new_tokens=6", "eval.batch_size=4", f"paths.workdir={work}"]
+
+
+def registered(run_dir: Path) -> list[str]:
+    """Checkpoint folders Ray Train has registered for a run (the ones a restore may use)."""
+    try:
+        snap = json.loads((run_dir / SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])]
+
+
+def wait_for_checkpoints(run_dir: Path, n: int, alive, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(registered(run_dir)) < n:
+        assert alive(), "the run ended before it was interrupted"
+        assert time.monotonic() < deadline, f"no {n} registered checkpoint(s) in {run_dir}"
+        time.sleep(0.05)
+
+
+def train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """Ray Train worker processes below ``root``, oldest first."""
+    found = []
+    for proc in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found, key=lambda p: p.create_time())
+
+
+@dataclass
+class Interrupted:
+    work: Path
+    run_dir: Path
+    killed_worker: int  # pid of the Ray Train worker that was SIGKILLed
+    checkpoints_at_worker_kill: int  # registered checkpoints when the worker was killed
+    last_epoch: int  # the 0-based epoch of the last registered checkpoint when the driver was killed
+    half_written: Path  # the planted, cut-short newer checkpoint folder
+    first_log: str  # everything the killed driver printed
+    resumed: subprocess.CompletedProcess
+
+
+def run_interrupted(config_yaml: Path, work: Path, name: str) -> Interrupted:
+    """The ``interrupted`` run (module docstring). ``config_yaml`` is the uninterrupted run's config."""
+    from flat_ray.engine.checkpoint import verify
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           **{secret: f"{SENTINEL}-{secret}" for secret in SECRETS}}
+    args = [str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1"]
+    run_dir = work / "ray_results" / name
+    log_path = work.parent / f"{name}-first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen([FLAT_RAY, "train", *args], cwd=work.parent, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        alive = lambda: first.poll() is None  # noqa: E731
+        wait_for_checkpoints(run_dir, 1, alive)
+        at_kill = len(registered(run_dir))
+        victim = train_workers(psutil.Process(first.pid))[-1]
+        victim.send_signal(signal.SIGKILL)
+        wait_for_checkpoints(run_dir, at_kill + 1, alive)  # written by the restarted workers
+    finally:
+        kill_tree(first)  # nothing of the killed run registers a checkpoint after this
+    last = run_dir / registered(run_dir)[-1]
+    last_epoch = verify(last, 2)["epoch"]
+    # a newer checkpoint folder whose copy was cut short by the crash: Ray Train never registered it, and
+    # flat_ray's manifest check would refuse it anyway
+    half = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(last, half)
+    biggest = max((p for p in half.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as fh:
+        fh.truncate(biggest.stat().st_size // 2)
+    resumed = subprocess.run([FLAT_RAY, "train", "--resume", name, f"paths.workdir={work}"], cwd=work.parent, env=env,
+                             capture_output=True, text=True, timeout=600)
+    return Interrupted(work, run_dir, victim.pid, at_kill, last_epoch, half, log_path.read_text(), resumed)
