@@ -42,7 +42,9 @@ def tiny_model_path(cfg: RunConfig) -> Path:
 def demo_finetune_config(cfg: RunConfig) -> RunConfig:
     """The recipe of the demo's original model, run with ``cfg``'s engine, workers and paths."""
     base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
-    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=cfg.launch, paths=cfg.paths,
+    # the recipe's checkpoint frequency: 30 quick epochs need no checkpoint after each one
+    launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=base.launch.checkpoint_every_epochs)
+    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
 
 

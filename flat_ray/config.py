@@ -247,8 +247,13 @@ class LaunchConfig:
     max_failures: int = doc(2, "How often a run restarts its workers from the last checkpoint after a worker or node "
                                "is lost (a spot node reclaimed, a process killed); 0 fails at the first loss. A "
                                "diverged run never restarts.")
+    checkpoint_every_epochs: int = doc(1, "Checkpoint after every N-th epoch (and always after the last). A lost "
+                                          "worker or a killed run resumes from the last checkpoint, so larger N "
+                                          "writes less and repeats more after a failure.")
 
     def __post_init__(self):
+        if self.checkpoint_every_epochs < 1:
+            raise FlatRayError(f"launch.checkpoint_every_epochs must be >= 1, got {self.checkpoint_every_epochs}")
         if self.num_workers < 1:
             raise FlatRayError(f"launch.num_workers must be >= 1, got {self.num_workers}")
         if self.max_failures < 0:

@@ -52,6 +52,7 @@ def test_docs_config_reference_is_current():
         (["optim.lr=-1e-5"], r"optim.lr must be > 0"),
         (["optim.lr=0"], r"optim.lr must be > 0"),
         (["optim.micro_batch_size=0"], r"optim.micro_batch_size must be >= 1"),
+        (["launch.checkpoint_every_epochs=0"], r"launch.checkpoint_every_epochs must be >= 1, got 0"),
         (["optim.epochs=2.5"], r"optim.epochs must be int"),
         (["deepspeed.stage=4"], r"Valid choices: 0, 1, 2, 3"),
         (["deepspeed.stage=0", "deepspeed.offload_optimizer=true"], r"needs deepspeed.stage >= 1"),

@@ -199,6 +199,11 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     assert f"{name}: step 12/12 (epoch 4)" in out and f"{name}: evaluation after epoch 4" in out
     originals = list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))
     assert len(originals) == 1
+    # the original's 30 epochs were checkpointed every 10 (its preset), of which Ray Train keeps the last two
+    from flat_ray.engine.checkpoint import verify
+
+    kept = sorted(p for p in (demo_workdir / "ray_results" / originals[0].parent.name).glob("checkpoint_*") if p.is_dir())
+    assert [verify(c, 2)["epoch"] for c in kept] == [19, 29]
 
     cfg = load_config(None, [f"paths.workdir={demo_workdir}"], presets=["demo"])
     for scale in (1.0, 0.8, 1.2):

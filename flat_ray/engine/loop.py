@@ -116,7 +116,11 @@ def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, resto
             tracker.set_tags({"diverged": "true", "diverged_step": job.global_step, "diverged_reason": diverged})
             job.info("stopped: %s", diverged)
             return
-        job.checkpoint(epoch, {"epoch": epoch + 1, "global_step": job.global_step, **job.evaluate(epoch + 1)}, report)
+        metrics = {"epoch": epoch + 1, "global_step": job.global_step, **job.evaluate(epoch + 1)}
+        if job.checkpoint_due(epoch):
+            job.checkpoint(epoch, metrics, report)
+        else:  # every rank reports every epoch (a sweep's scheduler sees each one), without a checkpoint
+            report(metrics, None)
     job.log_peak_memory()
     job.export()
     # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it
@@ -282,6 +286,11 @@ class _Job:
         return None
 
     # ---- checkpoint, memory, export
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Every ``launch.checkpoint_every_epochs``-th epoch and the last one (``epoch`` counts from 0)."""
+        done, every = epoch + 1, self.cfg.launch.checkpoint_every_epochs
+        return done % every == 0 or done == self.cfg.optim.epochs
+
     def checkpoint(self, epoch: int, metrics: dict[str, Any], report: Report) -> None:
         """Staged locally, manifest last, then handed to Ray Train, which copies it to the storage path and
         registers it only once the copy is complete (:mod:`flat_ray.engine.checkpoint`)."""
