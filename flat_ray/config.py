@@ -207,6 +207,9 @@ class EvalConfig:
     privleak_auc_retrain: float = doc(0.4772, "MUSE PrivLeak: the retrained model's forget-vs-holdout AUC (MUSE's "
                                               "published News value; `flat-ray eval` of a retain model prints "
                                               "its privleak_auc).")
+    gathered: bool = doc(True, "Under ZeRO-3, evaluate from a full copy of the model gathered once per evaluation "
+                               "(when each rank has room for it) instead of gathering every layer again at every "
+                               "forward and generated token; false keeps only the shards (less memory, slower).")
     reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
                                       "(eval_log_forget.json; flat-ray eval writes them) or an open-unlearning "
                                       "result JSON. Null: no forget quality.")

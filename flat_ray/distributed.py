@@ -26,9 +26,9 @@ def collective_device() -> torch.device:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum or max of ``t`` over all ranks, returned on the host."""
+    """Sum, max or min of ``t`` over all ranks, returned on the host."""
     if not initialized():
         return t
     x = t.to(collective_device())
-    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return x.cpu()

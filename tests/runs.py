@@ -2,7 +2,8 @@
 
 - ``zero3``: an uninterrupted 2-worker ZeRO-3 `flat-ray train` run on the tiny model (in process, the suite's Ray).
 - ``interrupted``: the same config run by the `flat-ray` console script in a process whose environment holds
-  secrets. A Ray Train worker is SIGKILLed after the first checkpoint (Ray Train restarts the workers from it), the
+  secrets, evaluated from the ZeRO-3 shards (``eval.gathered=false``) where ``zero3`` evaluates from a copy
+  gathered once. A Ray Train worker is SIGKILLed after the first checkpoint (Ray Train restarts the workers from it), the
   driver and every process it started are SIGKILLed after the second, a cut-short newer checkpoint is planted, and
   `flat-ray train --resume` finishes the run. Reliability tests compare it with ``zero3``; security tests scan
   everything it wrote and printed for the secrets.
@@ -89,7 +90,9 @@ def run_interrupted(config_yaml: Path, work: Path, name: str) -> Interrupted:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **{secret: f"{SENTINEL}-{secret}" for secret in SECRETS}}
-    args = [str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1"]
+    # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
+    args = [str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
+            "eval.gathered=false"]
     run_dir = work / "ray_results" / name
     log_path = work.parent / f"{name}-first.log"
     with log_path.open("w") as log:

@@ -75,6 +75,7 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     assert max(lrs) == pytest.approx(2e-3) and lrs[-1] < lrs[1]  # warm-up, then linear decay
     steps = [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob")]
     assert steps == [0, 2, 4]  # before training and every eval.every_epochs=2 epochs
+    assert [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval_s")] == [0, 2, 4]
     assert set(res.before) == set(res.after) and "eval/model_utility" in res.before
     # the 12 per-split TOFU numbers, model utility and the derived scores (no forget quality: no reference)
     assert {f"eval/{s}_{m}" for s in ("forget", "retain", "real_authors", "world_facts")

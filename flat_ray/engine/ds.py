@@ -150,6 +150,30 @@ def gathered_state_dict(engine, rank: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def full_bytes(engine) -> int:
+    """Bytes of the whole model's parameters (ZeRO-3 partitions counted whole)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+
+
+def full_copy(engine) -> torch.nn.Module:
+    """A plain, unpartitioned copy of a ZeRO-3 engine's model on this rank's device for evaluation: parameters
+    gathered once, one tensor at a time, instead of at every forward. All ranks must call this; each then holds
+    the whole model (check :func:`full_bytes` against the room first)."""
+    module = engine.module
+    dtype = next(module.parameters()).dtype
+    with torch.device(engine.device):  # a plain constructor: transformers partitions only in from_pretrained
+        copy = type(module)(module.config).to(dtype)
+    params = dict(copy.named_parameters())
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            params[name].data.copy_(param.data)
+    buffers = dict(copy.named_buffers())
+    for name, buf in module.named_buffers():
+        if name in buffers:
+            buffers[name].copy_(buf)
+    return copy.eval()
+
+
 def export_hf(engine, tokenizer, out_dir: str | Path, rank: int) -> Path | None:
     """Consolidated Hugging Face directory (safetensors + config + tokenizer), written by rank 0."""
     state = gathered_state_dict(engine, rank)

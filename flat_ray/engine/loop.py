@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -67,6 +69,14 @@ def _rss_now_mb() -> float:
             return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:
         return 0.0
+
+
+def _room_bytes() -> float:
+    """Memory this rank may still use: free GPU memory, or available host memory shared by this node's ranks."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[0])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().available / max(local, 1)
 
 
 @contextmanager
@@ -227,15 +237,36 @@ class _Job:
         def progress(split: str, done: int, total: int) -> None:
             self.show({"kind": "eval", "epoch": epoch, "split": split, "done": done, "total": total})
 
-        summary = suite_for(cfg).run(self.engine.module, self.tokenizer, self.profile, self.eval_rows, cfg,
-                                     rank=self.rank, world_size=self.world, device=self.engine.device,
-                                     reference_tr=self.reference_tr, progress=progress)
+        started = time.perf_counter()
+        model = self._eval_model()
+        try:
+            summary = suite_for(cfg).run(model, self.tokenizer, self.profile, self.eval_rows, cfg, rank=self.rank,
+                                         world_size=self.world, device=self.engine.device,
+                                         reference_tr=self.reference_tr, progress=progress)
+        finally:
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
-        self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch}, step=epoch)
+        # eval_s: this evaluation's time on rank 0, the copy's gathering included
+        self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch,
+                                  "eval_s": time.perf_counter() - started}, step=epoch)
         if self.rank == 0:
             log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
         return metrics
+
+    def _eval_model(self) -> Any:
+        """What evaluates: under ZeRO-3 a full copy gathered once (``eval.gathered``) when every rank has room for
+        it, else the engine's partitioned module."""
+        if self.cfg.deepspeed.stage != 3 or not self.cfg.eval.gathered:
+            return self.engine.module
+        need = ds.full_bytes(self.engine)
+        fits = all_reduce(torch.tensor([1.0 if need * 1.5 <= _room_bytes() else 0.0]), op="min")  # ranks agree
+        if fits[0] < 1:
+            self.info("evaluating from the shards: a full copy (%.1f GiB) does not fit on every rank", need / 2**30)
+            return self.engine.module
+        return ds.full_copy(self.engine)
 
     # ---- training
     def train_epoch(self, epoch: int) -> str | None:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,10 +289,11 @@ def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], call
 
 def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
                  tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 console: bool = False) -> TrainResult:
+                 console: bool = False, stopping: Callable[[], bool] | None = None) -> TrainResult:
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
     latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
-    trial passes extra MLflow ``tags`` (its parent run) and Ray Train ``callbacks`` (reporting to Tune);
+    trial passes extra MLflow ``tags`` (its parent run), Ray Train ``callbacks`` (reporting to Tune) and
+    ``stopping`` (true once the sweep's scheduler has stopped it: a run cut off then is KILLED, not FAILED);
     ``console`` shows rank 0's progress on this process's terminal."""
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
@@ -312,6 +314,10 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     if run_tags.get("diverged") == "true":  # the workers stop cleanly on divergence; nothing was exported
         tracker.finish("FAILED")
         raise Diverged(f"run {name} diverged: {run_tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
+    if failure is not None and stopping is not None and stopping():
+        tracker.set_tags({"stopped_early": "true"})
+        tracker.finish("KILLED")
+        raise RunFailed(f"run {name} was stopped early by the sweep's scheduler") from failure
     if failure is not None:
         tracker.finish("FAILED")
         raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; the workers' "

@@ -144,9 +144,19 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
             **{f"flat_ray.{k}": v for k, v in payload["labels"].items()},
             **{f"sampled.{k}": v for k, v in config.items()}}
     try:
-        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()])
+        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()], stopping=_stopping())
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
+
+
+def _stopping() -> Callable[[], bool]:
+    """True once Tune has asked this trial to stop (a scheduler's early stop, the end of the sweep). Tune sets
+    its session's stop event before it tears the trial down, so a run cut off by that is known as stopped."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    event = getattr(session, "stop_event", None)
+    return event.is_set if event is not None else (lambda: False)
 
 
 _BOARD: SweepBoard | None = None  # the running sweep's board; Tune pickles its callbacks, so they look it up
