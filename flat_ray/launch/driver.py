@@ -293,7 +293,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
     latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
     trial passes extra MLflow ``tags`` (its parent run), Ray Train ``callbacks`` (reporting to Tune) and
-    ``stopping`` (true once the sweep's scheduler has stopped it: a run cut off then is KILLED, not FAILED);
+    ``stopping`` (true once the sweep has stopped it: a run cut off then is KILLED, not FAILED);
     ``console`` shows rank 0's progress on this process's terminal."""
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
@@ -314,10 +314,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     if run_tags.get("diverged") == "true":  # the workers stop cleanly on divergence; nothing was exported
         tracker.finish("FAILED")
         raise Diverged(f"run {name} diverged: {run_tags.get('diverged_reason')} (MLflow run {tracker.run_id})") from None
-    if failure is not None and stopping is not None and stopping():
-        tracker.set_tags({"stopped_early": "true"})
+    if failure is not None and stopping is not None and stopping():  # a scheduler's stop or the sweep's Ctrl-C
         tracker.finish("KILLED")
-        raise RunFailed(f"run {name} was stopped early by the sweep's scheduler") from failure
+        raise RunFailed(f"run {name} was stopped by the sweep") from failure
     if failure is not None:
         tracker.finish("FAILED")
         raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; the workers' "

@@ -452,11 +452,12 @@ def _trial_states(results) -> dict[str, str]:
 
 def _close_stopped_trials(uri: str, parent_run_id: str, states: dict[str, str]) -> None:
     """A trial the scheduler stopped early is TERMINATED for Tune, but its ``run_training`` never finished (it
-    was cut off, so its MLflow run is RUNNING or FAILED): mark it KILLED with ``stopped_early=true``."""
+    was cut off: its MLflow run is KILLED by its own process, or still RUNNING where that process was killed
+    first): mark it KILLED with ``stopped_early=true``."""
     for run in tracking.child_runs(uri, parent_run_id):
         tags = run.data.tags
         stopped = states.get(tags.get("flat_ray.trial", "")) == "TERMINATED" and tags.get("diverged") != "true"
-        if stopped and run.info.status in ("RUNNING", "FAILED"):
+        if stopped and run.info.status in ("RUNNING", "FAILED", "KILLED"):
             tracking.set_status(uri, run.info.run_id, "KILLED", {"stopped_early": "true"})
 
 
