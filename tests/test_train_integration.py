@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from safetensors.torch import load_file
 
 from flat_ray import tracking
 from flat_ray.config import load_config
-from flat_ray.errors import RunFailed
-from flat_ray.launch.driver import STATE_FILE, run_training, storage_root
+from flat_ray.launch.driver import run_training, storage_root
 from tests.runs import ZERO3
 
 pytestmark = pytest.mark.slow
@@ -112,18 +110,6 @@ def test_a_new_run_from_a_checkpoint_reproduces_the_uninterrupted_run(zero3, bas
     assert part == pytest.approx(full[9:], abs=2e-5)
     a, b = load_file(res.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-
-
-def test_divergence_stops_the_run_and_marks_it_failed(ray_local, base):
-    cfg = cfg_for(base, "optim.lr=1e30", "optim.warmup_ratio=0", "deepspeed.stage=2", "tracking.run_name=nan",
-                  "optim.max_grad_norm=0", "eval.enabled=false")
-    with pytest.raises(RunFailed, match=r"diverged: (loss became (nan|inf)|gradient norm overflowed) at step \d+"):
-        run_training(cfg)
-    state = json.loads((storage_root(cfg) / "nan" / STATE_FILE).read_text())
-    run = tracking.run_data(state["mlflow_uri"], state["run_id"])
-    assert run.info.status == "FAILED"
-    assert run.data.tags["diverged"] == "true" and int(run.data.tags["diverged_step"]) >= 1
-    assert not (Path(state["output_dir"]) / "model").exists()
 
 
 PREFLIGHT_MISTAKES = [
@@ -237,20 +223,20 @@ def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
         assert value == pytest.approx(single[key], abs=1e-4), key
 
 
-# Two end to end: NPO (a reference engine sharded like the model, plus retain batches) and IDK (template and retain
-# batches). Every method's direction is checked in process (tests/test_method_steps.py).
-@pytest.mark.parametrize("method", ["npo", "idk"])
-def test_baselines_train_under_zero3_with_two_workers(method, ray_local, base, tiny_model_dir):
-    # NPO also recomputes its layers in backward (gradient checkpointing under ZeRO-3 with a reference engine)
-    extra = ["model.gradient_checkpointing=true"] if method == "npo" else []
-    cfg = cfg_for(base, f"method.name={method}", "deepspeed.stage=3", "optim.epochs=1", "eval.enabled=false",
-                  f"tracking.run_name=baseline-{method}", "tracking.log_model=false", *extra)
+# One baseline end to end: NPO, with a reference engine sharded like the model and retain batches, and gradient
+# checkpointing under ZeRO-3 beside the reference engine. Every method's direction is checked in process
+# (tests/test_method_steps.py).
+def test_npo_trains_under_zero3_with_two_workers(ray_local, base, tiny_model_dir):
+    cfg = cfg_for(base, "method.name=npo", "deepspeed.stage=3", "optim.epochs=1", "eval.enabled=false",
+                  "tracking.run_name=baseline-npo", "tracking.log_model=false", "model.gradient_checkpointing=true")
     res = run_training(cfg)
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(res.model_dir / "model.safetensors")
     assert sum(not torch.equal(before[k], after[k]) for k in before) >= len(before) - 2
     losses = loss_curve(res)
     assert len(losses) == 3 and all(map(np.isfinite, losses))
+    retain = tracking.metric_history(res.mlflow_uri, res.run_id, "train/ce_retain")  # the retain batches reached it
+    assert len(retain) == 3 and all(np.isfinite(v) and v > 0 for _, v in retain)
     run = tracking.run_data(res.mlflow_uri, res.run_id)
-    assert run.data.tags["method"] == method and run.data.params["method.name"] == method
-    assert run.data.params["model.gradient_checkpointing"] == str(method == "npo")
+    assert run.data.tags["method"] == "npo" and run.data.params["method.name"] == "npo"
+    assert run.data.params["model.gradient_checkpointing"] == "True"

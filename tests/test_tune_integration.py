@@ -142,6 +142,7 @@ report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pa
     step = int(bad.data.tags["diverged_step"])
     assert step >= 1 and f"at step {step} (epoch 1)" in bad.data.tags["diverged_reason"]
     assert "resumed" not in bad.data.tags and bad.info.end_time / 1000 < killed_at
+    assert not list((tmp_path / "flat_ray_work").rglob(f"{diverging}/model"))  # nothing exported
     run = by_name[second]  # continued in its own MLflow run, to the end
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true" and "diverged" not in run.data.tags
     assert Path(run.data.tags["model_dir"], "config.json").is_file()
