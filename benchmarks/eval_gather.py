@@ -22,12 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.sized import sized_model, start_ray  # noqa: E402
 from flat_ray import tracking  # noqa: E402
 from flat_ray.config import load_config  # noqa: E402
-from flat_ray.data import BUILTIN_TEMPLATES  # noqa: E402
-from flat_ray.data.demo import demo_texts  # noqa: E402
 from flat_ray.launch.driver import run_training  # noqa: E402
-from flat_ray.models import TinySpec, build_tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -37,13 +35,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
-    spec = TinySpec(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
-                    num_layers=args.layers, num_heads=max(1, args.hidden // 64))
+    start_ray()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(demo_texts() + list(BUILTIN_TEMPLATES), Path(tmp) / "model", spec)
+        spec, model_dir = sized_model(args.hidden, args.layers, Path(tmp) / "model")
         runs = {}
         for gathered in (True, False):
             cfg = load_config(None, [
