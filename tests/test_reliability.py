@@ -23,14 +23,13 @@ from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint, RunFailed
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.launch.driver import STATE_FILE, run_training
+from tests.runs import tiny_overrides
 
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
 
 
 def _overrides(model: Path, work: Path, *extra: str) -> list[str]:
-    return [f"model.name_or_path={model}", "data.split=forget05", "data.max_length=64", "optim.micro_batch_size=2",
-            "optim.lr=2e-3", "optim.warmup_ratio=0.1", "eval.max_examples=4", "eval.max_new_tokens=6",
-            "eval.batch_size=4", "deepspeed.stage=3", f"paths.workdir={work}", *extra]
+    return [*tiny_overrides(model, work), "deepspeed.stage=3", *extra]
 
 
 def _runs_named(uri: str, experiment: str, name: str) -> list:
