@@ -310,6 +310,41 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
         _check_cluster(space, None, True, "http://head:5000")  # no cluster to wait for
     demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
     assert _check_cluster(demo, None, False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    # joined to a cluster without an autoscaler (this Ray, 2 CPUs) where a trial fits: what fits, not every trial
+    assert _check_cluster(demo, "auto", False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+
+
+def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local):
+    """Where the autoscaler has told Ray its node types (what Ray Train also reads), a cell runs as many trials as
+    fit the cluster at its largest, and a trial that could never fit is refused before anything starts. The
+    cluster config is written to this Ray's GCS as an autoscaler would, and removed afterwards."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from flat_ray.launch.tune import _check_cluster
+
+    config = autoscaler_pb2.ClusterConfig()
+    head = config.node_group_configs.add(name="head", max_count=1)
+    head.resources["CPU"] = 8
+    gpu = config.node_group_configs.add(name="gpu", max_count=3)  # 3 nodes of 8 CPUs and 2 GPUs at most
+    gpu.resources["CPU"], gpu.resources["GPU"] = 8, 2
+    key = (ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(), ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode())
+    internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
+    try:
+        tofu = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU): 32 CPUs and 6 GPUs fit 1 (CPUs bind)
+        assert _check_cluster(tofu, "auto", True, "http://head:5000") == {c.name: 1 for c in tofu.cells}
+        demo = load_space("demo")  # 1.99 CPUs a trial: 16 of them fit 32 CPUs, though only 1 fits this Ray now,
+        with pytest.raises(FlatRayError, match="cell demo-demo_forget10-flat waits for nodes the autoscaler adds"):
+            _check_cluster(demo, "auto", False, "sqlite:///x.db")  # so 15 run on other nodes
+        assert _check_cluster(demo, "auto", True, "http://head:5000") == {c.name: 16 for c in demo.cells}
+        big = load_space("tofu", ["launch.num_workers=4"])  # 4 x (8 CPU, 1 GPU) needs 32.01 CPUs: never fits
+        with pytest.raises(FlatRayError, match="one trial needs 32.01 CPUs and 4 GPUs but the cluster can grow to "
+                                               "32 CPUs and 6 GPUs; lower resources.num_workers"):
+            _check_cluster(big, "auto", True, "http://head:5000")
+    finally:
+        internal_kv._internal_kv_del(key[1], namespace=key[0])
+    assert _check_cluster(demo, "auto", False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
 def test_trial_functions_are_pinned_to_the_head_node(ray_local):

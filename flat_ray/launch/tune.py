@@ -249,27 +249,45 @@ def _connect(address: str | None) -> None:
     connect_ray(address)
 
 
+def _cluster_limit() -> dict[str, float] | None:
+    """The most CPUs and GPUs the joined cluster can grow to, when its autoscaler has told Ray its node types;
+    None when Ray does not know (a cluster without an autoscaler, or one that does not report them)."""
+    from ray._private.state import state
+
+    try:
+        limit = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS without the autoscaler's cluster config
+        return None
+    return {k: float(limit.get(k, 0)) for k in ("CPU", "GPU")} if limit else None
+
+
 def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: str) -> dict[str, int]:
     """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
 
-    On this machine a cell runs as many trials at once as its resources allow. On a cluster every trial of a cell
-    may be pending at once: Tune starts what fits, and the autoscaler sees the demand of all the others (a cluster
-    whose GPU nodes scale from zero has no room for any trial when the sweep starts). Trials that wait for nodes
-    the autoscaler will add run on other nodes, so they need the multi-node storage and MLflow as well."""
+    On this machine a cell runs as many trials at once as its resources allow. On a joined cluster it runs as
+    many as fit the largest size the autoscaler can grow the cluster to, when Ray knows that size; else as many as
+    fit now, and when not even one fits now, every trial of the cell may be pending at once: Tune starts what fits,
+    and the autoscaler sees the demand of all the others (a cluster whose GPU nodes scale from zero has no room
+    for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run on other nodes,
+    so they need the multi-node storage and MLflow as well."""
     have = ray.cluster_resources()
+    limit = _cluster_limit() if address else None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     out, waiting = {}, []
     for cell in space.cells:
         n = max_concurrent(cell.config, have.get("CPU", 0), have.get("GPU", 0))
-        if n == 0 and not address:
+        most = max_concurrent(cell.config, limit["CPU"], limit["GPU"]) if limit else None
+        if (n == 0 and not address) or most == 0:
             need = trial_resources(cell.config)
+            where = "this machine has" if not address else "the cluster can grow to"
+            cpus, gpus = (limit["CPU"], limit["GPU"]) if most == 0 else (have.get("CPU", 0), have.get("GPU", 0))
             raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
-                               f"{need['GPU']:g} GPUs but this machine has {have.get('CPU', 0):g} CPUs "
-                               f"and {have.get('GPU', 0):g} GPUs; lower resources.num_workers or "
-                               "resources.cpus_per_worker, or pass --address of a cluster")
-        if n == 0:
+                               f"{need['GPU']:g} GPUs but {where} {cpus:g} CPUs and {gpus:g} GPUs; lower "
+                               "resources.num_workers or resources.cpus_per_worker"
+                               + ("" if address else ", or pass --address of a cluster"))
+        if n == 0 or (most or 0) > n:  # some of its trials run on nodes the autoscaler has yet to add
             waiting.append(cell.name)
-        out[cell.name] = cell.trials(space.num_samples) if address else n
+        out[cell.name] = most or n or cell.trials(space.num_samples)
     where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
              f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
     if where and not storage_given:
