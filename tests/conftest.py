@@ -51,13 +51,24 @@ def demo_workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs) for the tests that call run_training in this process."""
+def ray_local() -> str:
+    """The suite's one Ray (2 CPUs, whatever the machine), started in this process; returns its address. Tests call
+    run_training here, and the `flat-ray` processes they start join it with ``--address``: no test starts a second
+    Ray. Every Ray process holds the secrets of tests/runs.py in its environment, as a cluster's nodes would hold
+    credentials; this process does not."""
     import ray
 
+    from tests.runs import secret_env
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
-    yield
+        secrets = secret_env()
+        os.environ.update(secrets)  # inherited by Ray's processes as they start, then gone from this one
+        try:
+            ray.init(num_cpus=2, logging_level="WARNING")
+        finally:
+            for key in secrets:
+                os.environ.pop(key, None)
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
@@ -82,11 +93,11 @@ def zero3(ray_local, base):
 
 
 @pytest.fixture(scope="session")
-def interrupted(zero3, tmp_path_factory):
+def interrupted(ray_local, zero3, tmp_path_factory):
     """``zero3``'s config run again in a subprocess holding secrets: a worker lost, the driver killed, resumed."""
     from tests.runs import run_interrupted
 
     cfg, res = zero3
     work = tmp_path_factory.mktemp("interrupted") / "work"
     work.mkdir()
-    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted")
+    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted", ray_local)

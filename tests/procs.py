@@ -1,4 +1,5 @@
-"""Killing a flat-ray process the way a lost machine would: the process and everything it started."""
+"""Killing a flat-ray process the way a lost machine would: the process and everything it started, its Ray Train
+and Tune processes on the suite's Ray included."""
 
 from __future__ import annotations
 
@@ -8,22 +9,37 @@ import subprocess
 
 import psutil
 
+# Ray names an actor's process after it: a Tune trial function, Ray Train's controller and its workers
+JOB_PROCESSES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")
+
+
+def job_processes() -> set[psutil.Process]:
+    """The trial functions, Ray Train controllers and workers alive on this machine (in the suite: those of the one
+    run or sweep under way)."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if " ".join(proc.info["cmdline"] or []).startswith(JOB_PROCESSES):
+            found.add(proc)
+    return found
+
 
 def _tree(root: psutil.Process) -> set[psutil.Process]:
     try:
-        return {root, *root.children(recursive=True)}
+        own = {root, *root.children(recursive=True)}
     except psutil.NoSuchProcess:
-        return set()
+        own = set()
+    return own | job_processes()
 
 
 def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
     """SIGKILL ``proc`` (started with ``start_new_session=True``) and every process below it, and return only once all
     of them are gone.
 
-    Ray's GCS, raylet, Train controller and workers are descendants of the driver, but not all of them share its
-    process group, and after a bare ``killpg`` they can live on for a moment; Ray Train's controller may still register
-    a checkpoint then. So the whole tree is frozen first (a stopped process cannot start another), then killed, then
-    awaited: nothing of the old run writes anything after this returns."""
+    The driver joined the suite's Ray, so its trial functions, Ray Train controller and workers are not its
+    descendants: Ray ends them once it sees the driver gone, and meanwhile the controller could still register a
+    checkpoint and a trial function could mark its MLflow run failed. So they and the driver's own tree are frozen
+    first (a stopped process cannot start another), then killed, then awaited: nothing of the old run writes
+    anything after this returns."""
     try:
         root = psutil.Process(proc.pid)
     except psutil.NoSuchProcess:

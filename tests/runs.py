@@ -1,10 +1,10 @@
 """The suite's shared end-to-end runs: built once per session (fixtures in conftest.py), checked by several tests.
 
 - ``zero3``: an uninterrupted 2-worker ZeRO-3 `flat-ray train` run on the tiny model (in process, the suite's Ray).
-- ``interrupted``: the same config run by the `flat-ray` console script in a process whose environment holds
-  secrets, evaluated from the ZeRO-3 shards (``eval.gathered=false``) where ``zero3`` evaluates from a copy
+- ``interrupted``: the same config run by the `flat-ray` console script (joined to the suite's Ray, whose processes
+  hold secrets in their environment, as does the script's own), evaluated from the ZeRO-3 shards (``eval.gathered=false``) where ``zero3`` evaluates from a copy
   gathered once. A Ray Train worker is SIGKILLed after the first checkpoint (Ray Train restarts the workers from it), the
-  driver and every process it started are SIGKILLed after the second, a cut-short newer checkpoint is planted, and
+  driver and every process of its run are SIGKILLed after the second, a cut-short newer checkpoint is planted, and
   `flat-ray train --resume` finishes the run. Reliability tests compare it with ``zero3``; security tests scan
   everything it wrote and printed for the secrets.
 """
@@ -24,13 +24,17 @@ from pathlib import Path
 
 import psutil
 
-from tests.procs import kill_tree
+from tests.procs import job_processes, kill_tree
 
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
            "AWS_SECRET_ACCESS_KEY")
 SENTINEL = f"sk-sentinel-{uuid.uuid4().hex[:12]}"  # every secret's value starts with this
+
+
+def secret_env() -> dict[str, str]:
+    return {secret: f"{SENTINEL}-{secret}" for secret in SECRETS}
 
 # the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs
 ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2")
@@ -60,15 +64,9 @@ def wait_for_checkpoints(run_dir: Path, n: int, alive, timeout: float = 300) -> 
         time.sleep(0.05)
 
 
-def train_workers(root: psutil.Process) -> list[psutil.Process]:
-    """Ray Train worker processes below ``root``, oldest first."""
-    found = []
-    for proc in root.children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
+def train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes alive on the suite's Ray, oldest first."""
+    found = [p for p in job_processes() if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     return sorted(found, key=lambda p: p.create_time())
 
 
@@ -84,14 +82,15 @@ class Interrupted:
     resumed: subprocess.CompletedProcess
 
 
-def run_interrupted(config_yaml: Path, work: Path, name: str) -> Interrupted:
-    """The ``interrupted`` run (module docstring). ``config_yaml`` is the uninterrupted run's config."""
+def run_interrupted(config_yaml: Path, work: Path, name: str, address: str) -> Interrupted:
+    """The ``interrupted`` run (module docstring) on the Ray at ``address``. ``config_yaml`` is the uninterrupted
+    run's config."""
     from flat_ray.engine.checkpoint import verify
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           **{secret: f"{SENTINEL}-{secret}" for secret in SECRETS}}
+           **secret_env()}
     # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
-    args = [str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
+    args = ["--address", address, str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
             "eval.gathered=false"]
     run_dir = work / "ray_results" / name
     log_path = work.parent / f"{name}-first.log"
@@ -102,7 +101,7 @@ def run_interrupted(config_yaml: Path, work: Path, name: str) -> Interrupted:
         alive = lambda: first.poll() is None  # noqa: E731
         wait_for_checkpoints(run_dir, 1, alive)
         at_kill = len(registered(run_dir))
-        victim = train_workers(psutil.Process(first.pid))[-1]
+        victim = train_workers()[-1]
         victim.send_signal(signal.SIGKILL)
         wait_for_checkpoints(run_dir, at_kill + 1, alive)  # written by the restarted workers
     finally:
@@ -116,6 +115,6 @@ def run_interrupted(config_yaml: Path, work: Path, name: str) -> Interrupted:
     biggest = max((p for p in half.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     with open(biggest, "r+b") as fh:
         fh.truncate(biggest.stat().st_size // 2)
-    resumed = subprocess.run([FLAT_RAY, "train", "--resume", name, f"paths.workdir={work}"], cwd=work.parent, env=env,
+    resumed = subprocess.run([FLAT_RAY, "train", "--address", address, "--resume", name, f"paths.workdir={work}"], cwd=work.parent, env=env,
                              capture_output=True, text=True, timeout=600)
     return Interrupted(work, run_dir, victim.pid, at_kill, last_epoch, half, log_path.read_text(), resumed)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.runs import SENTINEL
+from tests.runs import SECRETS, SENTINEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "flat_ray").rglob("*.py"), *(ROOT / "cli").rglob("*.py")])
@@ -18,10 +19,18 @@ SOURCES = sorted([*(ROOT / "flat_ray").rglob("*.py"), *(ROOT / "cli").rglob("*.p
 
 # ------------------------------------------------------------------------------------ secrets in a real run
 @pytest.mark.slow
-def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(interrupted, tmp_path):
-    """The suite's interrupted run (tests/runs.py: `flat-ray train` killed and resumed) ran in a process whose
-    environment holds the secrets; Ray was started by that process, so its workers inherited them."""
+def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(ray_local, interrupted, tmp_path):
+    """The suite's interrupted run (tests/runs.py: `flat-ray train` killed and resumed) ran in processes whose
+    environment holds the secrets, and joined the suite's Ray, whose every process holds them too (as a cluster's
+    nodes hold credentials): its Ray Train workers had them."""
+    import ray
     from mlflow.tracking import MlflowClient
+
+    @ray.remote(num_cpus=0)
+    def worker_env(key: str) -> str | None:
+        return os.environ.get(key)
+
+    assert all(ray.get(worker_env.remote(key)).startswith(SENTINEL) for key in SECRETS)
 
     work = interrupted.work
     assert interrupted.resumed.returncode == 0, interrupted.resumed.stderr[-3000:]
