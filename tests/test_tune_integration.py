@@ -1,6 +1,7 @@
-"""`flat-ray tune` for real: local Ray Tune driving Ray Train trials (DeepSpeed on CPU/gloo), MLflow on SQLite,
-the tiny model. A sweep interrupted twice (SIGKILL, then Ctrl-C) resumes with only the missing trials, a diverged
-trial among them; Optuna + ASHA stop the worst trial and close every run; the demo sweep as the README runs it."""
+"""`flat-ray tune` for real: Ray Tune on the suite's Ray driving Ray Train trials (DeepSpeed on CPU/gloo), MLflow on
+SQLite. A diverged trial is a recorded result, never run again; Optuna + ASHA stop the worst trial and close every
+run; the demo sweep as the README runs it, interrupted twice (SIGKILL, then Ctrl-C), resumes with only the missing
+trials."""
 
 from __future__ import annotations
 
@@ -71,103 +72,37 @@ def _wait_for(db: Path, run_name: str, steps: int, proc: subprocess.Popen, log: 
         time.sleep(0.5)
 
 
-def test_an_interrupted_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_model_dir):
-    """One sweep, two trials, interrupted twice: the first trial diverges (a result of the search: recorded
-    with its step and reason, never re-run); the driver is SIGKILLed during the second trial (as a lost head
-    would be); the resumed sweep is stopped with SIGINT (Ctrl-C: a resume hint, exit 1, no traceback) while it
-    runs that trial again; the second resume finishes it. Every trial ends up in its own MLflow run, none twice."""
+def test_a_diverged_trial_is_a_result_recorded_and_never_run_again(tmp_path, ray_local, tiny_model_dir, monkeypatch,
+                                                                   capsys):
+    """A trial whose loss diverges (lr 1e30) is a result of the search, not an error: its MLflow run is FAILED with
+    the step and the reason, nothing is exported, the report lists it among the trials that did not finish, the
+    sweep exits 0, and resuming the sweep does not run it again."""
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
-params: {optim.lr: {grid: [1.0e+30, 2.0e-3]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
+params: {optim.lr: {grid: [1.0e+30]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
 objective: unlearn_score
-report: {forget: [forget_prob, forget_rougeL_recall], utility: [retain_prob], pareto: [forget_prob, retain_prob]}
 """, epochs=2)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", str(space)]
-    db = tmp_path / "flat_ray_work" / "mlflow.db"
-    from flat_ray.sweep import load_space
-
-    cell = load_space(str(space)).cells[0].name
-    assert cell.endswith("-demo_forget05-flat")
-    diverging, second = (f"{cell}-0000{i}" for i in range(2))
-
-    log = tmp_path / "first.log"
-    first = subprocess.Popen([*cmd, "--name", "rs"], cwd=tmp_path, env=env, stdout=log.open("w"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:  # SIGKILL the driver part-way through the second trial (the first one has diverged and ended)
-        _wait_for(db, second, 2, first, log)
-        killed_at = time.time()
-    finally:
-        kill_tree(first)  # the driver and all of Ray's processes it started
-    before = dict(_runs(db))
-    assert before[diverging] == "FAILED" and before[second] == "RUNNING"
-    logged = _metric_count(db, second, "train/loss")
-
-    log = tmp_path / "second.log"
-    resumed = subprocess.Popen([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, stdout=log.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:  # Ctrl-C once the second trial trains again
-        _wait_for(db, second, logged + 1, resumed, log)
-        resumed.send_signal(signal.SIGINT)
-        resumed.wait(timeout=300)
-    finally:
-        if resumed.poll() is None:
-            kill_tree(resumed)
-    out = log.read_text()
-    assert resumed.returncode == 1, out[-3000:]
-    # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
-    # traceback of its own while Ray shuts down: flat-ray's process itself prints none
-    own = [line for line in out.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
-    assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
-    assert "flat-ray: error: sweep rs was interrupted" in out and "flat-ray tune --resume rs" in out
-    time.sleep(3)
-
-    done = subprocess.run([*cmd, "--resume", "rs"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "| model" in done.stdout and "flat/total_variation" in done.stdout and "(before unlearning)" in done.stdout
-
-    sweep = tmp_path / "flat_ray_work" / "sweeps" / "rs"
-    uri = tracking.default_uri(tmp_path / "flat_ray_work")
+    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "dv")
+    assert "sweep dv: 1 trials, 0 errored" in out
     import json
 
+    sweep = tmp_path / "flat_ray_work" / "sweeps" / "dv"
     state = json.loads((sweep / "sweep.json").read_text())
-    parent = tracking.run_data(uri, state["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
-    children = tracking.child_runs(uri, state["parent_run_id"])
-    assert sorted(r.info.run_name for r in children) == [diverging, second]  # no duplicates
-    by_name = {r.info.run_name: r for r in children}
-    # the diverged trial: failed at its first non-finite step, nothing exported, not re-run by either resume
-    bad = by_name[diverging]
+    uri = tracking.default_uri(tmp_path / "flat_ray_work")
+    (bad,) = tracking.child_runs(uri, state["parent_run_id"])
     assert bad.info.status == "FAILED" and bad.data.tags["diverged"] == "true" and "model_dir" not in bad.data.tags
+    assert bad.info.run_name.endswith("-demo_forget05-flat-00000") and bad.data.params["optim.lr"] == "1e+30"
     step = int(bad.data.tags["diverged_step"])
     assert step >= 1 and f"at step {step} (epoch 1)" in bad.data.tags["diverged_reason"]
-    assert "resumed" not in bad.data.tags and bad.info.end_time / 1000 < killed_at
-    assert not list((tmp_path / "flat_ray_work").rglob(f"{diverging}/model"))  # nothing exported
-    run = by_name[second]  # continued in its own MLflow run, to the end
-    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true" and "diverged" not in run.data.tags
-    assert Path(run.data.tags["model_dir"], "config.json").is_file()
-    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "eval/forget_prob")][-1] == 2
-    # consistent parameters across trials: the MLflow compare view lines them up
-    keys = {frozenset(r.data.params) for r in children}
-    assert len(keys) == 1 and "optim.lr" in next(iter(keys))
-    assert {r.data.params["optim.lr"] for r in children} == {"1e+30", "0.002"}
-    assert all(r.data.tags["mlflow.parentRunId"] == state["parent_run_id"] for r in children)
-    # the report: the trial that did not finish, files, logged on the parent, and `flat-ray report` by name
+    assert not list((tmp_path / "flat_ray_work").rglob(f"{bad.info.run_name}/model"))  # nothing exported
     report = (sweep / "report" / "report.md").read_text()
-    assert "## Trials that did not finish" in report and "1 diverged" in report and "1 finished" in report
-    (line,) = [x for x in report.splitlines() if x.startswith(f"| {diverging} |")]
+    assert "## Trials that did not finish" in report and "1 diverged" in report
+    (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
     assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
-    for name in ("report.md", "report.json", "pareto_demo_forget05.png", "loss_demo_forget05.png"):
-        assert (sweep / "report" / name).is_file(), name
-    assert "report/report.md" in tracking.list_artifacts(uri, state["parent_run_id"], "report")
-    assert {"space.yaml", "trials.txt"} <= set(tracking.list_artifacts(uri, state["parent_run_id"]))
-    os.chdir(tmp_path)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["report", "rs"])
-    finally:
-        os.chdir(Path(__file__).resolve().parents[1])
-    assert exit_info.value.code == 0
+
+    out = _tune(tmp_path, monkeypatch, capsys, "--resume", "dv")  # nothing left to run
+    assert "sweep dv: 1 trials, 0 errored" in out
+    (again,) = tracking.child_runs(uri, state["parent_run_id"])
+    assert again.info.end_time == bad.info.end_time and "resumed" not in again.data.tags
 
 
 def test_optuna_with_asha_runs_parallel_trials_and_stops_the_worst(tmp_path, ray_local, tiny_model_dir, monkeypatch,
@@ -218,18 +153,57 @@ NOISE = ("Token authentication", "core_worker.cc", "PreemptionWatcher", "Setting
          "Traceback", "WARNING", "Warning:")
 
 
-def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir):
-    """README command 1 as a user runs it (`flat-ray tune --space demo`, the original model shared with the train
-    demo test): a console with flat-ray's own lines only, the report, and MLflow runs that tell the story."""
-    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--space", "demo", "--name", "demo-sweep",
-           f"paths.workdir={demo_workdir}"]
-    proc = subprocess.run(cmd, cwd=demo_workdir, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "FLAT_RAY_VERBOSE": "0"})
+def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, demo_workdir):
+    """README command 1 as a user runs it (`flat-ray tune --space demo`, the original model shared with the train demo
+    test; joined to the suite's Ray), interrupted twice: the driver is SIGKILLed during the second trial (as a lost
+    head would be); the resumed sweep is stopped with SIGINT (Ctrl-C: a resume hint, exit 1, no traceback) while it
+    trains that trial again; the second resume finishes it and the two trials left. The first trial is not run
+    again, the second goes on in its own MLflow run, and the sweep ends as an uninterrupted one would: a console
+    with flat-ray's own lines only, the report, and MLflow runs that tell the story, none twice."""
+    env = {**os.environ, "FLAT_RAY_VERBOSE": "0"}
+    cmd = [str(Path(sys.executable).parent / "flat-ray"), "tune", "--address", ray_local]
+    db, cell = demo_workdir / "mlflow.db", "demo-demo_forget10-flat"
+    first_trial, second = f"{cell}-00000", f"{cell}-00001"
+
+    log = demo_workdir / "first.log"
+    first = subprocess.Popen([*cmd, "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}"],
+                             cwd=demo_workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:  # SIGKILL the driver part-way through the second trial
+        _wait_for(db, second, 2, first, log)
+        killed_at = time.time()
+    finally:
+        kill_tree(first)  # the driver, its trial function, Ray Train's controller and workers
+    before = dict(_runs(db))
+    assert before[first_trial] == "FINISHED" and before[second] == "RUNNING"
+    logged = _metric_count(db, second, "train/loss")
+    assert sum(" done: " in line for line in log.read_text().splitlines()) == 1
+
+    resume = [*cmd, "--resume", "demo-sweep", "--workdir", str(demo_workdir)]
+    log = demo_workdir / "second.log"
+    resumed = subprocess.Popen(resume, cwd=demo_workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:  # Ctrl-C once the second trial trains again
+        _wait_for(db, second, logged + 1, resumed, log)
+        resumed.send_signal(signal.SIGINT)
+        resumed.wait(timeout=300)
+    finally:
+        if resumed.poll() is None:
+            kill_tree(resumed)
+    out = log.read_text()
+    assert resumed.returncode == 1, out[-3000:]
+    # lines of Ray's own actors come prefixed "(Name pid=N)"; one of them (PlacementGroupCleaner) can print a
+    # traceback of its own while Ray shuts down: flat-ray's process itself prints none
+    own = [line for line in out.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
+    assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
+    assert "flat-ray: error: sweep demo-sweep was interrupted" in out and "flat-ray tune --resume demo-sweep" in out
+
+    proc = subprocess.run(resume, cwd=demo_workdir, capture_output=True, text=True, timeout=1200, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert [line for line in out.splitlines() if any(n in line for n in NOISE)] == []
     assert "sweep demo-sweep: 4 trials, 0 errored" in out and "/#/experiments/" in out
-    assert sum(line.startswith("trial ") and " done: " in line for line in out.splitlines()) == 4
+    assert sum(line.startswith("trial ") and " done: " in line for line in out.splitlines()) == 3  # not the first
     rows = [line for line in out.splitlines() if line.startswith("| demo ")]
     assert [r.split("|")[2].strip() for r in rows] == ["(before unlearning)", "flat/total_variation", "flat/kl",
                                                         "flat/jensen_shannon", "flat/pearson"]
@@ -252,13 +226,30 @@ def test_the_demo_sweep_runs_four_trials_and_ends_with_the_report(demo_workdir):
     state = json.loads((sweep / "sweep.json").read_text())
     uri, parent_id = state["mlflow_uri"], state["parent_run_id"]
     parent = tracking.run_data(uri, parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
     children = tracking.child_runs(uri, parent_id)
-    assert len(children) == 4
+    assert sorted(r.info.run_name for r in children) == [f"{cell}-0000{i}" for i in range(4)]  # none twice
+    by_name = {r.info.run_name: r for r in children}
+    assert "resumed" not in by_name[first_trial].data.tags and by_name[first_trial].info.end_time / 1000 < killed_at
+    run = by_name[second]  # continued in its own MLflow run, to the end
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "eval/forget_prob")][-1] == 4
     for run in [parent, *children]:
         assert any(k.startswith("system/cpu") for k in run.data.metrics), run.info.run_name
         assert run.data.tags["mlflow.source.git.commit"] and len(run.data.tags["mlflow.note.content"]) > 80
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent_id for r in children)
+    assert all(Path(r.data.tags["model_dir"], "config.json").is_file() for r in children)
+    # consistent parameters across trials: the MLflow compare view lines them up
+    assert len({frozenset(r.data.params) for r in children}) == 1
+    assert {r.data.params["method.divergence"] for r in children} == {"total_variation", "kl", "jensen_shannon",
+                                                                      "pearson"}
     assert parent.data.metrics["best/demo/forget10/unlearn_score"] == pytest.approx(best["unlearn_score"])
     assert parent.data.metrics["best/demo/forget10/forget_prob"] == pytest.approx(best["forget_prob"])
     assert {"report/report.html", "report/pareto_demo_forget10.png"} <= set(tracking.list_artifacts(uri, parent_id, "report"))
+    assert {"space.yaml", "trials.txt"} <= set(tracking.list_artifacts(uri, parent_id))
     assert all("plots/training_curves.png" in tracking.list_artifacts(uri, r.info.run_id, "plots") for r in children)
     assert all(r.inputs.dataset_inputs[0].dataset.name == "demo/forget10" for r in [parent, *children])
+    # `flat-ray report` finds the sweep by name
+    report_cmd = subprocess.run([cmd[0], "report", "demo-sweep", "--workdir", str(demo_workdir)], cwd=demo_workdir,
+                                capture_output=True, text=True, timeout=300)
+    assert report_cmd.returncode == 0 and "flat/pearson" in report_cmd.stdout, report_cmd.stderr[-2000:]
