@@ -253,23 +253,25 @@ def test_text_benchmarks_use_the_raw_profile_and_train_on_chunks(tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_muse_training_run_logs_per_epoch_muse_metrics(tiny_model_dir, muse_dir, tmp_path):
-    import ray
-
+def test_muse_training_run_logs_per_epoch_muse_metrics(ray_local, tiny_model_dir, muse_dir, tmp_path):
+    """A MUSE run: its metrics before and after the epoch, its export, and (accumulation 4) the optimizer steps the
+    dry run counts."""
     from flat_ray import tracking
     from flat_ray.launch.driver import run_training
+    from flat_ray.pipeline import dry_run
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=muse_news",
                              f"data.data_dir={muse_dir}", "data.chunk_tokens=48", "data.max_length=64",
-                             "optim.epochs=1", "optim.micro_batch_size=2", "optim.lr=1e-3", "eval.max_examples=4",
-                             "eval.batch_size=4", f"paths.workdir={tmp_path}", "tracking.run_name=muse"])
+                             "optim.epochs=1", "optim.micro_batch_size=2", "optim.grad_accum_steps=4", "optim.lr=1e-3",
+                             "eval.max_examples=4", "eval.batch_size=4", f"paths.workdir={tmp_path}",
+                             "tracking.run_name=muse"])
     result = run_training(cfg)
     for key in ("verbmem_forget", "knowmem_retain", "privleak", "muse_score"):
         hist = tracking.metric_history(result.mlflow_uri, result.run_id, f"eval/{key}")
         assert [step for step, _ in hist] == [0, 1], key
     assert (result.model_dir / "config.json").is_file()
+    logged = [step for step, _ in tracking.metric_history(result.mlflow_uri, result.run_id, "train/loss")]
+    assert logged == list(range(1, dry_run(cfg)["optimizer_steps"] + 1)) and logged
 
 
 def test_flat_ray_eval_on_hp_writes_a_summary(tiny_model_dir, book_dir, tmp_path, monkeypatch, capsys):

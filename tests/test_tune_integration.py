@@ -26,9 +26,9 @@ SMALL = ("model.name_or_path: {model}, data.split: forget05, data.max_length: 64
          "optim.epochs: {epochs}, eval.max_examples: 4, eval.max_new_tokens: 6, eval.batch_size: 4")
 
 
-def _space(tmp_path: Path, model: Path, body: str, epochs: int) -> Path:
+def _space(tmp_path: Path, model: Path, body: str, epochs: int, extra: str = "") -> Path:
     path = tmp_path / "space.yaml"
-    path.write_text("base: [demo]\nset: {" + SMALL.format(model=model, epochs=epochs) + "}\n" + body)
+    path.write_text("base: [demo]\nset: {" + SMALL.format(model=model, epochs=epochs) + extra + "}\n" + body)
     return path
 
 
@@ -110,7 +110,8 @@ def test_optuna_with_asha_runs_parallel_trials_and_stops_the_worst(tmp_path, ray
     """Optuna samples three trials (seed 6 gives lr 2e-3, 2e-3, then 1e-7); on the suite's Ray (2 CPUs, whatever the
     machine) two run at a time. Both first trials have reported epoch 1 before the third starts, so when the third
     reaches ASHA's rung its forget probability (an lr of 1e-7 barely moves it) is worse than theirs and ASHA stops
-    it; the two others finish with their exports. Every MLflow run is closed."""
+    it; the two others finish with their exports. Every MLflow run is closed. With accumulation 3 over 2 epochs of 5
+    micro-batches, each finished trial takes the 3 optimizer steps the dry run counts."""
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
 params: {optim.lr: {choice: [2.0e-3, 1.0e-7]}}
 num_samples: 3
@@ -118,7 +119,7 @@ search: {algorithm: optuna, seed: 6}
 scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 objective: forget_prob
 resources: {num_workers: 1, deepspeed_stage: 2}
-""", epochs=2)
+""", epochs=2, extra=", optim.grad_accum_steps: 3")
     out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "oa")
     assert "| model" in out
     lines = out.splitlines()
@@ -141,8 +142,14 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert stopped.data.tags["stopped_early"] == "true" and "model_dir" not in stopped.data.tags
     rung = [dict(tracking.metric_history(uri, r.info.run_id, "eval/forget_prob"))[1] for r in children]
     assert rung[2] > max(rung[:2])  # what ASHA compared after epoch 1
+    from flat_ray.pipeline import dry_run
+    from flat_ray.sweep import load_space
+
+    steps = dry_run(load_space(str(space)).cells[0].config)["optimizer_steps"]
     for r in children[:2]:
         assert Path(r.data.tags["model_dir"], "config.json").is_file()
+        logged = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "train/loss")]
+        assert logged == list(range(1, steps + 1)) and steps == 3  # 10 micro-batches // 3
     for r in children:
         assert r.data.params["deepspeed.stage"] == "2" and r.data.params["launch.num_workers"] == "1"
     assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
