@@ -16,7 +16,7 @@ from flat_ray.eval.metrics import METRICS, add_derived, fq_scaled
 from flat_ray.report import markdown, pareto_front
 from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_baselines", "muse", "hp"])

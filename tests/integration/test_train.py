@@ -225,7 +225,7 @@ def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
 
 # One baseline end to end: NPO, with a reference engine sharded like the model and retain batches, and gradient
 # checkpointing under ZeRO-3 beside the reference engine. Every method's direction is checked in process
-# (tests/test_method_steps.py).
+# (tests/losses/test_method_steps.py).
 def test_npo_trains_under_zero3_with_two_workers(ray_local, base, tiny_model_dir):
     cfg = cfg_for(base, "method.name=npo", "deepspeed.stage=3", "optim.epochs=1", "eval.enabled=false",
                   "tracking.run_name=baseline-npo", "tracking.log_model=false", "model.gradient_checkpointing=true")

@@ -13,7 +13,7 @@ from flat_ray.config import load_config
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS, sequence_logprob
 from flat_ray.losses.baselines import dpo, grad_ascent, grad_diff, idk, npo, simnpo
-from tests.test_losses import seq_with_probs
+from tests.losses.test_flat import seq_with_probs
 
 
 def logsig(x):

@@ -21,7 +21,7 @@ from flat_ray.eval.tofu import (
     write_log_dir,
 )
 
-SHARED = Path(os.environ.get("FLAT_RAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(os.environ.get("FLAT_RAY_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from flat_ray.config import load_config
 from flat_ray.errors import FlatRayError
 from flat_ray.memory import GIB, KNOWN, Arch, arch_for, check_fits, fit_hint, gpu_memory_gib, plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA = KNOWN["locuslab/tofu_ft_llama2-7b"]
 
 
