@@ -7,9 +7,11 @@ with a message naming it and the way to provide it.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from flat_ray.errors import FlatRayError
@@ -34,11 +36,18 @@ def lm_eval_version() -> str:
     return md.version("lm_eval")
 
 
-def task_manager(tasks: Sequence[str], include_path: str | None = None) -> Any:
-    """lm-eval's task index, after checking that every name in ``tasks`` is in it (call before loading a model)."""
+@functools.lru_cache(maxsize=4)
+def _task_index(include_path: str | None) -> Any:
+    """lm-eval's index of every task it ships (plus ``include_path``'s): seconds of YAML scanning, done once per
+    process and folder (a task file edited later in the same process is not seen again)."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None) -> Any:
+    """lm-eval's task index, after checking that every name in ``tasks`` is in it (call before loading a model)."""
+    manager = _task_index(str(Path(include_path).resolve()) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         hint = " or define it in a YAML file under --tasks-include" if include_path is None else ""

@@ -79,7 +79,7 @@ def test_the_dry_runs_step_count_is_what_the_real_run_took(zero3):
     """The dry run's optimizer steps equal the steps a real run logs. Accumulation 1 here (the shared ZeRO-3 run:
     10 questions, micro-batch 2, 2 ranks, 4 epochs: 3 micro-batches an epoch, 12 steps); accumulation 3 in the
     Optuna sweep's trials (1 rank, 2 epochs of 5 micro-batches: 3 steps, where counting per epoch would give 2 and
-    rounding up 4) and 4 in the MUSE run (tests/eval/test_text_benchmarks.py)."""
+    rounding up 4) and 4 in the NPO run on MUSE-News (tests/eval/test_text_benchmarks.py)."""
     from flat_ray import tracking
     from flat_ray.pipeline import dry_run
 

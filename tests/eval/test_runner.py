@@ -109,6 +109,10 @@ def test_lm_eval_errors_name_the_task(tiny, local_task):
     with pytest.raises(FlatRayError, match=r"could not load the data of task\(s\) boolq.*--tasks-include"):
         run_lm_eval(model, tok, ["boolq"], limit=2)
     assert parse_tasks("default") == list(PAPER_TASKS) and parse_tasks("a, b") == ["a", "b"]
+    # lm-eval's task index is built once per process and folder
+    from flat_ray.eval.harness import task_manager
+
+    assert task_manager(["flatray_toy"], str(local_task)) is task_manager(["flatray_toy"], f"{local_task}/.")
 
 
 def run_cli(args, capsys):

@@ -1,6 +1,6 @@
 """MUSE-News and Harry-Potter-style text benchmarks: loaders on fixtures written here in each schema, chunking,
 the metrics by hand (Min-k%, AUC, PrivLeak, KnowMem post-processing, BLEU/ROUGE), evaluation on the tiny model,
-and a 2-worker ZeRO-3 training run with per-epoch MUSE metrics."""
+and a 2-worker ZeRO-3 NPO training run on MUSE-News with per-epoch MUSE metrics."""
 
 from __future__ import annotations
 
@@ -253,25 +253,42 @@ def test_text_benchmarks_use_the_raw_profile_and_train_on_chunks(tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_muse_training_run_logs_per_epoch_muse_metrics(ray_local, tiny_model_dir, muse_dir, tmp_path):
-    """A MUSE run: its metrics before and after the epoch, its export, and (accumulation 4) the optimizer steps the
-    dry run counts."""
+def test_npo_on_muse_news_trains_under_zero3_and_logs_per_epoch_muse_metrics(ray_local, tiny_model_dir, muse_dir,
+                                                                              tmp_path):
+    """The muse space's NPO cell in miniature, end to end on 2 ZeRO-3 workers: NPO's frozen reference engine
+    sharded like the model, the retain batches (raw/retain1 chunks) reaching the loss, gradient checkpointing
+    beside the reference engine; MUSE's metrics before and after the epoch; the export; and with accumulation 4,
+    the optimizer steps the dry run counts. Every other method's direction is checked in process
+    (tests/losses/test_method_steps.py)."""
+    import torch
+    from safetensors.torch import load_file
+
     from flat_ray import tracking
     from flat_ray.launch.driver import run_training
     from flat_ray.pipeline import dry_run
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=muse_news",
                              f"data.data_dir={muse_dir}", "data.chunk_tokens=48", "data.max_length=64",
+                             "method.name=npo", "model.gradient_checkpointing=true", "deepspeed.stage=3",
                              "optim.epochs=1", "optim.micro_batch_size=2", "optim.grad_accum_steps=4", "optim.lr=1e-3",
                              "eval.max_examples=4", "eval.batch_size=4", f"paths.workdir={tmp_path}",
-                             "tracking.run_name=muse"])
+                             "tracking.run_name=muse-npo"])
     result = run_training(cfg)
     for key in ("verbmem_forget", "knowmem_retain", "privleak", "muse_score"):
         hist = tracking.metric_history(result.mlflow_uri, result.run_id, f"eval/{key}")
         assert [step for step, _ in hist] == [0, 1], key
-    assert (result.model_dir / "config.json").is_file()
-    logged = [step for step, _ in tracking.metric_history(result.mlflow_uri, result.run_id, "train/loss")]
-    assert logged == list(range(1, dry_run(cfg)["optimizer_steps"] + 1)) and logged
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(result.model_dir / "model.safetensors")  # exported, whole
+    assert sum(not torch.equal(before[k], after[k]) for k in before) >= len(before) - 2
+    steps = dry_run(cfg)["optimizer_steps"]
+    losses = tracking.metric_history(result.mlflow_uri, result.run_id, "train/loss")
+    assert [s for s, _ in losses] == list(range(1, steps + 1)) and steps >= 1
+    assert all(np.isfinite(v) for _, v in losses)
+    retain = tracking.metric_history(result.mlflow_uri, result.run_id, "train/ce_retain")  # the retain batches
+    assert len(retain) == steps and all(np.isfinite(v) and v > 0 for _, v in retain)
+    run = tracking.run_data(result.mlflow_uri, result.run_id)
+    assert run.data.tags["method"] == "npo" and run.data.params["method.name"] == "npo"
+    assert run.data.params["model.gradient_checkpointing"] == "True"
 
 
 def test_flat_ray_eval_on_hp_writes_a_summary(tiny_model_dir, book_dir, tmp_path, monkeypatch, capsys):

@@ -64,12 +64,27 @@ def _tune(cwd: Path, monkeypatch, capsys, *args: str) -> str:
     return out
 
 
-def _wait_for(db: Path, run_name: str, steps: int, proc: subprocess.Popen, log: Path) -> None:
+def _tagged(db: Path, run_name: str, key: str) -> bool:
+    if not db.is_file():
+        return False
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from tags t join runs r on t.run_uuid = r.run_uuid "
+                               "where r.name = ? and t.key = ?", (run_name, key)).fetchone()[0] > 0
+        except sqlite3.OperationalError:
+            return False
+
+
+def _wait_until(done, what: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 480
-    while _metric_count(db, run_name, "train/loss") < steps:
+    while not done():
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{run_name} did not reach step {steps} in time"
+        assert time.monotonic() < deadline, f"{what} did not happen in time"
         time.sleep(0.5)
+
+
+def _wait_for(db: Path, run_name: str, steps: int, proc: subprocess.Popen, log: Path) -> None:
+    _wait_until(lambda: _metric_count(db, run_name, "train/loss") >= steps, f"{run_name} step {steps}", proc, log)
 
 
 def test_a_diverged_trial_is_a_result_recorded_and_never_run_again(tmp_path, ray_local, tiny_model_dir, monkeypatch,
@@ -163,8 +178,8 @@ NOISE = ("Token authentication", "core_worker.cc", "PreemptionWatcher", "Setting
 def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, demo_workdir):
     """README command 1 as a user runs it (`flat-ray tune --space demo`, the original model shared with the train demo
     test; joined to the suite's Ray), interrupted twice: the driver is SIGKILLed during the second trial (as a lost
-    head would be); the resumed sweep is stopped with SIGINT (Ctrl-C: a resume hint, exit 1, no traceback) while it
-    trains that trial again; the second resume finishes it and the two trials left. The first trial is not run
+    head would be); the resumed sweep is stopped with SIGINT (Ctrl-C: a resume hint, exit 1, no traceback) once it
+    runs that trial again; the second resume finishes it and the two trials left. The first trial is not run
     again, the second goes on in its own MLflow run, and the sweep ends as an uninterrupted one would: a console
     with flat-ray's own lines only, the report, and MLflow runs that tell the story, none twice."""
     env = {**os.environ, "FLAT_RAY_VERBOSE": "0"}
@@ -183,15 +198,14 @@ def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, d
         kill_tree(first)  # the driver, its trial function, Ray Train's controller and workers
     before = dict(_runs(db))
     assert before[first_trial] == "FINISHED" and before[second] == "RUNNING"
-    logged = _metric_count(db, second, "train/loss")
     assert sum(" done: " in line for line in log.read_text().splitlines()) == 1
 
     resume = [*cmd, "--resume", "demo-sweep", "--workdir", str(demo_workdir)]
     log = demo_workdir / "second.log"
     resumed = subprocess.Popen(resume, cwd=demo_workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    try:  # Ctrl-C once the second trial trains again
-        _wait_for(db, second, logged + 1, resumed, log)
+    try:  # Ctrl-C once the second trial runs again (its MLflow run reopened)
+        _wait_until(lambda: _tagged(db, second, "resumed"), f"{second} resumed", resumed, log)
         resumed.send_signal(signal.SIGINT)
         resumed.wait(timeout=300)
     finally:
@@ -204,6 +218,7 @@ def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, d
     own = [line for line in out.splitlines() if not re.search(r"\(\w+ pid=\d+\)", line)]
     assert not any("Traceback" in line for line in own), "\n".join(own)[-3000:]
     assert "flat-ray: error: sweep demo-sweep was interrupted" in out and "flat-ray tune --resume demo-sweep" in out
+    assert dict(_runs(db))[second] == "KILLED"  # cut off by the sweep's stop, closed by its own process
 
     proc = subprocess.run(resume, cwd=demo_workdir, capture_output=True, text=True, timeout=1200, env=env)
     out = proc.stdout + proc.stderr
