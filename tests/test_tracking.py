@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
@@ -51,8 +52,8 @@ def mlflow_server(tmp_path_factory):
                 assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
                 time.sleep(0.5)
         yield uri, root / "served-artifacts"
-    finally:
-        proc.terminate()
+    finally:  # the server and its workers at once (a graceful stop takes seconds)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
 
