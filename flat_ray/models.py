@@ -213,7 +213,6 @@ def cached_tiny_model(texts: Sequence[str], cache_root: str | os.PathLike, spec:
     root = Path(cache_root)
     target = root / f"tiny-{digest}"
     if (target / "config.json").is_file():
-        log.info("using the cached tiny model at %s", target)
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))

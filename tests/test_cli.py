@@ -117,7 +117,7 @@ def test_train_dry_run_end_to_end_on_the_demo(tmp_path):
     # the cached tiny model is reused on the next run
     res2 = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert res2.returncode == 0 and list((tmp_path / "wd" / "models").iterdir()) == models
-    assert "built tiny model" not in res2.stderr and f"using the cached tiny model at {models[0]}" in res2.stderr
+    assert "built tiny model" not in res2.stderr
     # --verbose brings the libraries' own output back (and flat-ray's lines with their logger names)
     loud = subprocess.run([FLAT_RAY, "--verbose", *args[1:3], f"paths.workdir={tmp_path}/wd2", *args[4:]],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -442,6 +442,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
     expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
     # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished
     if ctrl_c.count or len(states) < expected or any(s not in ("TERMINATED", "ERROR") for s in states.values()):
+        _close_cut_off_trials(uri, parent_run_id)
         raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
                         f"`flat-ray tune --resume {name}` (finished trials are kept)")
     _close_stopped_trials(uri, parent_run_id, states)
@@ -477,6 +478,14 @@ def _close_stopped_trials(uri: str, parent_run_id: str, states: dict[str, str]) 
         stopped = states.get(tags.get("flat_ray.trial", "")) == "TERMINATED" and tags.get("diverged") != "true"
         if stopped and run.info.status in ("RUNNING", "FAILED", "KILLED"):
             tracking.set_status(uri, run.info.run_id, "KILLED", {"stopped_early": "true"})
+
+
+def _close_cut_off_trials(uri: str, parent_run_id: str) -> None:
+    """An interrupted sweep's trials have all stopped, but one stopped while starting up never closed its MLflow run:
+    mark every run still RUNNING as KILLED (a resume reopens it)."""
+    for run in tracking.child_runs(uri, parent_run_id):
+        if run.info.status == "RUNNING":
+            tracking.set_status(uri, run.info.run_id, "KILLED", {})
 
 
 def trial_table_with(space: Space, concurrency: dict[str, int]) -> list[dict[str, Any]]:
