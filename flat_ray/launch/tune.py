@@ -143,10 +143,25 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
             "flat_ray.cell": payload["cell"], "flat_ray.trial": trial, "flat_ray.role": "trial",
             **{f"flat_ray.{k}": v for k, v in payload["labels"].items()},
             **{f"sampled.{k}": v for k, v in config.items()}}
+    finished = _finished_result(train_dir) if resume else None
+    if finished is not None:  # it ended before a killed sweep could record that: its result again, nothing re-run
+        tune.report(finished)
+        return
     try:
         run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()], stopping=_stopping())
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
+
+
+def _finished_result(train_dir: Path) -> dict[str, Any] | None:
+    """The last evaluation of a trial whose MLflow run FINISHED (as its workers reported it to Tune), else None."""
+    state = json.loads((train_dir / STATE_FILE).read_text())
+    run = tracking.run_data(state["mlflow_uri"], state["run_id"])
+    if run.info.status != "FINISHED":
+        return None
+    metrics = run.data.metrics
+    evals = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+    return {**evals, "epoch": int(metrics.get("epoch", 0))}
 
 
 def _stopping() -> Callable[[], bool]:
