@@ -16,3 +16,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
       | { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }; } 3>&1
   echo "$want" > "$stamp"
 fi
+# DeepSpeed compiles its CPU collective op (a shared-memory all-reduce, used by every run on CPU workers) the first
+# time a run needs it: 20-80 s inside that run. Build it here, into torch's extension cache (~/.cache/torch_extensions),
+# so runs and tests start without the stall; once built, this check takes a few seconds.
+if ! .venv/bin/python -c "
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder('ShareMemCommBuilder')
+builder is None or builder.load()
+" >/dev/null 2>&1; then
+  echo "setup: DeepSpeed's shared-memory op did not build here; the first run will try again" >&2
+fi
