@@ -2,10 +2,11 @@
 
 - ``zero3``: an uninterrupted 2-worker ZeRO-3 `flat-ray train` run on the tiny model (in process, the suite's Ray).
 - ``interrupted``: the same config run by the `flat-ray` console script (joined to the suite's Ray, whose processes
-  hold secrets in their environment, as does the script's own), evaluated from the ZeRO-3 shards (``eval.gathered=false``) where ``zero3`` evaluates from a copy
-  gathered once. A Ray Train worker is SIGKILLed after the first checkpoint (Ray Train restarts the workers from it), the
-  driver and every process of its run are SIGKILLed after the second, a cut-short newer checkpoint is planted, and
-  `flat-ray train --resume` finishes the run. Reliability tests compare it with ``zero3``; security tests scan
+  hold secrets in their environment, as does the script's own), evaluated from the ZeRO-3 shards
+  (``eval.gathered=false``) where ``zero3`` evaluates from a copy gathered once. A Ray Train worker is SIGKILLed
+  after the first checkpoint (Ray Train restarts the workers from it), the driver and every process of its run are
+  SIGKILLed after the second, a cut-short newer checkpoint is planted, and `flat-ray train --resume` finishes the
+  run. Reliability tests compare it with ``zero3``; security tests scan
   everything it wrote and printed for the secrets.
 """
 
@@ -35,6 +36,7 @@ SENTINEL = f"sk-sentinel-{uuid.uuid4().hex[:12]}"  # every secret's value starts
 
 def secret_env() -> dict[str, str]:
     return {secret: f"{SENTINEL}-{secret}" for secret in SECRETS}
+
 
 # the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs
 ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2")

@@ -142,7 +142,7 @@ def test_a_full_disk_fails_the_run_with_one_clear_line(tmp_path, tmpfs, ray_loca
 @pytest.mark.slow
 def test_a_lost_worker_and_a_killed_driver_end_where_the_uninterrupted_run_ends(interrupted, zero3):
     """One run lives through both (tests/runs.py): a Ray Train worker SIGKILLed after the first checkpoint (Ray
-    Train restarts the workers from it, in the same MLflow run), then the driver and every process it started
+    Train restarts the workers from it, in the same MLflow run), then the driver and every process of its run
     SIGKILLed after the second, with a cut-short newer checkpoint left behind; `flat-ray train --resume` finishes
     it from the last complete checkpoint. It ends where the uninterrupted run ends."""
     run = interrupted
