@@ -23,7 +23,6 @@ from typing import Any
 
 import psutil
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from flat_ray import tracking
@@ -133,8 +132,10 @@ def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, resto
             report(metrics, None)
     job.log_peak_memory()
     job.export()
-    # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it
-    tracker.log_metrics({"worker_s": time.perf_counter() - started}, step=job.global_step)
+    # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it; what
+    # this start of the run wrote: its checkpoints (handed to the storage path) and the export
+    tracker.log_metrics({"worker_s": time.perf_counter() - started, "written_mb": job.written_mb},
+                        step=job.global_step)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class _Job:
     global_step: int = 0
     eval_rows: dict = field(default_factory=dict)
     reference_tr: Any = None
+    written_mb: float = 0.0  # checkpoints and export written by all ranks since this start
 
     @property
     def method(self):
@@ -331,11 +333,19 @@ class _Job:
             with _writing(f"the epoch {epoch + 1} checkpoint to the local staging folder {ckpt}"):
                 ds.save_checkpoint(self.engine, ckpt / "ds", state)
                 write_manifest(ckpt, self.rank, self.world, state)
+            self._log_written("checkpoint_mb", ckpt)
             with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {self.payload.get('storage_dir')} "
                           "(launch.storage_path)"):
                 report(metrics, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _log_written(self, key: str, folder: Path | None) -> None:
+        """The MiB every rank wrote under ``folder`` (None: nothing on this rank), summed: one collective."""
+        mine = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder else 0
+        mb = all_reduce(torch.tensor([float(mine)]))[0].item() / 2**20
+        self.written_mb += mb
+        self.tracker.log_metrics({key: mb}, step=self.global_step)
 
     def log_peak_memory(self) -> None:
         """Peak memory of the busiest rank (host RSS; device memory when on GPU)."""
@@ -359,5 +369,4 @@ class _Job:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self.info("exported %s", final)
-        if dist.is_initialized():
-            dist.barrier()
+        self._log_written("export_mb", final if written is not None else None)  # also every rank's barrier

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from safetensors.torch import load_file
 
 from flat_ray import tracking
 from flat_ray.config import load_config
+from flat_ray.engine.checkpoint import verify
 from flat_ray.launch.driver import run_training, storage_root
-from tests.runs import ZERO3
+from tests.runs import ZERO3, registered
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +75,21 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     steps = [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob")]
     assert steps == [0, 2, 4]  # before training and every eval.every_epochs=2 epochs
     assert [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval_s")] == [0, 2, 4]
+    # the bytes it wrote: each epoch's checkpoint (both ranks' parts, as the storage path holds them) and the export
+    written = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoint_mb"))
+    assert sorted(written) == [3, 6, 9, 12]  # after every epoch of 3 steps
+    run_dir = storage_root(cfg) / "zero3"
+    kept = [run_dir / name for name in registered(run_dir)]  # Ray Train keeps the last two
+
+    def mib(folder: Path) -> float:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+    assert [3 * (verify(c, 2)["epoch"] + 1) for c in kept] == [9, 12]
+    assert [written[3 * (verify(c, 2)["epoch"] + 1)] for c in kept] == pytest.approx([mib(c) for c in kept], rel=1e-3)
+    export = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "export_mb"))
+    assert export == {12: pytest.approx(mib(res.model_dir), rel=1e-6)}
+    total = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "written_mb"))
+    assert total == {12: pytest.approx(sum(written.values()) + export[12])}
     assert set(res.before) == set(res.after) and "eval/model_utility" in res.before
     # the 12 per-split TOFU numbers, model utility and the derived scores (no forget quality: no reference)
     assert {f"eval/{s}_{m}" for s in ("forget", "retain", "real_authors", "world_facts")
