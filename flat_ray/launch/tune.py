@@ -294,10 +294,10 @@ def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: 
         most = max_concurrent(cell.config, limit["CPU"], limit["GPU"]) if limit else None
         if (n == 0 and not address) or most == 0:
             need = trial_resources(cell.config)
-            where = "this machine has" if not address else "the cluster can grow to"
+            room = "the cluster can grow to" if address else "this machine has"
             cpus, gpus = (limit["CPU"], limit["GPU"]) if most == 0 else (have.get("CPU", 0), have.get("GPU", 0))
             raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
-                               f"{need['GPU']:g} GPUs but {where} {cpus:g} CPUs and {gpus:g} GPUs; lower "
+                               f"{need['GPU']:g} GPUs but {room} {cpus:g} CPUs and {gpus:g} GPUs; lower "
                                "resources.num_workers or resources.cpus_per_worker"
                                + ("" if address else ", or pass --address of a cluster"))
         if n == 0 or (most or 0) > n:  # some of its trials run on nodes the autoscaler has yet to add
