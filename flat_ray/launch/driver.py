@@ -220,13 +220,19 @@ def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Path, 
 
 def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[str, str], model_path: str,
               tags: dict[str, str] | None) -> tuple[tracking.Tracker, Path]:
-    """Reopen a resumed run's MLflow run, or start a new one with its params, tags, dataset and config."""
+    """Reopen a resumed run's MLflow run, or start a new one with its params, tags, dataset and config. The state
+    file that lets a resume find the run is written as soon as the run exists, before anything else is logged: a
+    driver killed from then on is resumed into the same run, never into a second one."""
     if state:
         tracker = tracking.reopen_run(uri, state["run_id"])
         tracker.set_tags({"resumed": "true"})
-        return tracker, Path(state["output_dir"])
+        output_dir = Path(state["output_dir"])
+        if not tracking.run_data(uri, tracker.run_id).data.params:  # killed before it had logged its inputs
+            _log_inputs(tracker, cfg, model_path, output_dir)
+        return tracker, output_dir
     output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
     output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())  # what a resume reads back
     tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
             "method": cfg.method.name,
             "divergence": _divergence(cfg) or "-",
@@ -234,14 +240,18 @@ def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[st
             **tracking.standard_tags("flat-ray " + ("finetune" if cfg.method.name == "sft" else "train")),
             **(tags or {})}
     tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
-    tracker.log_params(_params(cfg, model_path))
-    log_split(tracker, cfg)
-    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
-    tracker.log_artifact(output_dir / "config.yaml")
     (storage / name).mkdir(parents=True, exist_ok=True)
     atomic_write_text(storage / name / STATE_FILE, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
                                                                "output_dir": str(output_dir)}))
+    _log_inputs(tracker, cfg, model_path, output_dir)
     return tracker, output_dir
+
+
+def _log_inputs(tracker: tracking.Tracker, cfg: RunConfig, model_path: str, output_dir: Path) -> None:
+    """The run's params, its training split as a dataset and its config file."""
+    tracker.log_params(_params(cfg, model_path))
+    log_split(tracker, cfg)
+    tracker.log_artifact(output_dir / "config.yaml")
 
 
 def log_split(tracker: tracking.Tracker, cfg: RunConfig) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from cli.main import main
 from flat_ray import tracking
+from flat_ray.launch.driver import STATE_FILE
 from tests.procs import kill_tree
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,11 @@ def _tagged(db: Path, run_name: str, key: str) -> bool:
                                "where r.name = ? and t.key = ?", (run_name, key)).fetchone()[0] > 0
         except sqlite3.OperationalError:
             return False
+
+
+def _state_saved(workdir: Path, run_name: str) -> bool:
+    """Whether the run's state file, which a resume finds it by, is written."""
+    return any(workdir.glob(f"**/{run_name}/{STATE_FILE}"))
 
 
 def _wait_until(done, what: str, proc: subprocess.Popen, log: Path) -> None:
@@ -176,8 +182,9 @@ def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, d
     first = subprocess.Popen([*cmd, "--space", "demo", "--name", "demo-sweep", f"paths.workdir={demo_workdir}"],
                              cwd=demo_workdir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
-    try:  # SIGKILL the driver once the second trial has started (its MLflow run is open)
-        _wait_until(lambda: dict(_runs(db)).get(second) == "RUNNING", f"{second} running", first, log)
+    try:  # SIGKILL the driver once the second trial has started (its MLflow run is open, its state file written)
+        _wait_until(lambda: dict(_runs(db)).get(second) == "RUNNING" and _state_saved(demo_workdir, second),
+                    f"{second} running", first, log)
         killed_at = time.time()
     finally:
         kill_tree(first)  # the driver, its trial function, Ray Train's controller and workers

@@ -1,0 +1,41 @@
+"""The driver's bookkeeping around a run: what a resume finds after the driver died at any point of opening it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flat_ray import tracking
+from flat_ray.config import load_config
+from flat_ray.launch import driver
+
+
+def test_a_driver_killed_while_opening_its_run_is_resumed_into_that_run(tmp_path, tiny_model_dir, monkeypatch):
+    """The state file exists as soon as the MLflow run does: a driver that dies while logging the run's inputs
+    leaves a run that `--resume` reopens (and completes: params, dataset, config), never a second run."""
+    from tests.runs import tiny_overrides
+
+    cfg = load_config(None, [*tiny_overrides(tiny_model_dir, tmp_path), "tracking.run_name=opened"])
+    cfg, uri, storage, name, state = driver._prepare(cfg, None)
+
+    def die(*_args):
+        raise KeyboardInterrupt  # the driver's death right after the run was created
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "_log_inputs", die)
+        with pytest.raises(KeyboardInterrupt):
+            driver._open_run(cfg, uri, storage, name, state, str(tiny_model_dir), None)
+    saved = json.loads((storage / name / driver.STATE_FILE).read_text())
+    assert tracking.run_data(uri, saved["run_id"]).data.params == {}
+
+    cfg2, uri2, _, _, state2 = driver._prepare(cfg, name)  # `flat-ray train --resume opened`
+    tracker, output_dir = driver._open_run(cfg2, uri2, storage, name, state2, str(tiny_model_dir), None)
+    run = tracking.run_data(uri, tracker.run_id)
+    assert tracker.run_id == saved["run_id"] and str(output_dir) == saved["output_dir"]
+    assert run.data.tags["resumed"] == "true" and run.info.status == "RUNNING"
+    assert run.data.params["optim.lr"] == str(cfg.optim.lr)
+    assert "config.yaml" in tracking.list_artifacts(uri, tracker.run_id)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [saved["run_id"]]
