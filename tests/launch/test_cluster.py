@@ -47,14 +47,18 @@ def test_services_bind_privately_and_installs_are_pinned(cluster):
     assert "socat TCP-LISTEN:5000,bind=127.0.0.1" in head  # where `ray attach -p 5000` forwards to
     assert "pgrep" in head  # `ray up --no-restart` re-runs these without a second server
     assert cluster["provider"]["use_internal_ips"] is True
+    # every node installs through scripts/node_setup.sh (CI runs it: scripts/test.sh), then mounts EFS
     setup = cluster["setup_commands"]
-    assert "apt-get update" in setup[0] and setup[0].index("apt-get update") < setup[0].index("apt-get install")
-    # Python >= 3.11 (pyproject) on Ubuntu 22.04's 3.10: a uv-managed 3.11 venv
+    assert setup[0] == "bash ~/flat-ray/scripts/node_setup.sh ~/venv" and "mount -t nfs4" in setup[1]
+    script = (ROOT / "scripts" / "node_setup.sh").read_text()
+    assert script.index("sudo apt-get update") < script.index("apt-get install -y -q nfs-common socat")
+    # Python >= 3.11 (pyproject) where the image has only Ubuntu 22.04's 3.10: a uv-managed 3.11
     import tomllib
 
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert requires == ">=3.11" and any("uv venv --python 3.11 ~/venv" in c for c in setup)
-    assert any("-c ~/flat-ray/constraints/cluster.txt" in c and "[cluster]" in c for c in setup)
+    assert requires == ">=3.11" and "sys.version_info < (3, 11)" in script and "uv python install 3.11" in script
+    assert '-c "$repo/constraints/cluster.txt" "$repo[cluster]"' in script
+    assert "TCP 2049" in (ROOT / "cluster.yaml").read_text()  # the EFS security-group rule is stated
 
 
 def test_the_cluster_lock_pins_every_distribution_of_the_stack():
