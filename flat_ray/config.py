@@ -198,6 +198,9 @@ class EvalConfig:
                               "training and after every eval.every_epochs epochs.")
     every_epochs: int = doc(1, "Evaluate every N epochs (always before training and after the last epoch).")
     max_examples: int = doc(32, "Questions per split in per-epoch evaluation (a bounded subset).")
+    interim_examples: int | None = doc(None, "Questions per split in the evaluations between the first (before "
+                                             "training) and the last: a cheaper check for the curves and a "
+                                             "scheduler's early stop; null uses eval.max_examples throughout.")
     max_new_tokens: int = doc(32, "Greedy generation length for ROUGE.")
     batch_size: int = doc(8, "Evaluation batch size per worker.")
     truth_ratio: str = doc(DEFAULT_TRUTH_RATIO, "Truth-ratio variant for the per-split statistic and model utility: "
@@ -217,8 +220,8 @@ class EvalConfig:
     def __post_init__(self):
         if not 0 < self.privleak_auc_retrain < 1:
             raise FlatRayError(f"eval.privleak_auc_retrain must be in (0, 1), got {self.privleak_auc_retrain}")
-        for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size", "prompt_words"):
-            if getattr(self, key) < 1:
+        for key in ("every_epochs", "max_examples", "max_new_tokens", "batch_size", "prompt_words", "interim_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise FlatRayError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         _choice("eval.truth_ratio", self.truth_ratio, TRUTH_RATIOS.keys())
 
@@ -253,6 +256,10 @@ class LaunchConfig:
     checkpoint_every_epochs: int = doc(1, "Checkpoint after every N-th epoch (and always after the last). A lost "
                                           "worker or a killed run resumes from the last checkpoint, so larger N "
                                           "writes less and repeats more after a failure.")
+    keep_checkpoints: int = doc(0, "Checkpoints left in the storage path once the run has finished: 0 deletes them "
+                                   "after the model is exported (a finished run is never resumed; at 7B each one "
+                                   "holds about 84 GB of fp32 weights and Adam state), N keeps the last N. While "
+                                   "the run goes, Ray Train keeps the last max(1, N).")
 
     def __post_init__(self):
         if self.checkpoint_every_epochs < 1:
@@ -261,6 +268,8 @@ class LaunchConfig:
             raise FlatRayError(f"launch.num_workers must be >= 1, got {self.num_workers}")
         if self.max_failures < 0:
             raise FlatRayError(f"launch.max_failures must be >= 0, got {self.max_failures}")
+        if self.keep_checkpoints < 0:
+            raise FlatRayError(f"launch.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         _positive("launch.cpus_per_worker", self.cpus_per_worker)
         _positive("launch.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 

@@ -39,7 +39,8 @@ def secret_env() -> dict[str, str]:
 
 
 # the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs
-ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2")
+ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2", "eval.interim_examples=2",
+         "launch.keep_checkpoints=2")
 
 
 def tiny_overrides(model: Path, work: Path) -> list[str]:

@@ -79,12 +79,20 @@ def _room_bytes() -> float:
 
 
 @contextmanager
-def _writing(what: str) -> Iterator[None]:
-    """Turn a disk-full, permission or other OS error while writing ``what`` into one clear message."""
+def _writing(what: str, folder: Path | None = None) -> Iterator[None]:
+    """Turn a disk-full, permission or other OS error while writing ``what`` into one clear message. torch.save's
+    zip writer reports a failed write as a RuntimeError, not an OSError: with ``folder`` given, one of those is
+    turned into the same message (saying so when the disk is full)."""
     try:
         yield
     except OSError as exc:
         reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc).splitlines()[0][:200]
+        raise StorageError(f"could not write {what}: {reason}; free space or fix its permissions") from exc
+    except RuntimeError as exc:
+        if folder is None or not any(m in str(exc) for m in ("inline_container", "PytorchStreamWriter", "iostream")):
+            raise
+        full = folder.is_dir() and shutil.disk_usage(folder).free < 2**20
+        reason = "[Errno 28] No space left on device" if full else str(exc).splitlines()[0][:200]
         raise StorageError(f"could not write {what}: {reason}; free space or fix its permissions") from exc
 
 
@@ -230,7 +238,8 @@ class _Job:
 
     # ---- evaluation
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """The suite's metrics before training, at the end and every ``eval.every_epochs`` (else nothing)."""
+        """The suite's metrics before training, at the end and every ``eval.every_epochs`` (else nothing); in
+        between on the first ``eval.interim_examples`` questions of each split where that is set."""
         cfg = self.cfg
         due = epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0
         if not cfg.eval.enabled or not due:
@@ -239,10 +248,13 @@ class _Job:
         def progress(split: str, done: int, total: int) -> None:
             self.show({"kind": "eval", "epoch": epoch, "split": split, "done": done, "total": total})
 
+        rows = self.eval_rows
+        if cfg.eval.interim_examples and 0 < epoch < cfg.optim.epochs:  # between the first and the last: cheaper
+            rows = {split: part[:cfg.eval.interim_examples] for split, part in rows.items()}
         started = time.perf_counter()
         model = self._eval_model()
         try:
-            summary = suite_for(cfg).run(model, self.tokenizer, self.profile, self.eval_rows, cfg, rank=self.rank,
+            summary = suite_for(cfg).run(model, self.tokenizer, self.profile, rows, cfg, rank=self.rank,
                                          world_size=self.world, device=self.engine.device,
                                          reference_tr=self.reference_tr, progress=progress)
         finally:
@@ -250,9 +262,11 @@ class _Job:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
-        # eval_s: this evaluation's time on rank 0, the copy's gathering included
+        # eval_s: this evaluation's time on rank 0, the copy's gathering included; eval_examples: its questions
+        # per split (the largest split's count)
         self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch,
-                                  "eval_s": time.perf_counter() - started}, step=epoch)
+                                  "eval_s": time.perf_counter() - started,
+                                  "eval_examples": max(map(len, rows.values()), default=0)}, step=epoch)
         if self.rank == 0:
             log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
@@ -325,12 +339,14 @@ class _Job:
         return done % every == 0 or done == self.cfg.optim.epochs
 
     def checkpoint(self, epoch: int, metrics: dict[str, Any], report: Report) -> None:
-        """Staged locally, manifest last, then handed to Ray Train, which copies it to the storage path and
+        """Staged in the run's storage folder, manifest last, then handed to Ray Train, which copies it into place and
         registers it only once the copy is complete (:mod:`flat_ray.engine.checkpoint`)."""
-        ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{self.rank}-"))
+        staging = self._staging_dir()
+        ckpt = Path(tempfile.mkdtemp(prefix=f"flat-ray-ckpt-r{self.rank}-", dir=staging))
+        where = "in the storage path (launch.storage_path)" if staging else "in the local temporary folder"
         try:
             state = {"epoch": epoch, "global_step": self.global_step}
-            with _writing(f"the epoch {epoch + 1} checkpoint to the local staging folder {ckpt}"):
+            with _writing(f"the epoch {epoch + 1} checkpoint to {ckpt} {where}", ckpt):
                 ds.save_checkpoint(self.engine, ckpt / "ds", state)
                 write_manifest(ckpt, self.rank, self.world, state)
             self._log_written("checkpoint_mb", ckpt)
@@ -339,6 +355,17 @@ class _Job:
                 report(metrics, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _staging_dir(self) -> str | None:
+        """Where this rank stages a checkpoint: ``.staging`` in the run's storage folder when this node sees that
+        folder (a local disk or a shared mount, which has room for checkpoints by design, unlike a small root
+        volume's /tmp), else the system's temporary folder (cloud storage)."""
+        run_dir = Path(self.payload.get("storage_dir") or "")
+        if not run_dir.is_absolute() or not run_dir.parent.is_dir():
+            return None
+        with _writing(f"the checkpoint staging folder {run_dir / '.staging'} (launch.storage_path)"):
+            (run_dir / ".staging").mkdir(parents=True, exist_ok=True)
+        return str(run_dir / ".staging")
 
     def _log_written(self, key: str, folder: Path | None) -> None:
         """The MiB every rank wrote under ``folder`` (None: nothing on this rank), summed: one collective."""
@@ -363,7 +390,7 @@ class _Job:
         final, tmp = out_dir / "model", out_dir / ".model-partial"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        with _writing(f"the final model to {tmp} (paths.output_dir)"):
+        with _writing(f"the final model to {tmp} (paths.output_dir)", out_dir):
             written = ds.export_hf(self.engine, self.tokenizer, tmp, self.rank)
         if written is not None:
             shutil.rmtree(final, ignore_errors=True)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,6 +216,9 @@ def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Path, 
         # a resumed run continues with the config it started with, whatever the command line says now
         cfg = load_config(Path(state["output_dir"]) / "config.yaml")
         uri = state["mlflow_uri"]
+        if tracking.run_data(uri, state["run_id"]).info.status == "FINISHED":  # its checkpoints may be gone
+            raise FlatRayError(f"run {resume!r} has already finished (MLflow run {state['run_id']}); its model is "
+                               f"in {Path(state['output_dir']) / 'model'}")
     return cfg, uri, storage, name, state
 
 
@@ -281,7 +285,7 @@ def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], call
             scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0,
                                          resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
-                                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                           checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.launch.keep_checkpoints)),
                                            failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
                                            callbacks=callbacks),
         ).fit()
@@ -332,12 +336,25 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; the workers' "
                         "logs are in Ray's session folder, or rerun with flat-ray --verbose)") from failure
     result = _summarize(cfg, tracker, name, uri, output_dir, started)
+    _drop_checkpoints(storage / name, cfg.launch.keep_checkpoints, tracker)
     # where a run's time goes: set-up before Ray Train (checks, model path, MLflow), the Ray Train run (worker
     # start + the workers' own worker_s), and the summary after it
     tracker.log_metrics({"duration_s": result.seconds, "setup_s": fit_started - started,
                          "fit_s": fit_done - fit_started, "finish_s": time.monotonic() - fit_done}, step=0)
     tracker.finish("FINISHED")
     return result
+
+
+def _drop_checkpoints(run_dir: Path, keep: int, tracker: tracking.Tracker) -> None:
+    """Once the run has finished and its model is exported: delete all but its last ``keep`` checkpoints and the
+    staging folder, and log the MiB of checkpoints the storage path still holds for it (``checkpoints_kept_mb``)."""
+    shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # the workers' staging folder (left over by a crash)
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray names them by time
+    for old in checkpoints[:len(checkpoints) - keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    kept = checkpoints[len(checkpoints) - keep:] if keep else []
+    mb = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file()) / 2**20
+    tracker.log_metrics({"checkpoints_kept_mb": mb}, step=0)
 
 
 def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, output_dir: Path,

@@ -132,7 +132,9 @@ def test_a_full_disk_fails_the_run_with_one_clear_line(tmp_path, tmpfs, ray_loca
         run_training(cfg)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "could not write the epoch 1 checkpoint to the storage path" in msg
+    # each rank stages its checkpoint in the run's storage folder (not the node's /tmp): that is where it ran out
+    assert f"could not write the epoch 1 checkpoint to {full}/full/.staging/flat-ray-ckpt-r" in msg
+    assert "in the storage path (launch.storage_path)" in msg
     assert "No space left on device" in msg and "free space or fix its permissions" in msg
     state = json.loads((full / "full" / STATE_FILE).read_text())
     assert tracking.run_data(state["mlflow_uri"], state["run_id"]).info.status == "FAILED"

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from flat_ray import tracking
 from flat_ray.config import load_config
 from flat_ray.engine.checkpoint import verify
+from flat_ray.errors import FlatRayError
+from flat_ray.launch import driver
 from flat_ray.launch.driver import run_training, storage_root
 from tests.runs import ZERO3, registered
 
@@ -75,6 +77,8 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     steps = [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob")]
     assert steps == [0, 2, 4]  # before training and every eval.every_epochs=2 epochs
     assert [s for s, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "eval_s")] == [0, 2, 4]
+    # all 4 questions per split before training and at the end, eval.interim_examples=2 in between
+    assert tracking.metric_history(res.mlflow_uri, res.run_id, "eval_examples") == [(0, 4), (2, 2), (4, 4)]
     # the bytes it wrote: each epoch's checkpoint (both ranks' parts, as the storage path holds them) and the export
     written = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoint_mb"))
     assert sorted(written) == [3, 6, 9, 12]  # after every epoch of 3 steps
@@ -86,6 +90,14 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
 
     assert [3 * (verify(c, 2)["epoch"] + 1) for c in kept] == [9, 12]
     assert [written[3 * (verify(c, 2)["epoch"] + 1)] for c in kept] == pytest.approx([mib(c) for c in kept], rel=1e-3)
+    # launch.keep_checkpoints=2: the last two stay after the run, the others were deleted, and what stays is logged
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == sorted(c.name for c in kept)
+    assert not (run_dir / ".staging").exists()  # where the workers staged them, removed at the end
+    assert tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoints_kept_mb") == [
+        (0, pytest.approx(sum(mib(c) for c in kept), rel=1e-6))]
+    # a finished run is never resumed (its checkpoints may be gone): one line naming its model
+    with pytest.raises(FlatRayError, match=r"run 'zero3' has already finished \(MLflow run \w+\); its model is in"):
+        driver._prepare(cfg, "zero3")
     export = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "export_mb"))
     assert export == {12: pytest.approx(mib(res.model_dir), rel=1e-6)}
     total = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "written_mb"))
@@ -202,11 +214,14 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     assert f"{name}: step 12/12 (epoch 4)" in out and f"{name}: evaluation after epoch 4" in out
     originals = list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))
     assert len(originals) == 1
-    # the original's 30 epochs were checkpointed every 10 (its preset), of which Ray Train keeps the last two
-    from flat_ray.engine.checkpoint import verify
-
-    kept = sorted(p for p in (demo_workdir / "ray_results" / originals[0].parent.name).glob("checkpoint_*") if p.is_dir())
-    assert [verify(c, 2)["epoch"] for c in kept] == [19, 29]
+    # the original's 30 epochs were checkpointed every 10 (its preset), all deleted once it had finished and exported
+    # (launch.keep_checkpoints=0, the default); Ray Train's own files of the run stay
+    ray_run = demo_workdir / "ray_results" / originals[0].parent.name
+    assert (ray_run / "flat_ray_run.json").is_file() and [p for p in ray_run.glob("checkpoint_*") if p.is_dir()] == []
+    state = json.loads((ray_run / "flat_ray_run.json").read_text())
+    written = tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoint_mb")
+    assert len(written) == 3 and all(mb > 0 for _, mb in written)
+    assert tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoints_kept_mb") == [(0, 0.0)]
 
     cfg = load_config(None, [f"paths.workdir={demo_workdir}"], presets=["demo"])
     for scale in (1.0, 0.8, 1.2):
