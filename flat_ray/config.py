@@ -182,6 +182,8 @@ class DeepSpeedConfig:
     offload_optimizer: bool = doc(False, "Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = doc(False, "Keep parameters in CPU memory (ZeRO-3 only).")
     precision: str = doc("auto", f"{', '.join(PRECISIONS)}; auto = bf16 on GPU, fp32 on CPU.")
+    compile: bool = doc(False, "Compile the model for training with torch.compile through DeepSpeed's "
+                               "engine.compile() (the first steps pay for the compilation); evaluation runs eager.")
 
     def __post_init__(self):
         _choice("deepspeed.stage", self.stage, (0, 1, 2, 3))

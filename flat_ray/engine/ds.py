@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,19 @@ def build_engine(model, ds_config: dict[str, Any], lr_lambda: Callable[[int], fl
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
     )
     return engine
+
+
+@contextmanager
+def eager(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` called without the torch.compile wrapper that ``engine.compile()`` put on it: evaluation brings a
+    new shape with every batch and generated token, so compiling it costs more than it saves (minutes on a small
+    model). Restored afterwards; a module that was never compiled is unchanged."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield module
+    finally:
+        module._compiled_call_impl = compiled
 
 
 def build_reference(model, ds_config: dict[str, Any]):

@@ -218,6 +218,8 @@ class _Job:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = ds.build_engine(model, ds_config,
                                       lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
+        if cfg.deepspeed.compile:
+            self.engine.compile()
         # what the workers really run with (the driver may sit on a CPU-only head)
         self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
         # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
@@ -254,9 +256,10 @@ class _Job:
         started = time.perf_counter()
         model = self._eval_model()
         try:
-            summary = suite_for(cfg).run(model, self.tokenizer, self.profile, rows, cfg, rank=self.rank,
-                                         world_size=self.world, device=self.engine.device,
-                                         reference_tr=self.reference_tr, progress=progress)
+            with ds.eager(model):
+                summary = suite_for(cfg).run(model, self.tokenizer, self.profile, rows, cfg, rank=self.rank,
+                                             world_size=self.world, device=self.engine.device,
+                                             reference_tr=self.reference_tr, progress=progress)
         finally:
             del model
             if torch.cuda.is_available():
