@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the whole test suite (offline: tests build their own tiny models and data); with no arguments,
-# also check that scripts/node_setup.sh installs a cluster node. Arguments go to pytest (e.g. -m "not slow").
+# also check that scripts/node_setup.sh installs a cluster node and that scripts/cluster_demo.py's sweep on a local
+# autoscaling cluster passes. Arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -12,4 +13,6 @@ if [ $# -eq 0 ]; then
   # (about 2 minutes; apt is left out here)
   node=$(mktemp -d); trap 'rm -rf "$node"' EXIT
   FLAT_RAY_SKIP_APT=1 ./scripts/node_setup.sh "$node/venv" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  # and a sweep on an autoscaling cluster (Ray's fake multi-node provider) with an MLflow server (about 80 s)
+  .venv/bin/python scripts/cluster_demo.py
 fi

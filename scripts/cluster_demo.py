@@ -1,0 +1,256 @@
+"""An autoscaling Ray cluster on this one machine, and a sweep on it the way a cluster user runs one.
+
+    .venv/bin/python scripts/cluster_demo.py [--root DIR] [--keep]      (scripts/cluster_demo.sh wraps it)
+
+What it brings up (every part real, nothing mocked):
+- a Ray head started with Ray's fake multi-node autoscaler (provider ``fake_multinode``: each node it adds is a
+  raylet on this machine). The head has 1 CPU, which holds the trials' driver functions (0.01 CPU each) and never
+  a training worker (1 CPU each); the ``cpu_worker`` node type has 1 CPU and scales from 0 to 2 nodes, as the GPU
+  node types of ``cluster.yaml`` scale from 0;
+- an MLflow tracking server on 127.0.0.1 (SQLite store, artifacts in ``--artifacts-destination``);
+- a folder standing in for the cluster's shared storage (``shared/``): Ray's storage path and the work folder.
+
+Then ``flat-ray tune --address <head> --mlflow-uri http://127.0.0.1:PORT --storage-path shared/ray`` runs a small
+space (FLAT with 2 divergences on the demo's forget05 and the tiny model, 1 worker per trial, 1 epoch), while this
+script records the cluster's nodes. It tears everything down (only the processes of its own cluster: another Ray
+on the machine is left alone) and exits 0 only if:
+1. the autoscaler added worker nodes (none at the start);
+2. the sweep ran 2 trials at once (their MLflow runs overlap in time) once the nodes were there;
+3. every trial finished, and the sweep's exit status was 0;
+4. the MLflow server holds the sweep's parent run with both trials as children, and their artifacts arrived
+   through the server (in its artifact folder, not in the work folder);
+5. every trial's driver function ran on the head, every training worker on an added node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPACE = """\
+name: cluster-demo
+description: FLAT with two divergences on the demo's forget05 and the tiny model, one Ray Train worker per trial
+base: [demo]
+set: {model.name_or_path: tiny, data.split: forget05, data.max_length: 64, optim.micro_batch_size: 2, optim.epochs: 1,
+      optim.lr: 2.0e-3, eval.max_examples: 4, eval.max_new_tokens: 4, eval.batch_size: 4}
+grid:
+  benchmark: [demo/forget05]
+  method: [flat]
+params:
+  method.divergence: {grid: [total_variation, kl]}
+num_samples: 1
+search: {algorithm: basic, seed: 0}
+scheduler: {name: fifo}
+objective: forget_prob
+resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, deepspeed_stage: 3}
+"""
+WORKER_TYPE = "cpu_worker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def autoscaling_config(gcs_address: str) -> dict:
+    """Ray's fake multi-node provider: a 1-CPU head and a 1-CPU worker type that scales from 0 to 2."""
+    return {
+        "cluster_name": "flat-ray-demo", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def start_head(root: Path) -> str:
+    """``ray start --head`` with the autoscaling config; returns the GCS address."""
+    import ray._private.services as services
+
+    port = free_port()
+    address = f"{services.get_node_ip_address()}:{port}"
+    config = root / "autoscaling.json"
+    config.write_text(json.dumps(autoscaling_config(address)))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+                    f"--autoscaling-config={config}", f"--temp-dir={root / 'ray_tmp'}", "--disable-usage-stats"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return address
+
+
+def stop_cluster(address: str) -> None:
+    """Kill the processes of this cluster only: those whose command line names its GCS port or its temp folder."""
+    port = address.rsplit(":", 1)[1]
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and (f":{port}" in line or "flat-ray-demo-" in line):
+            mine.append(proc)
+    for proc in mine:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(mine, timeout=30)
+
+
+def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                             "1", "--backend-store-uri", f"sqlite:///{root / 'server' / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "server" / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("cluster demo: the MLflow server did not start") from None
+            time.sleep(0.5)
+
+
+def live_nodes(address: str) -> int:
+    """How many nodes the cluster has now, asked of Ray's state API without joining the cluster as a driver."""
+    from ray.util.state import list_nodes
+
+    try:
+        return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
+    except Exception:  # noqa: BLE001 - the state API may be briefly unavailable while nodes join
+        return 0
+
+
+def run_sweep(root: Path, address: str, uri: str) -> tuple[int, str, list[tuple[float, int]]]:
+    """``flat-ray tune`` joined to the cluster; polls the number of live nodes while it runs."""
+    (root / "space.yaml").write_text(SPACE)
+    shared = root / "shared"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLAT_RAY_VERBOSE": "0"}
+    cmd = [str(BIN / "flat-ray"), "tune", "--address", address, "--space", str(root / "space.yaml"),
+           "--name", "cluster-demo", "--mlflow-uri", uri, "--storage-path", str(shared / "ray"),
+           f"paths.workdir={shared / 'work'}"]
+    log = root / "tune.log"
+    seen: list[tuple[float, int]] = []
+    started = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and time.monotonic() - started < 900:
+            seen.append((time.monotonic() - started, live_nodes(address)))
+            time.sleep(2)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text(), seen
+
+
+def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int]]) -> list[str]:
+    """What failed of the five promises in the module docstring (empty: all held)."""
+    from mlflow.tracking import MlflowClient
+
+    problems = []
+    counts = [n for _, n in seen if n]  # 0: the state API did not answer that time
+    if not counts or counts[0] != 1 or max(counts) < 3:
+        problems.append(f"the autoscaler did not add 2 worker nodes (live nodes over time: {seen})")
+    if code != 0 or "sweep cluster-demo: 2 trials, 0 errored" not in out:
+        problems.append(f"flat-ray tune exited {code}:\n{out[-3000:]}")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cluster-demo")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in runs if r.data.tags.get("flat_ray.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("flat_ray.role") == "trial"]
+    if len(parents) != 1 or len(trials) != 2:
+        problems.append(f"the server holds {len(parents)} sweep runs and {len(trials)} trial runs, not 1 and 2")
+    elif any(t.data.tags.get("mlflow.parentRunId") != parents[0].info.run_id for t in trials):
+        problems.append("a trial run is not a child of the sweep's parent run")
+    if trials and any(t.info.status != "FINISHED" for t in trials):
+        problems.append(f"trial statuses: {[t.info.status for t in trials]}")
+    if len(trials) == 2:
+        (a, b) = sorted((t.info.start_time, t.info.end_time or 0) for t in trials)
+        if not b[0] < a[1]:
+            problems.append("the 2 trials never ran at the same time")
+    served = list((root / "server" / "artifacts").rglob("config.yaml"))
+    if len(served) < 2 or list((root / "shared" / "work").rglob("mlartifacts")):
+        problems.append(f"trial artifacts did not go through the server ({len(served)} config.yaml there)")
+    placed = json.loads((root / "placement.json").read_text()) if (root / "placement.json").is_file() else {}
+    if placed.get("trial_fn_on_head") is not True or placed.get("workers_off_head") is not True:
+        problems.append(f"placement: {placed or 'not recorded'}")
+    return problems
+
+
+def record_placement(address: str, root: Path) -> None:
+    """Which node ran each trial's driver function and each training worker (Ray's state API keeps dead actors
+    and finished tasks for a while after the sweep)."""
+    from ray.util.state import list_actors, list_nodes
+
+    head = [n.node_id for n in list_nodes(address=address, detail=True) if n.is_head_node]
+    actors = list_actors(address=address, detail=True, limit=1000)
+    fns = [a.node_id for a in actors if a.class_name == "ImplicitFunc"]
+    workers = [a.node_id for a in actors if a.class_name == "RayTrainWorker"]
+    (root / "placement.json").write_text(json.dumps({
+        "trial_fn_on_head": bool(fns) and all(n in head for n in fns),
+        "workers_off_head": bool(workers) and not any(n in head for n in workers),
+        "trial_fns": len(fns), "workers": len(workers)}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", help="folder for everything it writes (default: a new temporary folder)")
+    args = ap.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="flat-ray-demo-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # Ray's token authentication, as a real cluster should run it: every process of this cluster (head, nodes, the
+    # sweep's driver, this script's state queries) holds the same token
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+    server, uri = start_mlflow(root)
+    address = None
+    try:
+        address = start_head(root)
+        print(f"cluster demo: head {address} (1 CPU, no room for a training worker), MLflow {uri}, root {root}")
+        code, out, seen = run_sweep(root, address, uri)
+        record_placement(address, root)
+    finally:
+        if address:
+            stop_cluster(address)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)
+    server, uri = start_mlflow(root)  # read the runs back from the same store
+    try:
+        problems = check(root, uri, code, out, seen)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    for line in out.splitlines():
+        if line.startswith(("trial ", "sweep ")):
+            print("  " + line)
+    print(f"cluster demo: live nodes over time (s, nodes): {[(round(t), n) for t, n in seen[::5]]}")
+    if problems:
+        print("cluster demo FAILED:\n- " + "\n- ".join(problems))
+        return 1
+    print("cluster demo passed: the autoscaler added 2 nodes, 2 trials ran at once and finished, the MLflow "
+          "server holds the sweep and its trials with their artifacts, trial functions ran on the head")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
