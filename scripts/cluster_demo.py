@@ -99,20 +99,25 @@ def start_head(root: Path) -> str:
     return address
 
 
-def stop_cluster(address: str) -> None:
-    """Kill the processes of this cluster only: those whose command line names its GCS port or its temp folder."""
+def stop_cluster(address: str, root: Path) -> None:
+    """Kill the processes of this cluster only: those whose command line names its GCS port or its Ray folder."""
     port = address.rsplit(":", 1)[1]
+    marks = (f":{port}", f"={port}", str(root / "ray_tmp"))
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}  # this script and whatever started it
     mine = []
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
-        if proc.pid != os.getpid() and (f":{port}" in line or "flat-ray-demo-" in line):
-            mine.append(proc)
+        if proc.pid not in me and any(m in line for m in marks):
+            try:  # with their children: Ray's agents retitle themselves (ray::DashboardAgent, no arguments left)
+                mine += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
     for proc in mine:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(mine, timeout=30)
+    psutil.wait_procs(set(mine), timeout=30)
 
 
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
@@ -133,18 +138,41 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def live_nodes(address: str) -> int:
-    """How many nodes the cluster has now, asked of Ray's state API without joining the cluster as a driver."""
-    from ray.util.state import list_nodes
+def stop_mlflow(server: subprocess.Popen) -> None:
+    """The server and its workers at once (a graceful stop takes seconds)."""
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(30)
+
+
+def snapshot(address: str, actors: dict[str, tuple[str, str]]) -> int:
+    """How many nodes the cluster has now; adds its live actors to ``actors`` (id: class, node). Asked of Ray's
+    state API without joining the cluster as a driver."""
+    from ray.util.state import list_actors, list_nodes
 
     try:
-        return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
-    except Exception:  # noqa: BLE001 - the state API may be briefly unavailable while nodes join
+        n = len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
+        for a in list_actors(address=address, limit=1000):  # dead ones too: the GCS keeps them a while
+            if a.node_id:  # placed
+                actors[a.actor_id] = (a.class_name, a.node_id)
+        return n
+    except Exception as exc:  # noqa: BLE001 - the state API may be briefly unavailable while nodes join
+        print(f"cluster demo: state API: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         return 0
 
 
-def run_sweep(root: Path, address: str, uri: str) -> tuple[int, str, list[tuple[float, int]]]:
-    """``flat-ray tune`` joined to the cluster; polls the number of live nodes while it runs."""
+def head_node(address: str) -> str:
+    from ray.util.state import list_nodes
+
+    (head,) = [n.node_id for n in list_nodes(address=address, detail=True) if n.is_head_node]
+    return head
+
+
+def run_sweep(root: Path, address: str, uri: str, actors: dict[str, tuple[str, str]]
+              ) -> tuple[int, str, list[tuple[float, int]]]:
+    """``flat-ray tune`` joined to the cluster; polls its nodes and actors while it runs."""
     (root / "space.yaml").write_text(SPACE)
     shared = root / "shared"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLAT_RAY_VERBOSE": "0"}
@@ -157,7 +185,7 @@ def run_sweep(root: Path, address: str, uri: str) -> tuple[int, str, list[tuple[
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None and time.monotonic() - started < 900:
-            seen.append((time.monotonic() - started, live_nodes(address)))
+            seen.append((time.monotonic() - started, snapshot(address, actors)))
             time.sleep(2)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -199,19 +227,14 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
     return problems
 
 
-def record_placement(address: str, root: Path) -> None:
-    """Which node ran each trial's driver function and each training worker (Ray's state API keeps dead actors
-    and finished tasks for a while after the sweep)."""
-    from ray.util.state import list_actors, list_nodes
-
-    head = [n.node_id for n in list_nodes(address=address, detail=True) if n.is_head_node]
-    actors = list_actors(address=address, detail=True, limit=1000)
-    fns = [a.node_id for a in actors if a.class_name == "ImplicitFunc"]
-    workers = [a.node_id for a in actors if a.class_name == "RayTrainWorker"]
+def record_placement(root: Path, head: str, actors: dict[str, tuple[str, str]]) -> None:
+    """Which node ran each trial's driver function (Tune's ImplicitFunc actor) and each training worker."""
+    fns = [node for cls, node in actors.values() if cls == "ImplicitFunc"]
+    workers = [node for cls, node in actors.values() if cls == "RayTrainWorker"]
     (root / "placement.json").write_text(json.dumps({
-        "trial_fn_on_head": bool(fns) and all(n in head for n in fns),
-        "workers_off_head": bool(workers) and not any(n in head for n in workers),
-        "trial_fns": len(fns), "workers": len(workers)}))
+        "trial_fn_on_head": bool(fns) and all(n == head for n in fns),
+        "workers_off_head": bool(workers) and not any(n == head for n in workers),
+        "trial_fns": len(fns), "workers": len(workers), "classes": sorted({c for c, _ in actors.values()})}))
 
 
 def main() -> int:
@@ -228,22 +251,23 @@ def main() -> int:
     try:
         address = start_head(root)
         print(f"cluster demo: head {address} (1 CPU, no room for a training worker), MLflow {uri}, root {root}")
-        code, out, seen = run_sweep(root, address, uri)
-        record_placement(address, root)
+        actors: dict[str, tuple[str, str]] = {}
+        code, out, seen = run_sweep(root, address, uri, actors)
+        record_placement(root, head_node(address), actors)
     finally:
         if address:
-            stop_cluster(address)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(30)
+            stop_cluster(address, root)
+        stop_mlflow(server)
     server, uri = start_mlflow(root)  # read the runs back from the same store
     try:
         problems = check(root, uri, code, out, seen)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        stop_mlflow(server)
     for line in out.splitlines():
         if line.startswith(("trial ", "sweep ")):
             print("  " + line)
     print(f"cluster demo: live nodes over time (s, nodes): {[(round(t), n) for t, n in seen[::5]]}")
+    print(f"cluster demo: placement {(root / 'placement.json').read_text() if (root / 'placement.json').is_file() else '-'}")
     if problems:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
