@@ -260,7 +260,7 @@ class LaunchConfig:
                                           "writes less and repeats more after a failure.")
     keep_checkpoints: int = doc(0, "Checkpoints left in the storage path once the run has finished: 0 deletes them "
                                    "after the model is exported (a finished run is never resumed; at 7B each one "
-                                   "holds about 84 GB of fp32 weights and Adam state), N keeps the last N. While "
+                                   "holds about 88 GiB of weights and Adam state), N keeps the last N. While "
                                    "the run goes, Ray Train keeps the last max(1, N).")
 
     def __post_init__(self):
