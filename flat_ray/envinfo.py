@@ -1,4 +1,5 @@
-"""What ``flat-ray env`` reports: versions of the stack, the accelerator and the CPU count."""
+"""What ``flat-ray env`` reports: versions of the stack, the accelerator and the CPU count; and the environment
+variables a joined cluster's workers get from the driver."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import os
 import platform
 
 PACKAGES = ("torch", "transformers", "datasets", "ray", "deepspeed", "mlflow", "lm_eval", "flat-ray")
+
+
+# Variables that decide where a worker caches models and data and whether it may download: a node of a joined cluster
+# starts its workers with its own environment, not the driver's, so the driver passes these (when set) to every
+# worker of its Ray job. Credentials are deliberately not in this list: Ray shows the variables a job passes to its
+# workers in plain text on its dashboard and in its job table; provision them on the nodes instead (cluster.yaml's
+# setup, an instance role or a secret manager).
+FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
+                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables this process has, with their values."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def package_versions() -> dict[str, str]:

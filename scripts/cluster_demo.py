@@ -19,7 +19,9 @@ on the machine is left alone) and exits 0 only if:
 3. every trial finished, and the sweep's exit status was 0;
 4. the MLflow server holds the sweep's parent run with both trials as children, and their artifacts arrived
    through the server (in its artifact folder, not in the work folder);
-5. every trial's driver function ran on the head, every training worker on an added node.
+5. every trial's driver function ran on the head, every training worker on an added node;
+6. the HF offline and cache variables, set for the sweep's driver only (the nodes start without them), reached
+   the training workers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flat_ray.envinfo import FORWARDED_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -92,7 +97,10 @@ def start_head(root: Path) -> str:
     address = f"{services.get_node_ip_address()}:{port}"
     config = root / "autoscaling.json"
     config.write_text(json.dumps(autoscaling_config(address)))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    # the nodes start without the offline/cache variables, which only the sweep's driver has (as on a real
+    # cluster): flat-ray passes them to the workers
+    env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV}
+    env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
                     f"--autoscaling-config={config}", f"--temp-dir={root / 'ray_tmp'}", "--disable-usage-stats"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
@@ -214,6 +222,9 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         problems.append("a trial run is not a child of the sweep's parent run")
     if trials and any(t.info.status != "FINISHED" for t in trials):
         problems.append(f"trial statuses: {[t.info.status for t in trials]}")
+    seen_env = {t.data.params.get("resolved.worker_env", "") for t in trials}
+    if not trials or any("HF_HUB_OFFLINE" not in e.split(",") for e in seen_env):
+        problems.append(f"HF_HUB_OFFLINE, set only for the driver, did not reach the workers ({seen_env})")
     if len(trials) == 2:
         (a, b) = sorted((t.info.start_time, t.info.end_time or 0) for t in trials)
         if not b[0] < a[1]:
@@ -272,7 +283,8 @@ def main() -> int:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
     print("cluster demo passed: the autoscaler added 2 nodes, 2 trials ran at once and finished, the MLflow "
-          "server holds the sweep and its trials with their artifacts, trial functions ran on the head")
+          "server holds the sweep and its trials with their artifacts, trial functions ran on the head, and "
+          "the driver's offline/cache variables reached the workers")
     return 0
 
 

@@ -33,6 +33,7 @@ from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss
+from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_reference
@@ -221,7 +222,10 @@ class _Job:
         if cfg.deepspeed.compile:
             self.engine.compile()
         # what the workers really run with (the driver may sit on a CPU-only head)
-        self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg)})
+        self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg),
+                                 # names only: which cache/offline variables this worker has (from its node or the
+                                 # driver, envinfo.FORWARDED_ENV)
+                                 "resolved.worker_env": ",".join(sorted(forwarded_env())) or "-"})
         # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
         if self.method.needs_reference:
             self.ref_model = ds.build_reference(ds.load_model(path, ds_config, **load), ds_config)

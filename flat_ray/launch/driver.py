@@ -22,7 +22,7 @@ from flat_ray.assets import FineTune, resolve_model_path, workdir
 from flat_ray.config import RunConfig, load_config
 from flat_ray.console import RunConsole, verbose
 from flat_ray.data import load_split, make_template_source
-from flat_ray.envinfo import package_versions
+from flat_ray.envinfo import forwarded_env, package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.tofu import read_reference
@@ -105,7 +105,11 @@ def connect_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     loud = verbose()
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
-    ctx = ray.init(address=address, **kwargs) if address else ray.init(num_cpus=os.cpu_count(), **kwargs)
+    if address:  # a joined cluster's nodes start workers with their own environment: pass the cache/offline ones
+        forwarded = forwarded_env()
+        ctx = ray.init(address=address, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}), **kwargs)
+    else:
+        ctx = ray.init(num_cpus=os.cpu_count(), **kwargs)
     if not loud:  # an errored trial's traceback: the sweep names its error.txt instead
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     session = getattr(ctx, "address_info", {}).get("session_dir")  # a ray:// client context has none
