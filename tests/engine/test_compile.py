@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compiled_training_gives_the_eager_losses_and_evaluates_eager(tmp_path):
-    """benchmarks/gpu_path.py on CPU with a tiny model (each variant in its own process, as on the GPU): the compiled
+    """benchmarks/gpu_path.py on CPU with a tiny model (both variants in one process, one after the other): the compiled
     run has compiled graphs, none of them made by its evaluations (which run eager: compiling generation's ever new
     shapes took 56 s here against 0.4 s eager), and trains to the eager run's losses."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_path.py"), "--device", "cpu", "--tiny",
