@@ -4,6 +4,7 @@ plan, and evaluation time per epoch (#18 item 5).
     bash benchmarks/gpu_path.sh                      # on the GPU machine (installs what it lacks, then this)
     python benchmarks/gpu_path.py [--out DIR] [--cache DIR] [--peak-tflops 989] [--variants zero0,zero3,...]
     python benchmarks/gpu_path.py --device cpu --tiny  # the same code on a tiny model, to check it without a GPU
+                                                       # (compiled with the aot_eager backend there: no C++ build)
 
 What runs is the training job of ``flat_ray.engine.loop`` (the code every Ray Train worker runs): its set-up (data,
 the DeepSpeed engine: AdamW, the lr schedule, ZeRO, bf16), its evaluation and its training epoch, with rank 0 of
@@ -222,6 +223,10 @@ def main() -> None:
     data_dir = write_data(cache / "data", *((16, args.eval_examples, 3, 6) if args.tiny else (400, args.eval_examples)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
+    if args.device == "cpu":  # the CPU check: Dynamo's graph capture and AOT autograd, without inductor's C++ build
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_compile_backend("aot_eager")
     if args.one:
         result = run_variant(args.one, model_dir, data_dir, out, args)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))

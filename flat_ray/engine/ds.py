@@ -110,6 +110,12 @@ def build_engine(model, ds_config: dict[str, Any], lr_lambda: Callable[[int], fl
     return engine
 
 
+def compile_engine(engine) -> None:
+    """torch.compile the engine's model through DeepSpeed, with the accelerator's compile backend as it is set now
+    (DeepSpeed's own default argument is read once, when DeepSpeed is imported)."""
+    engine.compile(backend=get_accelerator().get_compile_backend())
+
+
 @contextmanager
 def eager(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``module`` called without the torch.compile wrapper that ``engine.compile()`` put on it: evaluation brings a

@@ -220,7 +220,7 @@ class _Job:
         self.engine = ds.build_engine(model, ds_config,
                                       lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
         if cfg.deepspeed.compile:
-            self.engine.compile()
+            ds.compile_engine(self.engine)
         # what the workers really run with (the driver may sit on a CPU-only head)
         self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg),
                                  # names only: which cache/offline variables this worker has (from its node or the
