@@ -43,7 +43,7 @@ def main() -> None:
             cfg = load_config(None, [
                 f"model.name_or_path={model_dir}", "data.split=forget10", "data.max_length=96", "optim.epochs=1",
                 "deepspeed.stage=3", f"eval.gathered={str(gathered).lower()}", f"eval.max_examples={args.questions}",
-                f"eval.max_new_tokens={args.max_new_tokens}", "eval.batch_size=10", "tracking.log_model=false",
+                f"eval.max_new_tokens={args.max_new_tokens}", "eval.batch_size=10", "tracking.log_model_max_mb=0",
                 f"tracking.run_name=eval-{'gathered' if gathered else 'shards'}-{time.strftime('%H%M%S')}",
                 f"paths.workdir={tmp}/work"])
             res = run_training(cfg)

@@ -43,7 +43,7 @@ def main() -> None:
             cfg = load_config(None, [
                 f"model.name_or_path={model_dir}", "data.split=forget05", "data.max_length=64", "optim.epochs=1",
                 "method.retain_weight=0", "optim.micro_batch_size=2", "eval.enabled=false", f"deepspeed.stage={args.stage}",
-                f"launch.gpus_per_worker={args.gpus_per_worker}", "tracking.log_model=false",
+                f"launch.gpus_per_worker={args.gpus_per_worker}", "tracking.log_model_max_mb=0",
                 f"tracking.run_name=mem-{method}-{time.strftime('%H%M%S')}", f"paths.workdir={tmp}/work"])
             res = run_training(cfg)
             results[method] = {k: tracking.metric_history(res.mlflow_uri, res.run_id, k)[-1][1]

@@ -159,7 +159,7 @@ def main() -> None:
                     f"model.name_or_path={model_dir}", "data.benchmark=tofu", f"data.data_dir={data_dir}",
                     f"data.split={split}", f"data.max_length={MAX_LENGTH}", "method.name=flat", "optim.epochs=1",
                     f"optim.micro_batch_size={args.micro_batch}", "eval.enabled=false", f"deepspeed.stage={stage}",
-                    f"launch.num_workers={workers}", "tracking.log_model=false",
+                    f"launch.num_workers={workers}", "tracking.log_model_max_mb=0",
                     f"tracking.run_name=scale-{i}-{repeat}-{time.strftime('%H%M%S')}", f"paths.workdir={tmp}/work"])
                 res = run_training(cfg)
                 uri, rid = res.mlflow_uri, res.run_id

@@ -401,6 +401,34 @@ def report(sweep: str, workdir: str | None) -> None:
     click.echo(f"files: {', '.join(str(p) for p in result.files)}")
 
 
+@cli.command("export")
+@click.argument("run", metavar="RUN_NAME|RUN_DIR")
+@click.argument("args", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--epoch", default="best", show_default=True, metavar="best|last|N",
+              help="Which kept checkpoint: the best by the run's launch.checkpoint_metric, the last, or epoch N.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default <output_dir>/model-epochN).")
+def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None) -> None:
+    """Write a Hugging Face model from one of a run's kept checkpoints, and record it on the run's MLflow run.
+
+    RUN_NAME is looked up in the storage path that paths.workdir= or launch.storage_path= give (as for
+    `train --resume`); RUN_DIR is the run's own storage folder (a sweep trial's: <storage>/<sweep>/train/<trial>).
+    """
+    from pathlib import Path
+
+    from flat_ray.export import RUN_STATE, export_run
+
+    given = Path(run).expanduser()
+    if (given / RUN_STATE).is_file():
+        run_dir = given.resolve()
+    else:
+        from flat_ray.launch.driver import storage_root
+
+        run_dir = storage_root(_load(args)) / run
+    done = export_run(run_dir, epoch, Path(out) if out else None)
+    click.echo(f"exported epoch {done.epoch} of {run_dir.name} to {done.model_dir} (MLflow run {done.run_id}; "
+               f"{'uploaded as its model artifact' if done.uploaded else 'its path is the model_dir tag'})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     from flat_ray.errors import FlatRayError

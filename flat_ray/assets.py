@@ -45,7 +45,7 @@ def demo_finetune_config(cfg: RunConfig) -> RunConfig:
     # the recipe's checkpoint frequency: 30 quick epochs need no checkpoint after each one
     launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=base.launch.checkpoint_every_epochs)
     return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
-                               tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model=False))
+                               tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model_max_mb=0))
 
 
 def demo_original_path(cfg: RunConfig) -> Path:

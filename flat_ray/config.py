@@ -25,9 +25,12 @@ from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
 from flat_ray.data.templates import read_template_file
 from flat_ray.engine.schedule import DECAYS
 from flat_ray.errors import FlatRayError
+from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
+
+EXPORTS = ("last", "best", "none")
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
@@ -234,12 +237,14 @@ class TrackingConfig:
     experiment: str = doc("flat-ray", "MLflow experiment name.")
     run_name: str | None = doc(None, "Run name (MLflow and Ray); null derives one from method, divergence, lr "
                                      "and the start time.")
-    log_model: bool = doc(True, "Upload the final model directory as an MLflow artifact; false logs only its "
-                                "path (for large models).")
+    log_model_max_mb: float = doc(1024.0, "Upload an exported model directory as an MLflow artifact when it is at "
+                                          "most this many MiB; a larger one is left where it is and only its path is "
+                                          "logged (the model_dir tag). 0 never uploads.")
 
     def __post_init__(self):
         if not self.experiment:
             raise FlatRayError("tracking.experiment must not be empty")
+        _positive("tracking.log_model_max_mb", self.log_model_max_mb, allow_zero=True)
 
 
 @dataclass
@@ -261,7 +266,16 @@ class LaunchConfig:
     keep_checkpoints: int = doc(0, "Checkpoints left in the storage path once the run has finished: 0 deletes them "
                                    "after the model is exported (a finished run is never resumed; at 7B each one "
                                    "holds about 88 GiB of weights and Adam state), N keeps the last N. While "
-                                   "the run goes, Ray Train keeps the last max(1, N).")
+                                   "the run goes, Ray Train keeps the last max(1, N), and the best as well "
+                                   "when launch.checkpoint_metric is set.")
+    checkpoint_metric: str | None = doc(None, "Evaluation metric that ranks a run's checkpoints (its direction from "
+                                              "the metric registry): Ray Train keeps the best ones next to the latest, "
+                                              "and `flat-ray export --epoch best` and launch.export=best take the "
+                                              "best. Null: the last epoch is the best. Sweeps set their objective.")
+    export: str = doc("last", "The model a finished run writes to <output_dir>/model: 'last' (the workers export the "
+                              "final weights), 'best' (the best checkpoint by launch.checkpoint_metric, consolidated "
+                              "on the driver) or 'none' (checkpoints are kept instead; `flat-ray export` writes one "
+                              "later).")
 
     def __post_init__(self):
         if self.checkpoint_every_epochs < 1:
@@ -272,6 +286,12 @@ class LaunchConfig:
             raise FlatRayError(f"launch.max_failures must be >= 0, got {self.max_failures}")
         if self.keep_checkpoints < 0:
             raise FlatRayError(f"launch.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        _choice("launch.export", self.export, EXPORTS)
+        if self.checkpoint_metric is not None:
+            _choice("launch.checkpoint_metric", self.checkpoint_metric, sorted(METRICS))
+        if self.export == "best" and self.checkpoint_metric is None:
+            raise FlatRayError("launch.export=best needs launch.checkpoint_metric (e.g. forget_prob) to tell which "
+                               "epoch is best")
         _positive("launch.cpus_per_worker", self.cpus_per_worker)
         _positive("launch.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 

@@ -38,9 +38,10 @@ def secret_env() -> dict[str, str]:
     return {secret: f"{SENTINEL}-{secret}" for secret in SECRETS}
 
 
-# the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs
+# the shared run's knobs on top of the tiny-model base: 4 epochs of 3 steps, evaluated every 2 epochs; Ray Train
+# keeps the latest checkpoint and the 2 best by forget probability (the interrupted run keeps the latest 2)
 ZERO3 = ("deepspeed.stage=3", "optim.epochs=4", "eval.every_epochs=2", "eval.interim_examples=2",
-         "launch.keep_checkpoints=2")
+         "launch.keep_checkpoints=2", "launch.checkpoint_metric=forget_prob")
 
 
 def tiny_overrides(model: Path, work: Path) -> list[str]:
@@ -94,7 +95,7 @@ def run_interrupted(config_yaml: Path, work: Path, name: str, address: str) -> I
            **secret_env()}
     # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
     args = ["--address", address, str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
-            "eval.gathered=false"]
+            "eval.gathered=false", "launch.checkpoint_metric=null"]
     run_dir = work / "ray_results" / name
     log_path = work.parent / f"{name}-first.log"
     with log_path.open("w") as log:

@@ -19,6 +19,7 @@ from flat_ray.errors import IncompleteCheckpoint
 from flat_ray.fileio import atomic_write_text
 
 MANIFEST = "flat_ray_ckpt_rank{rank}.json"
+EPOCH_FILE = "flat_ray_epoch.json"  # rank 0's: epoch, step, the metrics reported with it, the weights' dtype
 ANY_MANIFEST = MANIFEST.format(rank="*")
 
 
@@ -64,4 +65,4 @@ def verify(directory: str | Path, world_size: int) -> dict[str, Any]:
     return states[0]
 
 
-__all__ = ["MANIFEST", "verify", "write_manifest"]
+__all__ = ["EPOCH_FILE", "MANIFEST", "verify", "write_manifest"]

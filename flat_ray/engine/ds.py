@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,26 @@ def build_reference(model, ds_config: dict[str, Any]):
 def save_checkpoint(engine, directory: str | Path, client_state: dict[str, Any]) -> None:
     """Every rank writes its own shard (DeepSpeed's file names carry the rank)."""
     engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state)
+
+
+def consolidated_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from a checkpoint written by :func:`save_checkpoint`, on this process's CPU,
+    without a DeepSpeed engine or a process group: under ZeRO-1/2/3 they are joined from every rank's optimizer
+    shard (the fp32 master copy; DeepSpeed's ``zero_to_fp32``), any world size; under stage 0 the one model file
+    holds them."""
+    root = Path(directory)
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - zero_to_fp32 prints its progress and a tqdm bar
+    with quiet, redirect_stdout(quiet), redirect_stderr(quiet):
+        return _consolidate(root)
+
+
+def _consolidate(root: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not list((root / TAG).glob("*optim_states.pt")):  # stage 0: no ZeRO partitions, the module's own state
+        state = torch.load(root / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=TAG)
 
 
 def load_checkpoint(engine, directory: str | Path) -> dict[str, Any]:

@@ -30,13 +30,14 @@ from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
-from flat_ray.engine.checkpoint import verify, write_manifest
+from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
 from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_reference
+from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
@@ -140,7 +141,8 @@ def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, resto
         else:  # every rank reports every epoch (a sweep's scheduler sees each one), without a checkpoint
             report(metrics, None)
     job.log_peak_memory()
-    job.export()
+    if job.cfg.launch.export == "last":  # else the driver exports the best checkpoint, or nothing is exported
+        job.export()
     # the worker's own time (engine, data, training, evaluation, export), without Ray's start-up around it; what
     # this start of the run wrote: its checkpoints (handed to the storage path) and the export
     tracker.log_metrics({"worker_s": time.perf_counter() - started, "written_mb": job.written_mb},
@@ -355,11 +357,16 @@ class _Job:
             state = {"epoch": epoch, "global_step": self.global_step}
             with _writing(f"the epoch {epoch + 1} checkpoint to {ckpt} {where}", ckpt):
                 ds.save_checkpoint(self.engine, ckpt / "ds", state)
+                if self.rank == 0:  # what `flat-ray export` chooses the epoch by, and the dtype it exports in
+                    dtype = str(next(self.engine.module.parameters()).dtype).removeprefix("torch.")
+                    atomic_write_text(ckpt / EPOCH_FILE, json.dumps({**state, "metrics": metrics, "dtype": dtype}))
                 write_manifest(ckpt, self.rank, self.world, state)
             self._log_written("checkpoint_mb", ckpt)
+            metric = self.cfg.launch.checkpoint_metric  # what Ray Train ranks checkpoints by (NaN: not evaluated)
+            score = {"checkpoint_score": float(metrics.get(metric, math.nan))} if metric else {}
             with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {self.payload.get('storage_dir')} "
                           "(launch.storage_path)"):
-                report(metrics, str(ckpt))
+                report({**metrics, **score}, str(ckpt))
         finally:
             shutil.rmtree(ckpt, ignore_errors=True)
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +25,14 @@ from flat_ray.envinfo import forwarded_env, package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.tofu import read_reference
+from flat_ray.export import RUN_STATE, choose, drop_checkpoints, kept_checkpoints, record_model, write_model
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 
 log = logging.getLogger(__name__)
-STATE_FILE = "flat_ray_run.json"  # next to Ray's own files: which MLflow run and output dir a Ray run belongs to
+STATE_FILE = RUN_STATE  # next to Ray's own files: which MLflow run, output dir and model a Ray run belongs to
 
 
 @dataclass
@@ -250,7 +250,8 @@ def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[st
     tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
     (storage / name).mkdir(parents=True, exist_ok=True)
     atomic_write_text(storage / name / STATE_FILE, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
-                                                               "output_dir": str(output_dir)}))
+                                                               "output_dir": str(output_dir),
+                                                               "model_path": model_path}))
     _log_inputs(tracker, cfg, model_path, output_dir)
     return tracker, output_dir
 
@@ -289,7 +290,7 @@ def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], call
             scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0,
                                          resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
-                                           checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.launch.keep_checkpoints)),
+                                           checkpoint_config=_checkpoint_config(cfg, CheckpointConfig),
                                            failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
                                            callbacks=callbacks),
         ).fit()
@@ -303,6 +304,18 @@ def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], call
     except Exception as exc:  # noqa: BLE001 - reported by the caller, after the divergence check
         return exc
     return None
+
+
+def _checkpoint_config(cfg: RunConfig, CheckpointConfig: type) -> Any:  # noqa: N803 - Ray's class, imported late
+    """Ray Train keeps the latest checkpoint and, with ``launch.checkpoint_metric``, the best ones by the score
+    the workers report with each checkpoint (``checkpoint_score``: that metric, NaN where the epoch was not
+    evaluated, which Ray ranks last)."""
+    keep = max(1, cfg.launch.keep_checkpoints)
+    metric = cfg.launch.checkpoint_metric
+    if metric is None:
+        return CheckpointConfig(num_to_keep=keep)
+    return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="checkpoint_score",
+                            checkpoint_score_order=METRICS[metric].mode)
 
 
 def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
@@ -339,8 +352,13 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
         tracker.finish("FAILED")
         raise RunFailed(f"run {name} failed: {_worker_error(failure)} (MLflow run {tracker.run_id}; the workers' "
                         "logs are in Ray's session folder, or rerun with flat-ray --verbose)") from failure
+    if cfg.launch.export == "best":
+        _export_best(cfg, storage / name, model_path, output_dir)
     result = _summarize(cfg, tracker, name, uri, output_dir, started)
-    _drop_checkpoints(storage / name, cfg.launch.keep_checkpoints, tracker)
+    # a run that exported no model keeps its best (or last) checkpoint for `flat-ray export` (a sweep's trials)
+    keep = cfg.launch.keep_checkpoints if cfg.launch.export != "none" else max(1, cfg.launch.keep_checkpoints)
+    tracker.log_metrics({"checkpoints_kept_mb": drop_checkpoints(storage / name, keep, cfg.launch.checkpoint_metric)},
+                        step=0)
     # where a run's time goes: set-up before Ray Train (checks, model path, MLflow), the Ray Train run (worker
     # start + the workers' own worker_s), and the summary after it
     tracker.log_metrics({"duration_s": result.seconds, "setup_s": fit_started - started,
@@ -349,16 +367,11 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     return result
 
 
-def _drop_checkpoints(run_dir: Path, keep: int, tracker: tracking.Tracker) -> None:
-    """Once the run has finished and its model is exported: delete all but its last ``keep`` checkpoints and the
-    staging folder, and log the MiB of checkpoints the storage path still holds for it (``checkpoints_kept_mb``)."""
-    shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # the workers' staging folder (left over by a crash)
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray names them by time
-    for old in checkpoints[:len(checkpoints) - keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    kept = checkpoints[len(checkpoints) - keep:] if keep else []
-    mb = sum(f.stat().st_size for c in kept for f in c.rglob("*") if f.is_file()) / 2**20
-    tracker.log_metrics({"checkpoints_kept_mb": mb}, step=0)
+def _export_best(cfg: RunConfig, run_dir: Path, model_path: str, output_dir: Path) -> None:
+    """``launch.export=best``: the best kept checkpoint becomes ``<output_dir>/model``, consolidated here."""
+    best = choose(kept_checkpoints(run_dir), "best", cfg.launch.checkpoint_metric)
+    write_model(best, cfg, model_path, output_dir / "model")
+    log.info("exported epoch %d (best %s) to %s", best.epoch, cfg.launch.checkpoint_metric, output_dir / "model")
 
 
 def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, output_dir: Path,
@@ -367,8 +380,8 @@ def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, o
     model_dir = output_dir / "model"
     if (output_dir / "templates").is_dir():
         tracker.log_artifact(output_dir / "templates", "templates")
-    if cfg.tracking.log_model:
-        tracker.log_artifact(model_dir, "model")
+    if cfg.launch.export != "none":
+        record_model(tracker, cfg, model_dir)
     keys = [f"eval/{m}" for m in METRICS]
     result = TrainResult(name, tracker.run_id, uri, model_dir,
                          before=_history_at(uri, tracker.run_id, keys, first=True),
@@ -382,6 +395,5 @@ def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, o
             tracker.log_figure(figure, "plots/training_curves.png")
     except Exception as exc:  # noqa: BLE001 - a figure never fails a finished run
         log.warning("run %s: could not log its training curves (%s)", name, str(exc).splitlines()[0][:200])
-    tracker.set_tags({"model_dir": str(model_dir),
-                      "mlflow.note.content": describe(cfg, _result_sentence(result.before, result.after))})
+    tracker.set_tags({"mlflow.note.content": describe(cfg, _result_sentence(result.before, result.after))})
     return result

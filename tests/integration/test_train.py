@@ -20,6 +20,7 @@ from flat_ray.errors import FlatRayError
 from flat_ray.launch import driver
 from flat_ray.launch.driver import run_training, storage_root
 from tests.runs import ZERO3, registered
+from tests.test_cli import run_main
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,34 @@ def cfg_for(base, *extra):
 
 def loss_curve(result):
     return [v for _, v in tracking.metric_history(result.mlflow_uri, result.run_id, "train/loss")]
+
+
+def test_export_writes_a_kept_epoch_of_a_finished_run(zero3, tmp_path, capsys):
+    """`flat-ray export` joins the two ranks' ZeRO-3 shards of a kept checkpoint into a Hugging Face model: the last
+    epoch's is the model the workers exported at the end, tensor for tensor; the best is the kept epoch with the
+    lowest forget probability as the run evaluated it; each export is tagged and uploaded on the run."""
+    cfg, res = zero3
+    work = f"paths.workdir={cfg.paths.workdir}"
+    code, out, err = run_main(["export", "zero3", work, "--epoch", "last", "--out", str(tmp_path / "last")], capsys)
+    assert code == 0 and "exported epoch 4 of zero3" in out, err
+    ours, theirs = load_file(tmp_path / "last" / "model.safetensors"), load_file(res.model_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "last" / "tokenizer.json").is_file()
+
+    history = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "eval/forget_prob"))
+    best = min((2, 4), key=lambda epoch: (history[epoch], -epoch))  # a tie goes to the later epoch
+    run_dir = storage_root(cfg) / "zero3"
+    code, out, err = run_main(["export", str(run_dir), "--epoch", "best"], capsys)  # by its folder, default output
+    model_dir = res.model_dir.parent / f"model-epoch{best}"
+    assert code == 0 and f"exported epoch {best} of zero3 to {model_dir}" in out, err
+    tags = tracking.run_data(res.mlflow_uri, res.run_id).data.tags
+    assert tags["model_dir"] == str(model_dir) and tags["model_epoch"] == str(best)
+    assert f"model-epoch{best}/model.safetensors" in tracking.list_artifacts(res.mlflow_uri, res.run_id,
+                                                                           f"model-epoch{best}")
+    if best == 2:  # the epoch 2 weights are not the final ones
+        assert not all(torch.equal(v, theirs[k]) for k, v in load_file(model_dir / "model.safetensors").items())
+    code, _, err = run_main(["export", "zero3", work, "--epoch", "1"], capsys)
+    assert code == 2 and err.strip() == "flat-ray: error: --epoch 1: choose best, last or a kept epoch (2, 4)"
 
 
 def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_model_dir):
@@ -83,14 +112,16 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     written = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoint_mb"))
     assert sorted(written) == [3, 6, 9, 12]  # after every epoch of 3 steps
     run_dir = storage_root(cfg) / "zero3"
-    kept = [run_dir / name for name in registered(run_dir)]  # Ray Train keeps the last two
+    # launch.checkpoint_metric=forget_prob with keep_checkpoints=2: Ray Train kept the 2 best by the score the
+    # workers reported, the evaluated epochs 2 and 4 (epochs 1 and 3 were not evaluated: NaN, ranked last)
+    kept = sorted((run_dir / name for name in registered(run_dir)), key=lambda c: verify(c, 2)["epoch"])
 
     def mib(folder: Path) -> float:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
-    assert [3 * (verify(c, 2)["epoch"] + 1) for c in kept] == [9, 12]
+    assert [3 * (verify(c, 2)["epoch"] + 1) for c in kept] == [6, 12]
     assert [written[3 * (verify(c, 2)["epoch"] + 1)] for c in kept] == pytest.approx([mib(c) for c in kept], rel=1e-3)
-    # launch.keep_checkpoints=2: the last two stay after the run, the others were deleted, and what stays is logged
+    # they stay after the run, the others were deleted, and what stays is logged
     assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == sorted(c.name for c in kept)
     assert not (run_dir / ".staging").exists()  # where the workers staged them, removed at the end
     assert tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoints_kept_mb") == [

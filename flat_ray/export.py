@@ -1,0 +1,174 @@
+"""Models from a run's checkpoints: ``flat-ray export``, ``launch.export=best`` and a sweep's best trial.
+
+A run's storage folder (``<storage>/<run>``) holds Ray Train's checkpoint folders, each with every rank's DeepSpeed
+shards, the ranks' manifests (:mod:`flat_ray.engine.checkpoint`) and rank 0's ``flat_ray_epoch.json``: the epoch,
+the step, the metrics reported with it and the dtype the weights were trained in. Exporting one of them joins the
+shards into the whole fp32 model on this process's CPU (any ZeRO stage and world size, no process group), casts it
+to the training dtype and writes a Hugging Face directory (safetensors, config, tokenizer), the same layout as the
+export the workers write at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flat_ray import tracking
+from flat_ray.config import RunConfig, load_config
+from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify
+from flat_ray.errors import FlatRayError, IncompleteCheckpoint
+from flat_ray.eval.metrics import METRICS
+
+RUN_STATE = "flat_ray_run.json"  # in <storage>/<run>: which MLflow run, output folder and model a Ray run belongs to
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One complete checkpoint of a run."""
+
+    epoch: int  # counted from 1, as the run reports epochs
+    path: Path
+    metrics: dict[str, Any]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Exported:
+    epoch: int
+    model_dir: Path
+    run_id: str
+    uploaded: bool
+
+
+def kept_checkpoints(run_dir: Path) -> list[Kept]:
+    """The run's complete checkpoints, oldest epoch first (one cut short by a crash is left out)."""
+    kept = []
+    for path in sorted(p for p in run_dir.glob("checkpoint_*") if (p / EPOCH_FILE).is_file()):
+        try:
+            world = json.loads(next(path.glob(ANY_MANIFEST)).read_text())["world_size"]
+            verify(path, world)
+        except (StopIteration, OSError, ValueError, KeyError, IncompleteCheckpoint):
+            continue
+        info = json.loads((path / EPOCH_FILE).read_text())
+        kept.append(Kept(info["epoch"] + 1, path, info["metrics"], info["dtype"]))
+    return sorted(kept, key=lambda k: k.epoch)
+
+
+def _score(kept: Kept, metric: str) -> float | None:
+    value = kept.metrics.get(metric)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
+    """``last``, ``best`` (by ``metric``, in its registry direction; a tie goes to the later epoch) or an epoch
+    number, among the kept checkpoints."""
+    have = ", ".join(str(k.epoch) for k in kept) or "none"
+    if not kept:
+        raise FlatRayError("the run kept no complete checkpoint (launch.keep_checkpoints=0 deletes them once a run "
+                           "has exported its model); set launch.keep_checkpoints or launch.export=none")
+    if epoch == "last":
+        return kept[-1]
+    if epoch == "best":
+        if metric is None:
+            raise FlatRayError("--epoch best needs the run's launch.checkpoint_metric, and this run has none; give "
+                               f"an epoch number (kept: {have}) or last")
+        scored = [k for k in kept if _score(k, metric) is not None]
+        if not scored:
+            raise FlatRayError(f"no kept checkpoint has {metric} (kept epochs: {have}); give an epoch number or last")
+        sign = 1.0 if METRICS[metric].higher_is_better else -1.0
+        return max(scored, key=lambda k: (sign * _score(k, metric), k.epoch))
+    if not epoch.isdigit() or int(epoch) not in {k.epoch for k in kept}:
+        raise FlatRayError(f"--epoch {epoch}: choose best, last or a kept epoch ({have})")
+    return next(k for k in kept if k.epoch == int(epoch))
+
+
+def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path) -> Path:
+    """The checkpoint's whole model as a Hugging Face directory at ``out_dir``, moved into place once written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flat_ray.engine import ds
+    from flat_ray.models import load_model_and_tokenizer
+
+    load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
+    _, tokenizer = load_model_and_tokenizer(model_path, load_model=False, **load)
+    dtype = getattr(torch, kept.dtype)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
+    missing, unexpected = model.load_state_dict(ds.consolidated_state_dict(kept.path / "ds"), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise FlatRayError(f"checkpoint {kept.path} does not fit model {model_path}: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    tmp = out_dir.with_name(f".{out_dir.name}-partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def record_model(tracker: tracking.NullTracker, cfg: RunConfig, model_dir: Path, epoch: int | None = None) -> bool:
+    """Tag where the run's latest export is (``model_dir``, and ``model_epoch`` for one from a checkpoint) and
+    upload it as an artifact named like its folder when it is at most ``tracking.log_model_max_mb``; returns
+    whether it was uploaded."""
+    tracker.set_tags({"model_dir": str(model_dir), **({"model_epoch": epoch} if epoch is not None else {})})
+    if folder_mb(model_dir) > cfg.tracking.log_model_max_mb:
+        return False
+    tracker.log_artifact(model_dir, model_dir.name)
+    return True
+
+
+def run_state(run_dir: Path) -> dict[str, str]:
+    path = run_dir / RUN_STATE
+    if not path.is_file():
+        known = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{RUN_STATE}")) if run_dir.parent.is_dir() else []
+        raise FlatRayError(f"no run named {run_dir.name!r} under {run_dir.parent}; runs there: "
+                           f"{', '.join(known[:20]) or 'none'}")
+    return json.loads(path.read_text())
+
+
+def export_run(run_dir: Path, epoch: str = "best", out_dir: Path | None = None) -> Exported:
+    """Export the chosen epoch of the run in ``run_dir`` (its storage folder) and record it on its MLflow run.
+    ``out_dir`` defaults to ``<output_dir>/model-epoch<N>``."""
+    state = run_state(run_dir)
+    output_dir = Path(state["output_dir"])
+    cfg = load_config(output_dir / "config.yaml")
+    kept = choose(kept_checkpoints(run_dir), epoch, cfg.launch.checkpoint_metric)
+    out = Path(out_dir).expanduser().resolve() if out_dir else output_dir / f"model-epoch{kept.epoch}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_path = state.get("model_path") or tracking.run_data(state["mlflow_uri"], state["run_id"]).data.params[
+        "resolved.model_path"]
+    write_model(kept, cfg, model_path, out)
+    uploaded = record_model(tracking.Tracker(state["mlflow_uri"], state["run_id"]), cfg, out, kept.epoch)
+    return Exported(kept.epoch, out, state["run_id"], uploaded)
+
+
+def drop_checkpoints(run_dir: Path, keep: int, metric: str | None) -> float:
+    """Delete all but ``keep`` of a run's checkpoints (the best by ``metric`` when it has one, else the latest) and
+    its staging folder; returns the MiB of checkpoints left."""
+    shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # the workers' staging folder (left over by a crash)
+    every = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray names them by time
+    ranked = {k.path: k for k in kept_checkpoints(run_dir)}
+    if metric is not None:
+        sign = 1.0 if METRICS[metric].higher_is_better else -1.0
+
+        def rank(p: Path) -> tuple[float, float]:
+            score = _score(ranked[p], metric) if p in ranked else None
+            return (-math.inf if score is None else sign * score, ranked[p].epoch if p in ranked else -1)
+
+        every = sorted(every, key=rank)
+    left = every[len(every) - keep:] if keep else []
+    for old in every:
+        if old not in left:
+            shutil.rmtree(old, ignore_errors=True)
+    return sum(folder_mb(c) for c in left)
