@@ -415,7 +415,11 @@ def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None) -> 
     """
     from pathlib import Path
 
+    from transformers.utils import logging as hf_logging
+
     from flat_ray.export import RUN_STATE, export_run
+
+    hf_logging.disable_progress_bar()
 
     given = Path(run).expanduser()
     if (given / RUN_STATE).is_file():

@@ -18,12 +18,18 @@ A space file (see ``search_spaces/`` and docs/sweeps.md)::
     objective: unlearn_score              # a metric-registry name; optuna also takes a list
     resources: {num_workers: 2, cpus_per_worker: 0.99, gpus_per_worker: 0, deepspeed_stage: 3}
     report: {forget: [...], utility: [...], pareto: [x_metric, y_metric]}
+    export: best_trial                    # or every_trial, or none
 
 Every grid entry is a name or ``{name, set, params}``; its ``set`` adds constants and its ``params`` add or
 replace sampled axes for that cell only (e.g. a divergence axis only for FLAT). Each grid cell is a separate
 Tune experiment because a searcher or scheduler should compare trials of one model on one benchmark, never
 across them. Values are checked against the config schema and the registries (methods, divergences,
 benchmarks, metrics) by building the config at every listed value and at both ends of every range.
+
+Trials rank their checkpoints by the first objective (``launch.checkpoint_metric``, unless the space sets it) and
+export nothing themselves; with ``export: best_trial`` the sweep exports the best epoch of each cell's best trial
+when the cell ends, with ``every_trial`` each trial exports its last epoch, with ``none`` nothing is exported
+(``flat-ray export`` can do it later from the kept checkpoints).
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ from flat_ray.registry import Registry
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 AXES = ("model", "benchmark", "method")
 TOP_KEYS = ("name", "description", "base", "set", "grid", "params", "num_samples", "search", "scheduler",
-            "objective", "resources", "report")
+            "objective", "resources", "report", "export")
+EXPORTS = ("best_trial", "every_trial", "none")
 SEARCH_KEYS = ("algorithm", "seed")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 RESOURCE_KEYS = {"num_workers": "launch.num_workers", "cpus_per_worker": "launch.cpus_per_worker",
@@ -133,6 +140,7 @@ class Space:
     scheduler_args: dict[str, Any]
     objective: list[str]
     report: dict[str, list[str]]
+    export: str = "best_trial"  # EXPORTS
     text: str = ""  # the space file as given (logged with the sweep)
     overrides: list[str] = field(default_factory=list)
 
@@ -346,9 +354,23 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise FlatRayError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    cells = _cells(raw, base, consts, specs, cli, algorithm, objective)
+    export = raw.get("export", "best_trial")
+    if export not in EXPORTS:
+        raise FlatRayError(f"export {export!r} is not valid; valid choices: {', '.join(EXPORTS)}")
+    cells = [_trial_outputs(c, base, export, objective[0])
+             for c in _cells(raw, base, consts, specs, cli, algorithm, objective)]
     return Space(str(raw.get("name") or Path(path).stem), path, str(raw.get("description", "")), base, cells,
-                 num_samples, algorithm, seed, scheduler, sched, objective, _report(raw), text, list(overrides))
+                 num_samples, algorithm, seed, scheduler, sched, objective, _report(raw), export, text,
+                 list(overrides))
+
+
+def _trial_outputs(cell: Cell, base: Any, export: str, objective: str) -> Cell:
+    """What a trial writes: its last epoch only with ``export: every_trial``; its checkpoints ranked by the
+    objective unless the space ranks them by another metric."""
+    extra: dict[str, Any] = {"launch.export": "last" if export == "every_trial" else "none"}
+    if "launch.checkpoint_metric" not in cell.constants:
+        extra["launch.checkpoint_metric"] = objective
+    return with_constants(cell, extra, base)
 
 
 def _sweep_values(raw: dict) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -552,7 +574,7 @@ def space_summary(space: Space) -> dict[str, Any]:
             "sweep.seed": space.seed, "sweep.scheduler": space.scheduler, "sweep.objective": ",".join(space.objective),
             "sweep.modes": ",".join(space.modes), "sweep.num_samples": space.num_samples,
             "sweep.cells": len(space.cells), "sweep.trials": space.total_trials(),
-            "sweep.overrides": " ".join(space.overrides) or "-"}
+            "sweep.export": space.export, "sweep.overrides": " ".join(space.overrides) or "-"}
 
 
 def with_constants(cell: Cell, extra: Mapping[str, Any], base: Mapping[str, Any]) -> Cell:

@@ -163,7 +163,7 @@ def _consolidate(root: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not list((root / TAG).glob("*optim_states.pt")):  # stage 0: no ZeRO partitions, the module's own state
-        state = torch.load(root / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = torch.load(root / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in state["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=TAG)
 

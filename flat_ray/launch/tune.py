@@ -35,6 +35,8 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.eval.metrics import METRICS
+from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints
 from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import (
     STATE_FILE,
@@ -375,7 +377,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         _BOARD = SweepBoard(space.objective, space.modes, echo)
         try:
             errored = sum(_run_cell(space, cell, name, sweep_dir, storage, uri, parent.run_id,
-                                    concurrency[cell.name]) for cell in space.cells)
+                                    concurrency[cell.name], echo) for cell in space.cells)
         finally:
             _BOARD.close()
             _BOARD = None
@@ -424,7 +426,7 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: s
 
 
 def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
-              concurrency: int) -> int:
+              concurrency: int, echo: Callable[[str], None] = log.info) -> int:
     """One grid cell as one Tune experiment (restored when it has state); returns its number of errored trials."""
     metric = space.objective[0] if len(space.objective) == 1 else None
     mode = space.modes[0] if len(space.objective) == 1 else None
@@ -461,7 +463,33 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
         raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
                         f"`flat-ray tune --resume {name}` (finished trials are kept)")
     _close_stopped_trials(uri, parent_run_id, states)
+    _finish_outputs(space, cell, sweep_dir, storage, uri, parent_run_id, echo)
     return sum(s == "ERROR" for s in states.values())
+
+
+def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
+                    echo: Callable[[str], None]) -> None:
+    """At the end of a cell: export the best epoch of its best finished trial (``export: best_trial``) by the
+    first objective, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""
+    metric = cell.config.launch.checkpoint_metric
+    runs = [r for r in tracking.child_runs(uri, parent_run_id) if r.data.tags.get("flat_ray.cell") == cell.name]
+    finished = {r.data.tags["flat_ray.trial"]: r for r in runs if r.info.status == "FINISHED"}
+    if space.export == "best_trial" and metric is not None:
+        candidates = []
+        for trial in finished:
+            try:
+                candidates.append((trial, choose(kept_checkpoints(storage / "train" / trial), "best", metric)))
+            except FlatRayError:  # no checkpoint with the metric (evaluation off): nothing to rank it by
+                continue
+        if candidates:
+            sign = 1.0 if METRICS[metric].higher_is_better else -1.0
+            trial, best = max(candidates, key=lambda c: sign * c[1].metrics[metric])
+            done = export_run(storage / "train" / trial, str(best.epoch), sweep_dir / "trials" / trial / "model")
+            tracking.Tracker(uri, parent_run_id).set_tags({f"best_model.{cell.name}": str(done.model_dir)})
+            echo(f"cell {cell.name}: best trial {trial} (epoch {best.epoch}, {metric} "
+                 f"{best.metrics[metric]:.4g}) exported to {done.model_dir}")
+    for trial in {r.data.tags.get("flat_ray.trial") for r in runs} - {None}:
+        drop_checkpoints(storage / "train" / trial, cell.config.launch.keep_checkpoints, metric)
 
 
 def _close_parent(parent: tracking.Tracker, space: Space, sweep_dir: Path, started: float, errored: int):

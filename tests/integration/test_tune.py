@@ -152,8 +152,15 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     from flat_ray.sweep import load_space
 
     steps = dry_run(load_space(str(space)).cells[0].config)["optimizer_steps"]
+    # the sweep exported the best epoch (by forget_prob) of the better finished trial, and only that
+    best_prob = {r.info.run_name: min(v for s, v in tracking.metric_history(uri, r.info.run_id, "eval/forget_prob") if s)
+                 for r in children[:2]}
+    exported = [r for r in children if "model_dir" in r.data.tags]
+    assert [r.info.run_name for r in exported] == [min(best_prob, key=best_prob.get)]
+    assert Path(exported[0].data.tags["model_dir"], "config.json").is_file()
+    assert "flat_ray_work/sweeps/oa/trials/" in exported[0].data.tags["model_dir"]
+    assert not [p for p in (tmp_path / "flat_ray_work").rglob("checkpoint_*") if p.is_dir()]  # all dropped at the end
     for r in children[:2]:
-        assert Path(r.data.tags["model_dir"], "config.json").is_file()
         logged = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "train/loss")]
         assert logged == list(range(1, steps + 1)) and steps == 3  # 10 micro-batches // 3
     for r in children:
@@ -255,7 +262,13 @@ def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, d
         assert any(k.startswith("system/cpu") for k in run.data.metrics), run.info.run_name
         assert run.data.tags["mlflow.source.git.commit"] and len(run.data.tags["mlflow.note.content"]) > 80
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent_id for r in children)
-    assert all(Path(r.data.tags["model_dir"], "config.json").is_file() for r in children)
+    # the best trial's best epoch is the one model the sweep exported (export: best_trial, the default)
+    best_epoch = {r.info.run_name: max(v for s, v in tracking.metric_history(uri, r.info.run_id, "eval/unlearn_score")
+                                       if s) for r in children}
+    (exported,) = [r for r in children if "model_dir" in r.data.tags]
+    assert exported.info.run_name == max(best_epoch, key=best_epoch.get)
+    assert Path(exported.data.tags["model_dir"], "config.json").is_file()
+    assert parent.data.tags[f"best_model.{cell}"] == exported.data.tags["model_dir"]
     # consistent parameters across trials: the MLflow compare view lines them up
     assert len({frozenset(r.data.params) for r in children}) == 1
     assert {r.data.params["method.divergence"] for r in children} == {"total_variation", "kl", "jensen_shannon",
