@@ -8,11 +8,14 @@ logging. The client API is used throughout (no global active run), which keeps d
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 SYSTEM_METRICS_S = 5  # sampling interval of the system metrics (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)
 SYSTEM_METRICS_STOP_S = 30  # how long the end of a run waits for the monitor's last flush
+MAX_PENDING = 200_000  # metrics rank 0 keeps while the tracking server is away (about 50 MB), then waits for room
+CLOSE_S = 600  # how long the end of a run waits for the tracking server to take the metrics kept for it
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 
 
@@ -114,6 +119,9 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def close(self, timeout: float = 0.0) -> int:
+        return 0
+
     def tags(self) -> dict[str, str]:
         return {}
 
@@ -209,6 +217,75 @@ class Tracker(NullTracker):
             plt.close(figure)
 
 
+class BufferedTracker(Tracker):
+    """Rank 0's tracker: metrics go into a bounded queue that a thread sends to MLflow in batches, so training never
+    waits for the tracking server and loses nothing while it is away (a restart, a slow response). A failed send
+    is retried with back-off (1 s doubling to 10 s) until it succeeds; when ``max_pending`` metrics are waiting,
+    :meth:`log_metrics` waits for room instead of dropping any (memory stays bounded). :meth:`close` sends what is
+    left. Each metric keeps the time it was logged at."""
+
+    def __init__(self, uri: str, run_id: str, max_pending: int = MAX_PENDING):
+        super().__init__(uri, run_id)
+        self._pending: deque = deque()
+        self._room = threading.Condition()
+        self._max, self._closed, self._failing = max_pending, False, False
+        self._sender = threading.Thread(target=self._send, name="flat-ray-mlflow", daemon=True)
+        self._sender.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with self._room:
+            while len(self._pending) + len(batch) > self._max and self._pending:
+                self._room.wait(1.0)  # the server is behind or away: wait for room, never drop
+            self._pending.extend(batch)
+            self._room.notify_all()
+
+    def _send(self) -> None:
+        delay = 1.0
+        while True:
+            with self._room:
+                while not self._pending and not self._closed:
+                    self._room.wait()
+                if not self._pending:
+                    return
+                batch = list(itertools.islice(self._pending, 500))
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - the server is away: keep the metrics, try again
+                if not self._failing:
+                    log.warning("MLflow %s did not take %d metrics (%s); keeping them and retrying", self.uri,
+                                len(batch), type(exc).__name__)
+                self._failing = True
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+                continue
+            if self._failing:
+                log.warning("MLflow %s is back; sending the metrics kept meanwhile", self.uri)
+            self._failing, delay = False, 1.0
+            with self._room:
+                for _ in batch:
+                    self._pending.popleft()
+                self._room.notify_all()
+
+    def close(self, timeout: float = CLOSE_S) -> int:
+        """Send what is left, waiting at most ``timeout`` seconds; returns how many metrics could not be sent."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
+        self._sender.join(timeout)
+        if self._pending:
+            log.warning("MLflow %s: %d metrics of run %s could not be sent within %.0f s", self.uri,
+                        len(self._pending), self.run_id, timeout)
+        return len(self._pending)
+
+
 def start_run(uri: str, experiment: str, run_name: str, artifact_root: str | Path, tags: Mapping[str, Any]) -> Tracker:
     """Create the experiment if needed and a new run in it. A local store gets an explicit artifact location under
     ``artifact_root``; a tracking server keeps its own (its ``--artifacts-destination``, reached through the
@@ -243,10 +320,10 @@ def reopen_run(uri: str, run_id: str) -> Tracker:
 
 
 def open_run(uri: str | None, run_id: str | None, rank: int) -> NullTracker:
-    """The worker-side tracker: the real one on rank 0, a :class:`NullTracker` elsewhere."""
+    """The worker-side tracker: a :class:`BufferedTracker` on rank 0, a :class:`NullTracker` elsewhere."""
     if rank != 0 or not uri or not run_id:
         return NullTracker()
-    return Tracker(uri, run_id)
+    return BufferedTracker(uri, run_id)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -24,37 +30,52 @@ def test_the_reachability_probe_does_not_change_the_processs_mlflow_settings(mon
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with its own artifact store (--artifacts-destination)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+class Server:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, its own --artifacts-destination) that can be stopped and
+    started again on the same port and store."""
 
-    root = tmp_path_factory.mktemp("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "served-artifacts")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+               str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+               "--artifacts-destination", str(self.root / "served-artifacts")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        yield uri, root / "served-artifacts"
-    finally:  # the server and its workers at once (a graceful stop takes seconds)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        """The server and its workers at once (a graceful stop takes seconds)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("server"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(server):
+    return server.uri, server.root / "served-artifacts"
 
 
 def test_runs_on_a_tracking_server_store_artifacts_through_the_server(mlflow_server, tmp_path):
@@ -73,3 +94,42 @@ def test_runs_on_a_tracking_server_store_artifacts_through_the_server(mlflow_ser
     sqlite = f"sqlite:///{tmp_path / 'local.db'}"
     local_run = tracking.run_data(sqlite, tracking.start_run(sqlite, "here", "r2", local, {}).run_id)
     assert local_run.info.artifact_uri.startswith(local.resolve().as_uri())
+
+
+def test_metrics_logged_while_the_server_is_away_arrive_once_it_is_back(server, tmp_path):
+    """Rank 0's tracker with the server stopped: logging never waits for it until the bounded queue is full, then
+    waits for room instead of dropping; the server started again (same port and store) gets every metric, each
+    once, at its step and the time it was logged. (A trial through a 20 s outage: scripts/cluster_demo.py.)"""
+    run_id = tracking.start_run(server.uri, "outage", "r", tmp_path, {}).run_id
+    tracker = tracking.BufferedTracker(server.uri, run_id, max_pending=40)
+    tracker.log_metrics({"loss": 0.0, "lr": 0.0}, step=0)
+    assert tracker.close(0.0) >= 0 and _until(lambda: tracker.pending == 0)
+    tracker = tracking.BufferedTracker(server.uri, run_id, max_pending=40)
+    server.stop()
+    started = time.monotonic()
+    for step in range(1, 11):  # 20 metrics: room for all of them
+        tracker.log_metrics({"loss": float(step), "lr": step / 10}, step=step)
+    assert time.monotonic() - started < 1.0 and tracker.pending == 20
+    more = threading.Thread(target=lambda: [tracker.log_metrics({"loss": float(s), "lr": s / 10}, step=s)
+                                            for s in range(11, 31)])
+    more.start()
+    assert _until(lambda: tracker.pending == 40) and more.is_alive()  # full: the caller waits, nothing dropped
+    time.sleep(1.0)
+    assert more.is_alive() and tracker.pending == 40
+    back = time.time()
+    server.start()
+    more.join(60)
+    assert not more.is_alive() and tracker.close(120) == 0
+    for key, scale in (("loss", 1.0), ("lr", 0.1)):  # lr was logged as step / 10
+        assert tracking.metric_history(server.uri, run_id, key) == [(s, s / (1 / scale)) for s in range(31)]
+    times = {m.step: m.timestamp for m in tracking._client(server.uri).get_metric_history(run_id, "loss")}
+    assert all(times[s] / 1000 < back for s in range(1, 21))  # the time they were logged, not when they were sent
+
+
+def _until(check, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -113,8 +113,11 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     "mlflow": {"uri", "run_id"}}. ``emit`` (rank 0, when a console follows the run) receives progress events
     (:mod:`flat_ray.console`)."""
     tracker = tracking.open_run(payload["mlflow"]["uri"], payload["mlflow"]["run_id"], ctx.rank)
-    with tracker.system_metrics():
-        _train(payload, ctx, report, restore_dir, emit or (lambda event: None), tracker)
+    try:
+        with tracker.system_metrics():
+            _train(payload, ctx, report, restore_dir, emit or (lambda event: None), tracker)
+    finally:  # rank 0's metrics kept while the tracking server was away reach it before the run ends
+        tracker.close()
 
 
 def _train(payload: Mapping[str, Any], ctx: WorkerContext, report: Report, restore_dir: str | None, show: Emit,
