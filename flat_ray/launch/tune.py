@@ -278,7 +278,14 @@ def _cluster_limit() -> dict[str, float] | None:
     return {k: float(limit.get(k, 0)) for k in ("CPU", "GPU")} if limit else None
 
 
-def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: str) -> dict[str, int]:
+def _device(path: Path) -> int:
+    """The filesystem ``path`` is (or would be created) on."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.stat().st_dev
+
+
+def _check_cluster(space: Space, address: str | None, storage: Path | None, uri: str) -> dict[str, int]:
     """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
 
     On this machine a cell runs as many trials at once as its resources allow. On a joined cluster it runs as
@@ -286,7 +293,8 @@ def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: 
     fit now, and when not even one fits now, every trial of the cell may be pending at once: Tune starts what fits,
     and the autoscaler sees the demand of all the others (a cluster whose GPU nodes scale from zero has no room
     for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run on other nodes,
-    so they need the multi-node storage and MLflow as well."""
+    so they need the multi-node storage and MLflow as well, and the work folder (sweep state, trial outputs,
+    exports), which the head reads back, on the storage path's filesystem."""
     have = ray.cluster_resources()
     limit = _cluster_limit() if address else None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -307,12 +315,17 @@ def _check_cluster(space: Space, address: str | None, storage_given: bool, uri: 
         out[cell.name] = most or n or cell.trials(space.num_samples)
     where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
              f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
-    if where and not storage_given:
+    if where and storage is None:
         raise FlatRayError(f"{where}: pass --storage-path on shared storage (an NFS mount) so every node sees the "
                            "checkpoints")
     if where and uri.startswith("sqlite:"):
         raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
                            "(the server cluster.yaml starts)")
+    work = workdir(space.cells[0].config)
+    if where and _device(work) != _device(storage):
+        raise FlatRayError(f"{where}: the work folder {work} (sweep state, trial outputs, exports) is not on the "
+                           f"filesystem of --storage-path {storage}, so the head would not see what the trials "
+                           f"write; set paths.workdir on the shared mount (e.g. paths.workdir={storage / 'work'})")
     return out
 
 
@@ -364,7 +377,8 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         raise FlatRayError(f"a sweep named {name!r} already exists in {sweep_dir.parent}; pass --resume {name} "
                            "or choose another --name")
     _connect(address)
-    concurrency = _check_cluster(space, address, storage_path is not None, uri)
+    concurrency = _check_cluster(space, address, Path(storage_path).expanduser().resolve() if storage_path else None,
+                                 uri)
     for cell in space.cells:  # build the demo's original model once, before trials need it
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
             ensure_demo_original(cell.config, finetuner(console=True))

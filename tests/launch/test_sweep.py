@@ -293,25 +293,35 @@ def test_text_benchmark_spaces_follow_their_recipes():
     assert hp.objective == ["completion_score"] and hp.modes == ["max"]
 
 
-def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local):
+def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local, tmp_path,
+                                                                                       monkeypatch):
     """Joined to a cluster whose GPU nodes scale from zero (this local Ray has no GPU), a sweep does not run one
     trial at a time: every trial of a cell may be pending, so the autoscaler sees their whole demand. Those
-    trials run on nodes yet to come, so shared storage and a server MLflow are required up front."""
+    trials run on nodes yet to come, so shared storage, a server MLflow and the work folder on the storage's
+    filesystem are required up front."""
     from flat_ray.launch.tune import _check_cluster
 
+    monkeypatch.chdir(tmp_path)  # the space's paths.workdir, flat_ray_work, is relative to here
+    shared = tmp_path / "shared"
     space = load_space("tofu")  # 8 trials per cell, each 2 x (8 CPU, 1 GPU)
     with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
                                            "pass --storage-path on shared storage"):
-        _check_cluster(space, "auto", False, "sqlite:///x.db")
+        _check_cluster(space, "auto", None, "sqlite:///x.db")
     with pytest.raises(FlatRayError, match="waits for nodes the autoscaler adds but MLflow is a local SQLite file"):
-        _check_cluster(space, "auto", True, "sqlite:///x.db")
-    assert _check_cluster(space, "auto", True, "http://head:5000") == {c.name: 8 for c in space.cells}
+        _check_cluster(space, "auto", shared, "sqlite:///x.db")
+    assert _check_cluster(space, "auto", shared, "http://head:5000") == {c.name: 8 for c in space.cells}
+    elsewhere = Path("/dev/shm/flat-ray-shared")  # another filesystem (tmpfs) than the work folder's
+    if Path("/dev/shm").is_dir() and Path("/dev/shm").stat().st_dev != tmp_path.stat().st_dev:
+        with pytest.raises(FlatRayError, match=rf"the work folder {tmp_path / 'flat_ray_work'} \(sweep state, trial "
+                                               rf"outputs, exports\) is not on the filesystem of --storage-path "
+                                               rf"{elsewhere}.*set paths.workdir on the shared mount"):
+            _check_cluster(space, "auto", elsewhere, "http://head:5000")
     with pytest.raises(FlatRayError, match="one trial needs 16.01 CPUs and 2 GPUs but this machine has"):
-        _check_cluster(space, None, True, "http://head:5000")  # no cluster to wait for
+        _check_cluster(space, None, shared, "http://head:5000")  # no cluster to wait for
     demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
-    assert _check_cluster(demo, None, False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert _check_cluster(demo, None, None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
     # joined to a cluster without an autoscaler (this Ray, 2 CPUs) where a trial fits: what fits, not every trial
-    assert _check_cluster(demo, "auto", False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert _check_cluster(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
 def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local):
