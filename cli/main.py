@@ -418,12 +418,12 @@ def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None) -> 
     from transformers.utils import logging as hf_logging
 
     from flat_ray.export import RUN_STATE, export_run
+    from flat_ray.storage import Place, is_cloud
 
     hf_logging.disable_progress_bar()
-
-    given = Path(run).expanduser()
-    if (given / RUN_STATE).is_file():
-        run_dir = given.resolve()
+    given = Place.of(run) if is_cloud(run) or Path(run).expanduser().is_dir() else None
+    if given is not None and (given / RUN_STATE).is_file():
+        run_dir = given
     else:
         from flat_ray.launch.driver import storage_root
 

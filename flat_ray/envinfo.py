@@ -16,7 +16,9 @@ PACKAGES = ("torch", "transformers", "datasets", "ray", "deepspeed", "mlflow", "
 # workers in plain text on its dashboard and in its job table; provision them on the nodes instead (cluster.yaml's
 # setup, an instance role or a secret manager).
 FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+                 # where cloud storage is (an S3-compatible endpoint, the region); never the credentials
+                 "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def forwarded_env() -> dict[str, str]:

@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
-from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify
+from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify_listing
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint
 from flat_ray.eval.metrics import METRICS
+from flat_ray.storage import Place
 
 RUN_STATE = "flat_ray_run.json"  # in <storage>/<run>: which MLflow run, output folder and model a Ray run belongs to
 
@@ -31,7 +33,7 @@ class Kept:
     """One complete checkpoint of a run."""
 
     epoch: int  # counted from 1, as the run reports epochs
-    path: Path
+    path: Place
     metrics: dict[str, Any]
     dtype: str
 
@@ -44,16 +46,20 @@ class Exported:
     uploaded: bool
 
 
-def kept_checkpoints(run_dir: Path) -> list[Kept]:
+def kept_checkpoints(run_dir: Place) -> list[Kept]:
     """The run's complete checkpoints, oldest epoch first (one cut short by a crash is left out)."""
     kept = []
-    for path in sorted(p for p in run_dir.glob("checkpoint_*") if (p / EPOCH_FILE).is_file()):
-        try:
-            world = json.loads(next(path.glob(ANY_MANIFEST)).read_text())["world_size"]
-            verify(path, world)
-        except (StopIteration, OSError, ValueError, KeyError, IncompleteCheckpoint):
+    for path in run_dir.dirs("checkpoint_"):
+        files = path.files()
+        manifests = sorted(rel for rel in files if Path(rel).match(ANY_MANIFEST))
+        if EPOCH_FILE not in files or not manifests:
             continue
-        info = json.loads((path / EPOCH_FILE).read_text())
+        try:
+            world = json.loads((path / manifests[0]).read_text())["world_size"]
+            verify_listing(str(path), files, lambda rel, at=path: (at / rel).read_text(), world)
+            info = json.loads((path / EPOCH_FILE).read_text())
+        except (OSError, ValueError, KeyError, IncompleteCheckpoint):
+            continue
         kept.append(Kept(info["epoch"] + 1, path, info["metrics"], info["dtype"]))
     return sorted(kept, key=lambda k: k.epoch)
 
@@ -98,7 +104,10 @@ def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path) -> P
     _, tokenizer = load_model_and_tokenizer(model_path, load_model=False, **load)
     dtype = getattr(torch, kept.dtype)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
-    missing, unexpected = model.load_state_dict(ds.consolidated_state_dict(kept.path / "ds"), strict=False)
+    with tempfile.TemporaryDirectory(prefix="flat-ray-export-") as tmp_dir:  # a cloud checkpoint is fetched first
+        local = kept.path.download(Path(tmp_dir) / "checkpoint")
+        state = ds.consolidated_state_dict(local / "ds")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise FlatRayError(f"checkpoint {kept.path} does not fit model {model_path}: missing {sorted(missing)[:3]}, "
@@ -128,16 +137,20 @@ def record_model(tracker: tracking.NullTracker, cfg: RunConfig, model_dir: Path,
     return True
 
 
-def run_state(run_dir: Path) -> dict[str, str]:
+def known_runs(storage: Place) -> list[str]:
+    """The names of the runs in a storage folder."""
+    return [d.name for d in storage.dirs() if (d / RUN_STATE).is_file()]
+
+
+def run_state(run_dir: Place) -> dict[str, str]:
     path = run_dir / RUN_STATE
     if not path.is_file():
-        known = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{RUN_STATE}")) if run_dir.parent.is_dir() else []
         raise FlatRayError(f"no run named {run_dir.name!r} under {run_dir.parent}; runs there: "
-                           f"{', '.join(known[:20]) or 'none'}")
+                           f"{', '.join(known_runs(run_dir.parent)[:20]) or 'none'}")
     return json.loads(path.read_text())
 
 
-def export_run(run_dir: Path, epoch: str = "best", out_dir: Path | None = None) -> Exported:
+def export_run(run_dir: Place, epoch: str = "best", out_dir: Path | None = None) -> Exported:
     """Export the chosen epoch of the run in ``run_dir`` (its storage folder) and record it on its MLflow run.
     ``out_dir`` defaults to ``<output_dir>/model-epoch<N>``."""
     state = run_state(run_dir)
@@ -153,16 +166,16 @@ def export_run(run_dir: Path, epoch: str = "best", out_dir: Path | None = None) 
     return Exported(kept.epoch, out, state["run_id"], uploaded)
 
 
-def drop_checkpoints(run_dir: Path, keep: int, metric: str | None) -> float:
+def drop_checkpoints(run_dir: Place, keep: int, metric: str | None) -> float:
     """Delete all but ``keep`` of a run's checkpoints (the best by ``metric`` when it has one, else the latest) and
     its staging folder; returns the MiB of checkpoints left."""
-    shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # the workers' staging folder (left over by a crash)
-    every = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray names them by time
+    (run_dir / ".staging").rmtree()  # the workers' staging folder (left over by a crash)
+    every = run_dir.dirs("checkpoint_")  # Ray names them by time
     ranked = {k.path: k for k in kept_checkpoints(run_dir)}
     if metric is not None:
         sign = 1.0 if METRICS[metric].higher_is_better else -1.0
 
-        def rank(p: Path) -> tuple[float, float]:
+        def rank(p: Place) -> tuple[float, float]:
             score = _score(ranked[p], metric) if p in ranked else None
             return (-math.inf if score is None else sign * score, ranked[p].epoch if p in ranked else -1)
 
@@ -170,5 +183,5 @@ def drop_checkpoints(run_dir: Path, keep: int, metric: str | None) -> float:
     left = every[len(every) - keep:] if keep else []
     for old in every:
         if old not in left:
-            shutil.rmtree(old, ignore_errors=True)
-    return sum(folder_mb(c) for c in left)
+            old.rmtree()
+    return sum(sum(c.files().values()) for c in left) / 2**20

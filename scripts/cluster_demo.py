@@ -11,7 +11,7 @@ What it brings up (every part real, nothing mocked):
 - a folder standing in for the cluster's shared storage (``shared/``): Ray's storage path and the work folder.
 
 Then ``flat-ray tune --address <head> --mlflow-uri http://127.0.0.1:PORT --storage-path shared/ray`` runs a small
-space (FLAT with 2 divergences on the demo's forget05 and the tiny model, 1 worker per trial, 1 epoch), while this
+space (FLAT with 2 divergences on the demo's forget05 and the tiny model, 1 worker per trial, 3 epochs), while this
 script records the cluster's nodes. It tears everything down (only the processes of its own cluster: another Ray
 on the machine is left alone) and exits 0 only if:
 1. the autoscaler added worker nodes (none at the start);
@@ -21,7 +21,12 @@ on the machine is left alone) and exits 0 only if:
    through the server (in its artifact folder, not in the work folder);
 5. every trial's driver function ran on the head, every training worker on an added node;
 6. the HF offline and cache variables, set for the sweep's driver only (the nodes start without them), reached
-   the training workers.
+   the training workers;
+7. faults on that cluster: once a trial has a registered checkpoint (each trial trains 3 epochs), every process of
+   the node its rank 0 runs on is SIGKILLed (as a lost machine) and, at the same moment, the MLflow server is
+   stopped for 20 s and then started again on the same port and store. The hit trial restores from its
+   checkpoint on another node and finishes in its own MLflow run (``restores`` >= 1, ``rank0_node`` another
+   node), and every trial's MLflow run has every training step and every evaluation.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -50,7 +56,7 @@ SPACE = """\
 name: cluster-demo
 description: FLAT with two divergences on the demo's forget05 and the tiny model, one Ray Train worker per trial
 base: [demo]
-set: {model.name_or_path: tiny, data.split: forget05, data.max_length: 64, optim.micro_batch_size: 2, optim.epochs: 1,
+set: {model.name_or_path: tiny, data.split: forget05, data.max_length: 64, optim.micro_batch_size: 2, optim.epochs: 3,
       optim.lr: 2.0e-3, eval.max_examples: 4, eval.max_new_tokens: 4, eval.batch_size: 4}
 grid:
   benchmark: [demo/forget05]
@@ -64,6 +70,7 @@ objective: forget_prob
 resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, deepspeed_stage: 3}
 """
 WORKER_TYPE = "cpu_worker"
+OUTAGE_S = 20  # how long the MLflow server is away
 
 
 def free_port() -> int:
@@ -128,8 +135,10 @@ def stop_cluster(address: str, root: Path) -> None:
     psutil.wait_procs(set(mine), timeout=30)
 
 
-def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_mlflow(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """The server on ``port`` (a free one by default), with the demo's store: started again on the same port after
+    an outage, it serves the same runs."""
+    port = port or free_port()
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
                              "1", "--backend-store-uri", f"sqlite:///{root / 'server' / 'mlflow.db'}",
                              "--artifacts-destination", str(root / "server" / "artifacts")],
@@ -161,8 +170,9 @@ def snapshot(address: str, actors: dict[str, tuple[str, str]]) -> int:
     from ray.util.state import list_actors, list_nodes
 
     try:
-        n = len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
-        for a in list_actors(address=address, limit=1000):  # dead ones too: the GCS keeps them a while
+        # a killed node makes the state API's answers partial: take them as they are
+        n = len(list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+        for a in list_actors(address=address, limit=1000, raise_on_missing_output=False):  # dead ones too
             if a.node_id:  # placed
                 actors[a.actor_id] = (a.class_name, a.node_id)
         return n
@@ -178,9 +188,75 @@ def head_node(address: str) -> str:
     return head
 
 
-def run_sweep(root: Path, address: str, uri: str, actors: dict[str, tuple[str, str]]
+def registered_checkpoints(run_dir: Path) -> int:
+    """How many checkpoints Ray Train has registered for a trial (its own record in the storage path)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0
+
+
+def store(root: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """A read of the MLflow server's SQLite store, which is there while the server is down too."""
+    try:
+        with sqlite3.connect(f"file:{root / 'server' / 'mlflow.db'}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(sql, args).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def trial_to_hit(root: Path) -> tuple[str, str] | None:
+    """A trial still running with a registered checkpoint, and the node its rank 0 runs on (its MLflow tag)."""
+    for run_dir in sorted((root / "shared" / "ray" / "cluster-demo" / "train").glob("*")):
+        if registered_checkpoints(run_dir) >= 1:
+            rows = store(root, "select r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where r.name = ? and t.key = 'rank0_node'", (run_dir.name,))
+            if rows and rows[0][0] == "RUNNING":
+                return run_dir.name, rows[0][1]
+    return None
+
+
+def kill_node(node_id: str) -> int:
+    """SIGKILL every process of one node the fake provider started (its raylet, agents and workers carry the
+    node's id in RAY_OVERRIDE_NODE_ID_FOR_TESTING), as a lost machine would vanish; returns how many."""
+    victims = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                victims.append(proc)
+        except psutil.Error:
+            continue
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(victims)
+
+
+class Faults:
+    """Once a trial is running with a checkpoint: its rank 0's node is killed and the MLflow server is stopped; the
+    server starts again on the same port and store ``OUTAGE_S`` later."""
+
+    def __init__(self, root: Path, server: subprocess.Popen, uri: str):
+        self.root, self.server, self.port = root, server, int(uri.rsplit(":", 1)[1])
+        self.record: dict = {}
+
+    def step(self, elapsed: float) -> None:
+        if not self.record:
+            hit = trial_to_hit(self.root)
+            if hit:
+                stop_mlflow(self.server)
+                self.record = {"trial": hit[0], "node": hit[1], "processes_killed": kill_node(hit[1]),
+                               "at_s": round(elapsed, 1)}
+        elif "mlflow_back_s" not in self.record and elapsed - self.record["at_s"] >= OUTAGE_S:
+            self.server, _ = start_mlflow(self.root, self.port)
+            self.record["mlflow_back_s"] = round(elapsed, 1)
+
+
+def run_sweep(root: Path, address: str, uri: str, actors: dict[str, tuple[str, str]], faults: Faults
               ) -> tuple[int, str, list[tuple[float, int]]]:
-    """``flat-ray tune`` joined to the cluster; polls its nodes and actors while it runs."""
+    """``flat-ray tune`` joined to the cluster; polls its nodes and actors while it runs, and injects the faults."""
     (root / "space.yaml").write_text(SPACE)
     shared = root / "shared"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLAT_RAY_VERBOSE": "0"}
@@ -193,8 +269,11 @@ def run_sweep(root: Path, address: str, uri: str, actors: dict[str, tuple[str, s
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None and time.monotonic() - started < 900:
-            seen.append((time.monotonic() - started, snapshot(address, actors)))
-            time.sleep(2)
+            elapsed = time.monotonic() - started
+            if not seen or elapsed - seen[-1][0] >= 2:
+                seen.append((elapsed, snapshot(address, actors)))
+            faults.step(elapsed)
+            time.sleep(0.25)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -237,6 +316,35 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
     return problems
 
 
+STEPS = 15  # per trial: 10 questions in micro-batches of 2 on 1 worker, 3 epochs
+
+
+def check_faults(uri: str, record: dict) -> list[str]:
+    """What failed of the seventh promise: the trial whose node was killed (while the MLflow server was away)
+    restored from its checkpoint on another node in the same MLflow run, and no trial lost a metric."""
+    from mlflow.tracking import MlflowClient
+
+    if not record or not record.get("processes_killed") or "mlflow_back_s" not in record:
+        return [f"the faults were not injected as planned: {record}"]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cluster-demo")
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("flat_ray.role") == "trial"]
+    problems = []
+    (hit,) = [r for r in trials if r.info.run_name == record["trial"]] or [None]
+    tags = hit.data.tags if hit else {}
+    if not hit or hit.info.status != "FINISHED" or int(tags.get("restores", 0)) < 1:
+        problems.append(f"the trial whose node was killed did not restore and finish: {hit and hit.info.status}, "
+                        f"restores={tags.get('restores')}")
+    elif tags.get("rank0_node") == record["node"] or int(tags.get("resumed_from_epoch", 0)) < 1:
+        problems.append(f"it did not restore from a checkpoint on another node: {tags}")
+    for run in trials:
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+        evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/forget_prob"))
+        if steps != set(range(1, STEPS + 1)) or sorted(set(evals)) != [0, 1, 2, 3]:
+            problems.append(f"{run.info.run_name} lost metrics: train/loss steps {sorted(steps)}, evaluations {evals}")
+    return problems
+
+
 def placement(head: str, actors: dict[str, tuple[str, str]]) -> dict:
     """Which node ran each trial's driver function (Tune's ImplicitFunc actor) and each training worker."""
     fns = [node for cls, node in actors.values() if cls == "ImplicitFunc"]
@@ -256,20 +364,21 @@ def main() -> int:
     # sweep's driver, this script's state queries) holds the same token
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
     server, uri = start_mlflow(root)
+    faults = Faults(root, server, uri)
     address = None
     try:
         address = start_head(root)
         print(f"cluster demo: head {address} (1 CPU, no room for a training worker), MLflow {uri}, root {root}")
         actors: dict[str, tuple[str, str]] = {}
-        code, out, seen = run_sweep(root, address, uri, actors)
+        code, out, seen = run_sweep(root, address, uri, actors, faults)
         placed = placement(head_node(address), actors)
     finally:
         if address:
             stop_cluster(address, root)
-        stop_mlflow(server)
+        stop_mlflow(faults.server)
     server, uri = start_mlflow(root)  # read the runs back from the same store
     try:
-        problems = check(root, uri, code, out, seen, placed)
+        problems = check(root, uri, code, out, seen, placed) + check_faults(uri, faults.record)
     finally:
         stop_mlflow(server)
     for line in out.splitlines():
@@ -277,12 +386,15 @@ def main() -> int:
             print("  " + line)
     print(f"cluster demo: live nodes over time (s, nodes): {[(round(t), n) for t, n in seen[::5]]}")
     print(f"cluster demo: placement {json.dumps(placed)}")
+    print(f"cluster demo: faults {json.dumps(faults.record)}")
     if problems:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
     print("cluster demo passed: the autoscaler added 2 nodes, 2 trials ran at once and finished, the MLflow "
-          "server holds the sweep and its trials with their artifacts, trial functions ran on the head, and "
-          "the driver's offline/cache variables reached the workers")
+          "server holds the sweep and its trials with their artifacts, trial functions ran on the head, "
+          "the driver's offline/cache variables reached the workers, and the trial whose node was killed while "
+          f"the MLflow server was away for {OUTAGE_S} s restored from its checkpoint on another node, in its own "
+          "MLflow run, with every metric")
     return 0
 
 

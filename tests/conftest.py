@@ -14,6 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # inherits this) polls every 0.25 s instead; behaviour is the same, only the waits are shorter.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 is the suite's own moto server on 127.0.0.1 (fixture s3_bucket), for this process and every Ray process it
+# starts: the endpoint the way pyarrow (Ray's storage) and boto read it, and moto's dummy credentials
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "moto",
+                   "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"})
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "moto")
+
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -51,6 +67,32 @@ def demo_workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    """A bucket on a real S3 server on 127.0.0.1 (moto in server mode, started here); returns ``s3://BUCKET``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    boto3.client("s3").create_bucket(Bucket="flat-ray-test")
+    yield "s3://flat-ray-test"
+    proc.kill()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="session")
 def ray_local() -> str:
     """The suite's one Ray (2 CPUs, whatever the machine), started in this process; returns its address. Tests call
     run_training here, and the `flat-ray` processes they start join it with ``--address``: no test starts a second
@@ -62,12 +104,16 @@ def ray_local() -> str:
 
     if not ray.is_initialized():
         secrets = secret_env()
+        before = {key: os.environ.get(key) for key in secrets}
         os.environ.update(secrets)  # inherited by Ray's processes as they start, then gone from this one
         try:
             ray.init(num_cpus=2, logging_level="WARNING")
         finally:
-            for key in secrets:
-                os.environ.pop(key, None)
+            for key, value in before.items():  # (moto's dummy S3 secret stays)
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

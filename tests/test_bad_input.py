@@ -67,8 +67,8 @@ MISTAKES = [
          "GPU(s); lower launch.gpus_per_worker"),
     case("tune-resume-unknown-sweep", ["tune", "--resume", "never-ran", f"--workdir={WD}"],
          "no sweep named 'never-ran'"),
-    case("tune-remote-storage-path", ["tune", "--storage-path=s3://bucket/ray", f"paths.workdir={WD}"],
-         "use a shared filesystem mount"),
+    case("tune-missing-bucket", ["tune", "--storage-path=s3://no-such-bucket/ray", f"paths.workdir={WD}"],
+         "storage s3://no-such-bucket/ray/"),
     # ------------------------------------------------------------------------------ train / finetune
     case("train-lr-zero", ["train", "optim.lr=0", *RUN_PATHS], "optim.lr must be > 0, got 0.0"),
     case("train-empty-forget-file", ["train", "model.name_or_path={tiny}", *TOFU_DIR, "data.data_dir={in}/empty",
@@ -191,7 +191,7 @@ def tree(root: Path) -> list[str]:
 
 @pytest.mark.parametrize(("argv", "message", "via"), MISTAKES)
 def test_mistake_gives_one_line_exit_2_and_writes_nothing(argv, message, via, tmp_path, tiny_model_dir, monkeypatch,
-                                                          capsys, tripwires):
+                                                          capsys, tripwires, s3_bucket):
     inputs = make_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)  # a default relative path (flat_ray_work) would land here and be seen
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):

@@ -12,6 +12,7 @@ refused with a message instead of being loaded half-written.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +37,39 @@ def write_manifest(directory: str | Path, rank: int, world_size: int, state: dic
 def verify(directory: str | Path, world_size: int) -> dict[str, Any]:
     """Check a checkpoint written by ``world_size`` ranks and return its state (epoch, global step)."""
     root = Path(directory)
-    manifests = sorted(root.glob(ANY_MANIFEST))
+    files = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    return verify_listing(str(root), files, lambda rel: (root / rel).read_text(), world_size)
+
+
+def verify_listing(where: str, files: dict[str, int], read: Callable[[str], str], world_size: int) -> dict[str, Any]:
+    """:func:`verify` on a listing of the checkpoint's files (relative path: size) and a reader of one of them, as
+    local folders and cloud storage both give."""
+    manifests = sorted(rel for rel in files if Path(rel).match(ANY_MANIFEST) and "/" not in rel)
     if not manifests:
-        raise IncompleteCheckpoint(f"checkpoint {root} has no flat_ray manifest: it was not written completely (or "
+        raise IncompleteCheckpoint(f"checkpoint {where} has no flat_ray manifest: it was not written completely (or "
                                    "not by flat-ray); restore from an earlier checkpoint")
     states = []
-    for path in manifests:
+    for rel_manifest in manifests:
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(read(rel_manifest))
         except (OSError, ValueError) as exc:
-            raise IncompleteCheckpoint(f"checkpoint manifest {path} is unreadable ({exc})") from None
+            raise IncompleteCheckpoint(f"checkpoint manifest {where}/{rel_manifest} is unreadable ({exc})") from None
         if manifest["world_size"] != world_size:
-            raise IncompleteCheckpoint(f"checkpoint {root} was written by {manifest['world_size']} workers but this "
+            raise IncompleteCheckpoint(f"checkpoint {where} was written by {manifest['world_size']} workers but this "
                                        f"run has {world_size}; set launch.num_workers={manifest['world_size']} to "
                                        "resume it")
         for rel, size in manifest["files"].items():
-            f = root / rel
-            if not f.is_file() or f.stat().st_size != size:
-                got = f.stat().st_size if f.is_file() else "missing"
-                raise IncompleteCheckpoint(f"checkpoint {root} is incomplete: {rel} is {got}, rank "
+            if files.get(rel) != size:
+                got = files.get(rel, "missing")
+                raise IncompleteCheckpoint(f"checkpoint {where} is incomplete: {rel} is {got}, rank "
                                            f"{manifest['rank']} wrote {size} bytes; restore from an earlier checkpoint")
         states.append(manifest["state"])
     if len(manifests) != world_size:
-        raise IncompleteCheckpoint(f"checkpoint {root} holds {len(manifests)} of {world_size} ranks' parts; it was cut "
+        raise IncompleteCheckpoint(f"checkpoint {where} holds {len(manifests)} of {world_size} ranks' parts; it was cut "
                                    "short while being written")
     if any(s != states[0] for s in states):
-        raise IncompleteCheckpoint(f"checkpoint {root} mixes parts of different steps: {states}")
+        raise IncompleteCheckpoint(f"checkpoint {where} mixes parts of different steps: {states}")
     return states[0]
 
 
-__all__ = ["EPOCH_FILE", "MANIFEST", "verify", "write_manifest"]
+__all__ = ["EPOCH_FILE", "MANIFEST", "verify", "verify_listing", "write_manifest"]

@@ -53,6 +53,7 @@ class WorkerContext:
     rank: int
     world_size: int
     local_rank: int
+    node: str = ""  # the cluster node this rank runs on (Ray's node id), when known
 
 
 def _to(batch: Any, device: Any) -> Any:
@@ -113,6 +114,8 @@ def train_worker(payload: Mapping[str, Any], ctx: WorkerContext, report: Report,
     "mlflow": {"uri", "run_id"}}. ``emit`` (rank 0, when a console follows the run) receives progress events
     (:mod:`flat_ray.console`)."""
     tracker = tracking.open_run(payload["mlflow"]["uri"], payload["mlflow"]["run_id"], ctx.rank)
+    if ctx.node:  # where rank 0 runs now (a restart after a lost node moves it)
+        tracker.set_tags({"rank0_node": ctx.node})
     try:
         with tracker.system_metrics():
             _train(payload, ctx, report, restore_dir, emit or (lambda event: None), tracker)

@@ -25,11 +25,20 @@ from flat_ray.envinfo import forwarded_env, package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.tofu import read_reference
-from flat_ray.export import RUN_STATE, choose, drop_checkpoints, kept_checkpoints, record_model, write_model
+from flat_ray.export import (
+    RUN_STATE,
+    choose,
+    drop_checkpoints,
+    kept_checkpoints,
+    known_runs,
+    record_model,
+    write_model,
+)
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
+from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
 STATE_FILE = RUN_STATE  # next to Ray's own files: which MLflow run, output dir and model a Ray run belongs to
@@ -46,8 +55,10 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def storage_root(cfg: RunConfig) -> Path:
-    return Path(cfg.launch.storage_path).expanduser().resolve() if cfg.launch.storage_path else workdir(cfg) / "ray_results"
+def storage_root(cfg: RunConfig) -> Place:
+    """Where the run's Ray state goes: ``launch.storage_path`` (a folder, a shared mount or cloud storage), else
+    ``<workdir>/ray_results``."""
+    return Place.of(cfg.launch.storage_path or workdir(cfg) / "ray_results")
 
 
 # ------------------------------------------------------------------------------------------------- preflight
@@ -75,8 +86,11 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         if cfg.eval.reference:
             read_reference(cfg.eval.reference)
     tracking.check_reachable(uri)
-    if "://" not in (cfg.launch.storage_path or ""):
-        check_writable(storage_root(cfg), "the storage path (launch.storage_path)")
+    storage = storage_root(cfg)
+    if storage.local:
+        check_writable(storage.local, "the storage path (launch.storage_path)")
+    else:
+        check_bucket(storage)
     check_writable(Path(cfg.paths.output_dir) if cfg.paths.output_dir else workdir(cfg), "the output folder")
     if cfg.launch.address is None:
         cpus = os.cpu_count() or 1
@@ -92,6 +106,20 @@ def preflight(cfg: RunConfig, uri: str) -> None:
             if cfg.launch.num_workers * cfg.launch.gpus_per_worker > gpus:
                 raise FlatRayError(f"{cfg.launch.num_workers} workers x {cfg.launch.gpus_per_worker:g} GPUs requested "
                                    f"but this machine has {gpus} GPU(s); lower launch.gpus_per_worker or num_workers")
+
+
+def check_bucket(storage: Place) -> None:
+    """Cloud storage: its bucket exists and answers with these credentials (an object store has no folders to
+    create; Ray would fail on the first checkpoint, after a GPU node had been paid for)."""
+    bucket = Place("/".join(storage.uri.split("/", 3)[:3]))
+    try:
+        found = bucket.is_dir()
+    except OSError as exc:  # no credentials, an endpoint that does not answer
+        raise FlatRayError(f"storage {storage} cannot be reached ({str(exc).splitlines()[0][:200]}); check the "
+                           "credentials and AWS_ENDPOINT_URL") from None
+    if not found:
+        raise FlatRayError(f"storage {storage}: bucket {bucket} does not exist (or these credentials cannot see "
+                           "it); create it or fix launch.storage_path / --storage-path")
 
 
 def connect_ray(address: str | None) -> None:
@@ -202,15 +230,15 @@ def _result_sentence(before: dict[str, float], after: dict[str, float]) -> str:
                      else f"{k} {after[f'eval/{k}']:.4g}" for k in keys)
 
 
-def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Path, str, dict[str, str]]:
+def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Place, str, dict[str, str]]:
     """The config to run (a resumed run's own), its MLflow URI, storage, name and saved state."""
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     storage = storage_root(cfg)
     name = resume or _run_name(cfg)
     state_path = storage / name / STATE_FILE
     if resume and not state_path.is_file():
-        known = sorted(p.parent.name for p in storage.glob(f"*/{STATE_FILE}")) if storage.is_dir() else []
-        raise FlatRayError(f"no run named {resume!r} under {storage}; runs there: {', '.join(known) or 'none'}")
+        raise FlatRayError(f"no run named {resume!r} under {storage}; runs there: "
+                           f"{', '.join(known_runs(storage)) or 'none'}")
     if not resume and (storage / name).exists():
         raise FlatRayError(f"a run named {name!r} already exists under {storage}; pass --resume {name} to continue it "
                            "or choose another tracking.run_name")
@@ -226,7 +254,7 @@ def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Path, 
     return cfg, uri, storage, name, state
 
 
-def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[str, str], model_path: str,
+def _open_run(cfg: RunConfig, uri: str, storage: Place, name: str, state: dict[str, str], model_path: str,
               tags: dict[str, str] | None) -> tuple[tracking.Tracker, Path]:
     """Reopen a resumed run's MLflow run, or start a new one with its params, tags, dataset and config. The state
     file that lets a resume find the run is written as soon as the run exists, before anything else is logged: a
@@ -248,10 +276,9 @@ def _open_run(cfg: RunConfig, uri: str, storage: Path, name: str, state: dict[st
             **tracking.standard_tags("flat-ray " + ("finetune" if cfg.method.name == "sft" else "train")),
             **(tags or {})}
     tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
-    (storage / name).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(storage / name / STATE_FILE, json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
-                                                               "output_dir": str(output_dir),
-                                                               "model_path": model_path}))
+    (storage / name).mkdir()
+    (storage / name / STATE_FILE).write_text(json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
+                                                         "output_dir": str(output_dir), "model_path": model_path}))
     _log_inputs(tracker, cfg, model_path, output_dir)
     return tracker, output_dir
 
@@ -270,7 +297,7 @@ def log_split(tracker: tracking.Tracker, cfg: RunConfig) -> None:
                         {"benchmark": cfg.data.benchmark, "split": cfg.data.split, "data_dir": cfg.data.data_dir or "-"})
 
 
-def _fit(cfg: RunConfig, name: str, storage: Path, payload: dict[str, Any], callbacks: list | None,
+def _fit(cfg: RunConfig, name: str, storage: Place, payload: dict[str, Any], callbacks: list | None,
          console: RunConsole | None) -> Exception | None:
     """Ray Train's TorchTrainer over the workers; returns what ``fit`` raised, if anything."""
     import ray.train
@@ -367,7 +394,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     return result
 
 
-def _export_best(cfg: RunConfig, run_dir: Path, model_path: str, output_dir: Path) -> None:
+def _export_best(cfg: RunConfig, run_dir: Place, model_path: str, output_dir: Path) -> None:
     """``launch.export=best``: the best kept checkpoint becomes ``<output_dir>/model``, consolidated here."""
     best = choose(kept_checkpoints(run_dir), "best", cfg.launch.checkpoint_metric)
     write_model(best, cfg, model_path, output_dir / "model")

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -48,6 +47,7 @@ from flat_ray.launch.driver import (
 )
 from flat_ray.models import DEMO_ORIGINAL
 from flat_ray.report import SWEEP_FILE, write_report
+from flat_ray.storage import Place
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
     Cell,
@@ -69,7 +69,6 @@ from flat_ray.sweep import (
 TRIAL_FN_RESOURCES = {"CPU": TRIAL_FN_CPU, "node:__internal_head__": 0.001}
 
 log = logging.getLogger(__name__)
-REMOTE_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 
 
 # ------------------------------------------------------------------------------------- space -> ray.tune
@@ -140,7 +139,7 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
     train_dir = storage_root(cfg) / trial
     resume = trial if (train_dir / STATE_FILE).is_file() else None
     if resume is None:
-        shutil.rmtree(train_dir, ignore_errors=True)  # a start that died before its MLflow run existed
+        train_dir.rmtree()  # a start that died before its MLflow run existed
     tags = {"mlflow.parentRunId": payload["parent_run_id"], "flat_ray.sweep": payload["sweep"],
             "flat_ray.cell": payload["cell"], "flat_ray.trial": trial, "flat_ray.role": "trial",
             **{f"flat_ray.{k}": v for k, v in payload["labels"].items()},
@@ -155,7 +154,7 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         logging.getLogger("flat_ray.tune").warning("%s", exc)
 
 
-def _finished_result(train_dir: Path) -> dict[str, Any] | None:
+def _finished_result(train_dir: Place) -> dict[str, Any] | None:
     """The last evaluation of a trial whose MLflow run FINISHED (as its workers reported it to Tune), else None."""
     state = json.loads((train_dir / STATE_FILE).read_text())
     run = tracking.run_data(state["mlflow_uri"], state["run_id"])
@@ -220,7 +219,7 @@ class SweepResult:
     seconds: float
 
 
-def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Path) -> Cell:
+def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Place) -> Cell:
     """Trials run in Ray's processes with their own working directory: make every path absolute."""
     cfg = cell.config
     extra: dict[str, Any] = {"paths.workdir": str(workdir(cfg)), "tracking.mlflow_uri": uri,
@@ -285,7 +284,7 @@ def _device(path: Path) -> int:
     return path.stat().st_dev
 
 
-def _check_cluster(space: Space, address: str | None, storage: Path | None, uri: str) -> dict[str, int]:
+def _check_cluster(space: Space, address: str | None, storage: Place | None, uri: str) -> dict[str, int]:
     """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
 
     On this machine a cell runs as many trials at once as its resources allow. On a joined cluster it runs as
@@ -294,7 +293,8 @@ def _check_cluster(space: Space, address: str | None, storage: Path | None, uri:
     and the autoscaler sees the demand of all the others (a cluster whose GPU nodes scale from zero has no room
     for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run on other nodes,
     so they need the multi-node storage and MLflow as well, and the work folder (sweep state, trial outputs,
-    exports), which the head reads back, on the storage path's filesystem."""
+    exports), which the head reads back, on the storage path's filesystem (with cloud storage that cannot be
+    checked: the work folder must be a shared mount)."""
     have = ray.cluster_resources()
     limit = _cluster_limit() if address else None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -322,7 +322,7 @@ def _check_cluster(space: Space, address: str | None, storage: Path | None, uri:
         raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
                            "(the server cluster.yaml starts)")
     work = workdir(space.cells[0].config)
-    if where and _device(work) != _device(storage):
+    if where and storage.local and _device(work) != _device(storage.local):
         raise FlatRayError(f"{where}: the work folder {work} (sweep state, trial outputs, exports) is not on the "
                            f"filesystem of --storage-path {storage}, so the head would not see what the trials "
                            f"write; set paths.workdir on the shared mount (e.g. paths.workdir={storage / 'work'})")
@@ -335,10 +335,7 @@ def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: st
     cfg0 = space.cells[0].config
     root = workdir(cfg0)
     uri = mlflow_uri or cfg0.tracking.mlflow_uri or tracking.default_uri(root)
-    if storage_path and storage_path.startswith(REMOTE_STORAGE):
-        raise FlatRayError(f"--storage-path {storage_path}: use a shared filesystem mount (NFS, FSx, a bucket "
-                           "mounted with s3fs/gcsfuse); flat-ray keeps its run state files there")
-    storage = (Path(storage_path).expanduser().resolve() if storage_path else root / "ray_results") / name
+    storage = Place.of(storage_path or root / "ray_results") / name
     extra_address = {"launch.address": address} if address else {}
     cells = [_absolute(with_constants(c, extra_address, space.base) if extra_address else c, space.base, uri, storage)
              for c in space.cells]
@@ -377,8 +374,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         raise FlatRayError(f"a sweep named {name!r} already exists in {sweep_dir.parent}; pass --resume {name} "
                            "or choose another --name")
     _connect(address)
-    concurrency = _check_cluster(space, address, Path(storage_path).expanduser().resolve() if storage_path else None,
-                                 uri)
+    concurrency = _check_cluster(space, address, Place.of(storage_path) if storage_path else None, uri)
     for cell in space.cells:  # build the demo's original model once, before trials need it
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
             ensure_demo_original(cell.config, finetuner(console=True))
@@ -410,7 +406,7 @@ def _describe_sweep(space: Space, name: str, result: str = "") -> str:
     return text + (f" Best: {result}." if result else "")
 
 
-def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: str, table: str,
+def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Place, uri: str, table: str,
                  address: str | None, storage_path: str | None, state: dict[str, Any]) -> tracking.Tracker:
     """Reopen a resumed sweep's parent run, or start it with the space, the trial table and the sweep state."""
     if state:
@@ -439,7 +435,7 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Path, uri: s
     return parent
 
 
-def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
+def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,
               concurrency: int, echo: Callable[[str], None] = log.info) -> int:
     """One grid cell as one Tune experiment (restored when it has state); returns its number of errored trials."""
     metric = space.objective[0] if len(space.objective) == 1 else None
@@ -481,7 +477,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pat
     return sum(s == "ERROR" for s in states.values())
 
 
-def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Path, uri: str, parent_run_id: str,
+def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,
                     echo: Callable[[str], None]) -> None:
     """At the end of a cell: export the best epoch of its best finished trial (``export: best_trial``) by the
     first objective, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""

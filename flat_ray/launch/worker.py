@@ -38,7 +38,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     quiet_worker_logs()
     ctx = ray.train.get_context()
-    wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
+                         node=ray.get_runtime_context().get_node_id())
     emit = emitter(config.get("console"), wctx.rank)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

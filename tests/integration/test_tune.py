@@ -112,12 +112,14 @@ objective: unlearn_score
 
 
 def test_optuna_with_asha_runs_parallel_trials_and_stops_the_worst(tmp_path, ray_local, tiny_model_dir, monkeypatch,
-                                                                   capsys):
+                                                                   capsys, s3_bucket):
     """Optuna samples three trials (seed 6 gives lr 2e-3, 2e-3, then 1e-7); on the suite's Ray (2 CPUs, whatever the
     machine) two run at a time. Both first trials have reported epoch 1 before the third starts, so when the third
     reaches ASHA's rung its forget probability (an lr of 1e-7 barely moves it) is worse than theirs and ASHA stops
-    it; the two others finish with their exports. Every MLflow run is closed. With accumulation 3 over 2 epochs of 5
-    micro-batches, each finished trial takes the 3 optimizer steps the dry run counts."""
+    it; the two others finish. Every MLflow run is closed. With accumulation 3 over 2 epochs of 5 micro-batches,
+    each finished trial takes the 3 optimizer steps the dry run counts. Tune's and the trials' state is in cloud
+    storage (--storage-path s3://… on the suite's local S3 server): the best trial is exported from there and every
+    checkpoint there is deleted at the end."""
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
 params: {optim.lr: {choice: [2.0e-3, 1.0e-7]}}
 num_samples: 3
@@ -126,7 +128,8 @@ scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
 objective: forget_prob
 resources: {num_workers: 1, deepspeed_stage: 2}
 """, epochs=2, extra=", optim.grad_accum_steps: 3")
-    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "oa")
+    out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "oa", "--storage-path",
+                f"{s3_bucket}/sweeps")
     assert "| model" in out
     lines = out.splitlines()
     top = next(i for i, line in enumerate(lines) if line.startswith("cell ") and "concurrent" in line)
@@ -159,7 +162,12 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert [r.info.run_name for r in exported] == [min(best_prob, key=best_prob.get)]
     assert Path(exported[0].data.tags["model_dir"], "config.json").is_file()
     assert "flat_ray_work/sweeps/oa/trials/" in exported[0].data.tags["model_dir"]
-    assert not [p for p in (tmp_path / "flat_ray_work").rglob("checkpoint_*") if p.is_dir()]  # all dropped at the end
+    from flat_ray.storage import Place
+
+    trial_dirs = (Place.of(f"{s3_bucket}/sweeps") / "oa" / "train").dirs()
+    assert sorted(d.name for d in trial_dirs) == sorted(r.info.run_name for r in children)  # in the bucket
+    assert not any(d.dirs("checkpoint_") for d in trial_dirs)  # every checkpoint dropped at the end
+    assert not (tmp_path / "flat_ray_work" / "ray_results").exists()
     for r in children[:2]:
         logged = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "train/loss")]
         assert logged == list(range(1, steps + 1)) and steps == 3  # 10 micro-batches // 3

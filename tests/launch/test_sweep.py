@@ -300,9 +300,10 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     trials run on nodes yet to come, so shared storage, a server MLflow and the work folder on the storage's
     filesystem are required up front."""
     from flat_ray.launch.tune import _check_cluster
+    from flat_ray.storage import Place
 
     monkeypatch.chdir(tmp_path)  # the space's paths.workdir, flat_ray_work, is relative to here
-    shared = tmp_path / "shared"
+    shared = Place.of(tmp_path / "shared")
     space = load_space("tofu")  # 8 trials per cell, each 2 x (8 CPU, 1 GPU)
     with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
                                            "pass --storage-path on shared storage"):
@@ -310,7 +311,7 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     with pytest.raises(FlatRayError, match="waits for nodes the autoscaler adds but MLflow is a local SQLite file"):
         _check_cluster(space, "auto", shared, "sqlite:///x.db")
     assert _check_cluster(space, "auto", shared, "http://head:5000") == {c.name: 8 for c in space.cells}
-    elsewhere = Path("/dev/shm/flat-ray-shared")  # another filesystem (tmpfs) than the work folder's
+    elsewhere = Place.of("/dev/shm/flat-ray-shared")  # another filesystem (tmpfs) than the work folder's
     if Path("/dev/shm").is_dir() and Path("/dev/shm").stat().st_dev != tmp_path.stat().st_dev:
         with pytest.raises(FlatRayError, match=rf"the work folder {tmp_path / 'flat_ray_work'} \(sweep state, trial "
                                                rf"outputs, exports\) is not on the filesystem of --storage-path "
@@ -324,7 +325,8 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     assert _check_cluster(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
-def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local):
+def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local, tmp_path,
+                                                                                                      monkeypatch):
     """Where the autoscaler has told Ray its node types (what Ray Train also reads), a cell runs as many trials as
     fit the cluster at its largest, and a trial that could never fit is refused before anything starts. The
     cluster config is written to this Ray's GCS as an autoscaler would, and removed afterwards."""
@@ -333,6 +335,10 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
     from ray.experimental import internal_kv
 
     from flat_ray.launch.tune import _check_cluster
+    from flat_ray.storage import Place
+
+    monkeypatch.chdir(tmp_path)  # the work folder and the storage path on one filesystem
+    shared = Place.of(tmp_path / "shared")
 
     config = autoscaler_pb2.ClusterConfig()
     head = config.node_group_configs.add(name="head", max_count=1)
@@ -343,18 +349,18 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
     internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
     try:
         tofu = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU): 32 CPUs and 6 GPUs fit 1 (CPUs bind)
-        assert _check_cluster(tofu, "auto", True, "http://head:5000") == {c.name: 1 for c in tofu.cells}
+        assert _check_cluster(tofu, "auto", shared, "http://head:5000") == {c.name: 1 for c in tofu.cells}
         demo = load_space("demo")  # 1.99 CPUs a trial: 16 of them fit 32 CPUs, though only 1 fits this Ray now,
         with pytest.raises(FlatRayError, match="cell demo-demo_forget10-flat waits for nodes the autoscaler adds"):
-            _check_cluster(demo, "auto", False, "sqlite:///x.db")  # so 15 run on other nodes
-        assert _check_cluster(demo, "auto", True, "http://head:5000") == {c.name: 16 for c in demo.cells}
+            _check_cluster(demo, "auto", None, "sqlite:///x.db")  # so 15 run on other nodes
+        assert _check_cluster(demo, "auto", shared, "http://head:5000") == {c.name: 16 for c in demo.cells}
         big = load_space("tofu", ["launch.num_workers=4"])  # 4 x (8 CPU, 1 GPU) needs 32.01 CPUs: never fits
         with pytest.raises(FlatRayError, match="one trial needs 32.01 CPUs and 4 GPUs but the cluster can grow to "
                                                "32 CPUs and 6 GPUs; lower resources.num_workers"):
-            _check_cluster(big, "auto", True, "http://head:5000")
+            _check_cluster(big, "auto", shared, "http://head:5000")
     finally:
         internal_kv._internal_kv_del(key[1], namespace=key[0])
-    assert _check_cluster(demo, "auto", False, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert _check_cluster(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
 def test_trial_functions_are_pinned_to_the_head_node(ray_local):
