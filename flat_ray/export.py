@@ -170,16 +170,16 @@ def drop_checkpoints(run_dir: Place, keep: int, metric: str | None) -> float:
     """Delete all but ``keep`` of a run's checkpoints (the best by ``metric`` when it has one, else the latest) and
     its staging folder; returns the MiB of checkpoints left."""
     (run_dir / ".staging").rmtree()  # the workers' staging folder (left over by a crash)
-    every = run_dir.dirs("checkpoint_")  # Ray names them by time
-    ranked = {k.path: k for k in kept_checkpoints(run_dir)}
-    if metric is not None:
-        sign = 1.0 if METRICS[metric].higher_is_better else -1.0
+    complete = {k.path: k for k in kept_checkpoints(run_dir)}
+    sign = 1.0 if metric is None or METRICS[metric].higher_is_better else -1.0
 
-        def rank(p: Place) -> tuple[float, float]:
-            score = _score(ranked[p], metric) if p in ranked else None
-            return (-math.inf if score is None else sign * score, ranked[p].epoch if p in ranked else -1)
+    def rank(p: Place) -> tuple[bool, float, int]:  # one cut short ranks last, then by score, then by epoch
+        kept = complete.get(p)
+        score = _score(kept, metric) if kept and metric else None
+        return (kept is not None, sign * score if score is not None else -math.inf if metric else 0.0,
+                kept.epoch if kept else -1)
 
-        every = sorted(every, key=rank)
+    every = sorted(run_dir.dirs("checkpoint_"), key=rank)
     left = every[len(every) - keep:] if keep else []
     for old in every:
         if old not in left:

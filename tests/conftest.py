@@ -139,11 +139,12 @@ def zero3(ray_local, base):
 
 
 @pytest.fixture(scope="session")
-def interrupted(ray_local, zero3, tmp_path_factory):
-    """``zero3``'s config run again in a subprocess holding secrets: a worker lost, the driver killed, resumed."""
+def interrupted(ray_local, zero3, tmp_path_factory, s3_bucket):
+    """``zero3``'s config run again in a subprocess holding secrets, its Ray state in the suite's S3 bucket: a worker
+    lost, the driver killed, resumed."""
     from tests.runs import run_interrupted
 
     cfg, res = zero3
     work = tmp_path_factory.mktemp("interrupted") / "work"
     work.mkdir()
-    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted", ray_local)
+    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted", ray_local, f"{s3_bucket}/runs")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from flat_ray.storage import Place
 from tests.procs import job_processes, kill_tree
 
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
@@ -51,21 +51,29 @@ def tiny_overrides(model: Path, work: Path) -> list[str]:
             "eval.max_new_tokens=6", "eval.batch_size=4", f"paths.workdir={work}"]
 
 
-def registered(run_dir: Path) -> list[str]:
-    """Checkpoint folders Ray Train has registered for a run (the ones a restore may use)."""
+def registered(run_dir: Path | Place) -> list[str]:
+    """Checkpoint folders Ray Train has registered for a run (the ones a restore may use), from its own record in
+    the run's storage folder (a local folder or a bucket)."""
     try:
-        snap = json.loads((run_dir / SNAPSHOT).read_text())
+        snap = json.loads((Place.of(str(run_dir)) / SNAPSHOT).read_text())
     except (OSError, ValueError):
         return []
     return [r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])]
 
 
-def wait_for_checkpoints(run_dir: Path, n: int, alive, timeout: float = 300) -> None:
+def wait_for_checkpoints(run_dir: Path | Place, n: int, alive, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while len(registered(run_dir)) < n:
         assert alive(), "the run ended before it was interrupted"
         assert time.monotonic() < deadline, f"no {n} registered checkpoint(s) in {run_dir}"
         time.sleep(0.05)
+
+
+def verify_in(checkpoint: Place, world_size: int = 2) -> dict:
+    """flat_ray's completeness check of a checkpoint folder wherever it is (a local folder or a bucket)."""
+    from flat_ray.engine.checkpoint import verify_listing
+
+    return verify_listing(str(checkpoint), checkpoint.files(), lambda rel: (checkpoint / rel).read_text(), world_size)
 
 
 def train_workers() -> list[psutil.Process]:
@@ -77,26 +85,29 @@ def train_workers() -> list[psutil.Process]:
 @dataclass
 class Interrupted:
     work: Path
-    run_dir: Path
+    run_dir: Place  # in the suite's S3 bucket
     killed_worker: int  # pid of the Ray Train worker that was SIGKILLed
     checkpoints_at_worker_kill: int  # registered checkpoints when the worker was killed
     last_epoch: int  # the 0-based epoch of the last registered checkpoint when the driver was killed
-    half_written: Path  # the planted, cut-short newer checkpoint folder
+    half_written: Place  # the planted, cut-short newer checkpoint folder
+    half_written_refusal: str  # what flat_ray's check said of it before the resume
     first_log: str  # everything the killed driver printed
     resumed: subprocess.CompletedProcess
 
 
-def run_interrupted(config_yaml: Path, work: Path, name: str, address: str) -> Interrupted:
-    """The ``interrupted`` run (module docstring) on the Ray at ``address``. ``config_yaml`` is the uninterrupted
-    run's config."""
-    from flat_ray.engine.checkpoint import verify
+def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, storage: str) -> Interrupted:
+    """The ``interrupted`` run (module docstring) on the Ray at ``address``, its Ray state in cloud storage at
+    ``storage`` (``s3://…``). ``config_yaml`` is the uninterrupted run's config."""
+    from pyarrow import fs
+
+    from flat_ray.errors import IncompleteCheckpoint
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **secret_env()}
     # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
     args = ["--address", address, str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
-            "eval.gathered=false", "launch.checkpoint_metric=null"]
-    run_dir = work / "ray_results" / name
+            "eval.gathered=false", "launch.checkpoint_metric=null", f"launch.storage_path={storage}"]
+    run_dir = Place.of(storage) / name
     log_path = work.parent / f"{name}-first.log"
     with log_path.open("w") as log:
         first = subprocess.Popen([FLAT_RAY, "train", *args], cwd=work.parent, env=env, stdout=log,
@@ -111,14 +122,24 @@ def run_interrupted(config_yaml: Path, work: Path, name: str, address: str) -> I
     finally:
         kill_tree(first)  # nothing of the killed run registers a checkpoint after this
     last = run_dir / registered(run_dir)[-1]
-    last_epoch = verify(last, 2)["epoch"]
+    last_epoch = verify_in(last)["epoch"]
     # a newer checkpoint folder whose copy was cut short by the crash: Ray Train never registered it, and
     # flat_ray's manifest check would refuse it anyway
     half = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
-    shutil.copytree(last, half)
-    biggest = max((p for p in half.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as fh:
-        fh.truncate(biggest.stat().st_size // 2)
-    resumed = subprocess.run([FLAT_RAY, "train", "--address", address, "--resume", name, f"paths.workdir={work}"], cwd=work.parent, env=env,
+    s3, _ = fs.FileSystem.from_uri(storage)
+    bucket_path = lambda place: place.uri.removeprefix("s3://")  # noqa: E731
+    fs.copy_files(bucket_path(last), bucket_path(half), source_filesystem=s3, destination_filesystem=s3)
+    rel, size = max(half.files().items(), key=lambda item: item[1])
+    with s3.open_input_stream(bucket_path(half / rel)) as fh:
+        data = fh.read()
+    with s3.open_output_stream(bucket_path(half / rel)) as fh:
+        fh.write(data[:size // 2])
+    try:
+        verify_in(half)
+        refusal = ""
+    except IncompleteCheckpoint as exc:
+        refusal = str(exc)
+    resumed = subprocess.run([FLAT_RAY, "train", "--address", address, "--resume", name, f"paths.workdir={work}",
+                              f"launch.storage_path={storage}"], cwd=work.parent, env=env,
                              capture_output=True, text=True, timeout=600)
-    return Interrupted(work, run_dir, victim.pid, at_kill, last_epoch, half, log_path.read_text(), resumed)
+    return Interrupted(work, run_dir, victim.pid, at_kill, last_epoch, half, refusal, log_path.read_text(), resumed)

@@ -14,6 +14,7 @@ import pytest
 from flat_ray.engine.checkpoint import EPOCH_FILE, write_manifest
 from flat_ray.errors import FlatRayError
 from flat_ray.export import choose, drop_checkpoints, kept_checkpoints
+from flat_ray.storage import Place
 
 
 def _checkpoint(run_dir: Path, name: str, epoch: int, metrics: dict, complete: bool = True) -> Path:
@@ -39,7 +40,7 @@ def run_dir(tmp_path):
 
 
 def test_choose_takes_the_best_the_last_or_an_epoch_among_complete_checkpoints(run_dir):
-    kept = kept_checkpoints(run_dir)
+    kept = kept_checkpoints(Place.of(run_dir))
     assert [k.epoch for k in kept] == [1, 2, 3, 4, 5]  # the cut-short epoch 6 is not a candidate
     assert choose(kept, "best", "forget_prob").epoch == 4  # a tie goes to the later epoch
     assert choose(kept, "last", None).epoch == 5 and choose(kept, "3", None).epoch == 3
@@ -52,12 +53,20 @@ def test_choose_takes_the_best_the_last_or_an_epoch_among_complete_checkpoints(r
 
 
 def test_dropping_keeps_the_best_by_the_metric_else_the_latest(run_dir):
-    left = drop_checkpoints(run_dir, 2, "forget_prob")
-    assert [k.epoch for k in kept_checkpoints(run_dir)] == [2, 4]
+    place = Place.of(run_dir)
+    left = drop_checkpoints(place, 2, "forget_prob")
+    assert [k.epoch for k in kept_checkpoints(place)] == [2, 4]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_2026-01-02", "checkpoint_2026-01-04"]
     assert left == pytest.approx(sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20)
-    assert drop_checkpoints(run_dir, 1, None) > 0 and [k.epoch for k in kept_checkpoints(run_dir)] == [4]
-    assert drop_checkpoints(run_dir, 0, None) == 0 and not list(run_dir.iterdir())
+    assert drop_checkpoints(place, 1, None) > 0 and [k.epoch for k in kept_checkpoints(place)] == [4]
+    assert drop_checkpoints(place, 0, None) == 0 and not list(run_dir.iterdir())
+
+
+def test_without_a_metric_the_latest_complete_checkpoints_stay_and_a_cut_short_one_goes(run_dir):
+    """The cut-short folder is the newest by name (Ray names folders by time), yet it is the first to go."""
+    place = Place.of(run_dir)
+    drop_checkpoints(place, 2, None)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_2026-01-04", "checkpoint_2026-01-05"]
 
 
 def test_a_zero0_checkpoint_consolidates_to_the_engines_weights(tiny_model_dir, tmp_path):

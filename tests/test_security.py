@@ -49,9 +49,10 @@ def test_secrets_never_reach_mlflow_artifacts_outputs_or_the_console(ray_local, 
     artifacts = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
     logged = [p for p in artifacts.rglob("*") if p.is_file()]
     assert {"config.yaml", "model.safetensors"} <= {p.name for p in logged}
-    # every file of the run: downloaded artifacts, the output folder, Ray's run folder with its checkpoints, the
-    # MLflow store itself
-    scanned = [*logged, *(p for p in work.rglob("*") if p.is_file())]
+    # every file of the run: downloaded artifacts, the output folder, Ray's run folder with its checkpoints (in the
+    # bucket), the MLflow store itself
+    bucket = interrupted.run_dir.download(tmp_path / "bucket")  # Ray's run folder in the S3 bucket, checkpoints too
+    scanned = [*logged, *(p for p in work.rglob("*") if p.is_file()), *(p for p in bucket.rglob("*") if p.is_file())]
     assert (work / "runs" / "interrupted" / "config.yaml") in scanned and (work / "mlflow.db") in scanned
     assert any(p.name.endswith("_optim_states.pt") for p in scanned)  # DeepSpeed's checkpoint files too
     leaks = [str(p) for p in scanned if SENTINEL.encode() in p.read_bytes()]
