@@ -26,7 +26,8 @@ on the machine is left alone) and exits 0 only if:
    the node its rank 0 runs on is SIGKILLed (as a lost machine) and, at the same moment, the MLflow server is
    stopped for 20 s and then started again on the same port and store. The hit trial restores from its
    checkpoint on another node and finishes in its own MLflow run (``restores`` >= 1, ``rank0_node`` another
-   node), and every trial's MLflow run has every training step and every evaluation.
+   node), and every trial's MLflow run has every training step and every evaluation. (Here the restore waits for
+   the surviving node to be free: the autoscaler does not replace the killed node within the run.)
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ def check_faults(uri: str, record: dict) -> list[str]:
                         f"restores={tags.get('restores')}")
     elif tags.get("rank0_node") == record["node"] or int(tags.get("resumed_from_epoch", 0)) < 1:
         problems.append(f"it did not restore from a checkpoint on another node: {tags}")
+    record.update(restored_on=tags.get("rank0_node"), resumed_from_epoch=tags.get("resumed_from_epoch"))
     for run in trials:
         steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
         evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/forget_prob"))
