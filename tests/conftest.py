@@ -69,23 +69,14 @@ def demo_workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_bucket() -> str:
     """A bucket on a real S3 server on 127.0.0.1 (moto in server mode, started here); returns ``s3://BUCKET``."""
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     import boto3
 
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
+    from tests.procs import start_server
+
+    proc = start_server([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                        f"http://127.0.0.1:{S3_PORT}/", "moto_server", timeout=60)
     boto3.client("s3").create_bucket(Bucket="flat-ray-test")
     yield "s3://flat-ray-test"
     proc.kill()

@@ -69,3 +69,19 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> None:
     proc.wait(timeout)
     _, alive = psutil.wait_procs(list(frozen - {root}), timeout=timeout)
     assert not alive, f"processes of the killed run are still alive: {alive}"
+
+
+def start_server(cmd: list[str], url: str, what: str, timeout: float = 120) -> subprocess.Popen:
+    """Start a local server (its own session, output dropped) and return once ``url`` answers."""
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.2)

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flat_ray import tracking
 from flat_ray.errors import FlatRayError
+from tests.procs import start_server
 
 
 def test_the_reachability_probe_does_not_change_the_processs_mlflow_settings(monkeypatch):
@@ -46,15 +46,7 @@ class Server:
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
                str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
                "--artifacts-destination", str(self.root / "served-artifacts")]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.25)
+        self.proc = start_server(cmd, f"{self.uri}/health", "mlflow server")
 
     def stop(self) -> None:
         """The server and its workers at once (a graceful stop takes seconds)."""
