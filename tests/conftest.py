@@ -13,10 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # wait of up to 2 s that runs of seconds feel. The suite's Ray (and every Ray a test's subprocess starts, which
 # inherits this) polls every 0.25 s instead; behaviour is the same, only the waits are shorter.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# and Ray Train starts no preemption watcher (an actor process per run, polling a cloud's preemption notices: none
-# come on this machine) and records no Prometheus metrics of its own: a CPU the suite's runs need
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
 def _free_port() -> int:
