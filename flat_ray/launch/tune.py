@@ -483,7 +483,7 @@ def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, u
     first objective, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""
     metric = cell.config.launch.checkpoint_metric
     runs = [r for r in tracking.child_runs(uri, parent_run_id) if r.data.tags.get("flat_ray.cell") == cell.name]
-    finished = {r.data.tags["flat_ray.trial"]: r for r in runs if r.info.status == "FINISHED"}
+    finished = [r.data.tags["flat_ray.trial"] for r in runs if r.info.status == "FINISHED"]
     if space.export == "best_trial" and metric is not None:
         candidates = []
         for trial in finished:
