@@ -19,7 +19,8 @@ on the machine is left alone) and exits 0 only if:
 3. every trial finished, and the sweep's exit status was 0;
 4. the MLflow server holds the sweep's parent run with both trials as children, and their artifacts arrived
    through the server (in its artifact folder, not in the work folder);
-5. every trial's driver function ran on the head, every training worker on an added node;
+5. every trial's driver function ran on the head, every training worker on an added node, and everything the
+   sweep wrote is on the shared storage (its state, report, trial outputs, the one exported model, Ray's state);
 6. the HF offline and cache variables, set for the sweep's driver only (the nodes start without them), reached
    the training workers;
 7. faults on that cluster: once a trial has a registered checkpoint (each trial trains 3 epochs), every process of
@@ -314,6 +315,26 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         problems.append(f"trial artifacts did not go through the server ({len(served)} config.yaml there)")
     if placed.get("trial_fn_on_head") is not True or placed.get("workers_off_head") is not True:
         problems.append(f"placement: {placed or 'not recorded'}")
+    problems += check_files(root, [t.info.run_name for t in trials])
+    return problems
+
+
+def check_files(root: Path, trials: list[str]) -> list[str]:
+    """Everything the sweep wrote is on the shared storage: the sweep's state and report, each trial's output
+    folder (its config and templates) and the one exported model under the work folder, each trial's Ray state
+    under the storage path; nothing in the sweep's working directory."""
+    work, ray = root / "shared" / "work" / "sweeps" / "cluster-demo", root / "shared" / "ray" / "cluster-demo"
+    missing = [str(p) for p in (work / "sweep.json", work / "space.yaml", work / "report" / "report.html",
+                                *(work / "trials" / t / "config.yaml" for t in trials),
+                                *(ray / "train" / t / "flat_ray_run.json" for t in trials)) if not p.is_file()]
+    models = list((work / "trials").glob("*/model/config.json"))
+    stray = [str(p) for p in root.iterdir() if p.name not in ("shared", "server", "ray_tmp", "space.yaml",
+                                                              "tune.log", "autoscaling.json")]
+    problems = [f"missing on the shared storage: {missing}"] if missing else []
+    if len(models) != 1:
+        problems.append(f"the sweep exported {len(models)} models, not the best trial's one")
+    if stray:
+        problems.append(f"written outside the shared storage: {stray}")
     return problems
 
 
