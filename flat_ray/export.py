@@ -69,6 +69,13 @@ def _score(kept: Kept, metric: str) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def score_key(kept: Kept, metric: str) -> float:
+    """A kept checkpoint's ``metric`` turned so that larger is better (its registry direction); -inf without it.
+    Choosing the best epoch, the best trial of a sweep and the checkpoints to keep all rank by this."""
+    score = _score(kept, metric)
+    return -math.inf if score is None else (1.0 if METRICS[metric].higher_is_better else -1.0) * score
+
+
 def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
     """``last``, ``best`` (by ``metric``, in its registry direction; a tie goes to the later epoch) or an epoch
     number, among the kept checkpoints."""
@@ -85,8 +92,7 @@ def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
         scored = [k for k in kept if _score(k, metric) is not None]
         if not scored:
             raise FlatRayError(f"no kept checkpoint has {metric} (kept epochs: {have}); give an epoch number or last")
-        sign = 1.0 if METRICS[metric].higher_is_better else -1.0
-        return max(scored, key=lambda k: (sign * _score(k, metric), k.epoch))
+        return max(scored, key=lambda k: (score_key(k, metric), k.epoch))
     if not epoch.isdigit() or int(epoch) not in {k.epoch for k in kept}:
         raise FlatRayError(f"--epoch {epoch}: choose best, last or a kept epoch ({have})")
     return next(k for k in kept if k.epoch == int(epoch))
@@ -171,13 +177,10 @@ def drop_checkpoints(run_dir: Place, keep: int, metric: str | None) -> float:
     its staging folder; returns the MiB of checkpoints left."""
     (run_dir / ".staging").rmtree()  # the workers' staging folder (left over by a crash)
     complete = {k.path: k for k in kept_checkpoints(run_dir)}
-    sign = 1.0 if metric is None or METRICS[metric].higher_is_better else -1.0
 
     def rank(p: Place) -> tuple[bool, float, int]:  # one cut short ranks last, then by score, then by epoch
         kept = complete.get(p)
-        score = _score(kept, metric) if kept and metric else None
-        return (kept is not None, sign * score if score is not None else -math.inf if metric else 0.0,
-                kept.epoch if kept else -1)
+        return (kept is not None, score_key(kept, metric) if kept and metric else 0.0, kept.epoch if kept else -1)
 
     every = sorted(run_dir.dirs("checkpoint_"), key=rank)
     left = every[len(every) - keep:] if keep else []

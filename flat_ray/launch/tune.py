@@ -34,8 +34,7 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
-from flat_ray.eval.metrics import METRICS
-from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints
+from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints, score_key
 from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import (
     STATE_FILE,
@@ -492,8 +491,7 @@ def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, u
             except FlatRayError:  # no checkpoint with the metric (evaluation off): nothing to rank it by
                 continue
         if candidates:
-            sign = 1.0 if METRICS[metric].higher_is_better else -1.0
-            trial, best = max(candidates, key=lambda c: sign * c[1].metrics[metric])
+            trial, best = max(candidates, key=lambda c: score_key(c[1], metric))
             done = export_run(storage / "train" / trial, str(best.epoch), sweep_dir / "trials" / trial / "model")
             tracking.Tracker(uri, parent_run_id).set_tags({f"best_model.{cell.name}": str(done.model_dir)})
             echo(f"cell {cell.name}: best trial {trial} (epoch {best.epoch}, {metric} "
