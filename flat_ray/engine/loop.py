@@ -32,7 +32,7 @@ from flat_ray.distributed import all_reduce
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
 from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
-from flat_ray.engine.step import method_loss
+from flat_ray.engine.step import method_loss, to_device
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval.suites import suite_for
@@ -54,14 +54,6 @@ class WorkerContext:
     world_size: int
     local_rank: int
     node: str = ""  # the cluster node this rank runs on (Ray's node id), when known
-
-
-def _to(batch: Any, device: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _rss_now_mb() -> float:
@@ -314,7 +306,7 @@ class _Job:
         for batch in self.loader:
             window_tokens += sum(int(batch[k]["attention_mask"].sum()) for k in splits)  # counted on the host
             boundary = self.engine.is_gradient_accumulation_boundary()
-            out = method_loss(self.engine, _to(batch, self.engine.device), method, knobs, self.ref_model)
+            out = method_loss(self.engine, to_device(batch, self.engine.device), method, knobs, self.ref_model)
             self.engine.backward(out.loss)
             self.engine.step()
             if not boundary:

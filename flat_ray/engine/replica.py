@@ -6,8 +6,9 @@ template assignment per epoch, the gradient averaged over ranks and accumulation
 torch's AdamW with DeepSpeed's betas and eps, and the same warm-up/decay multiplier at the same optimizer steps.
 On the embedded demo (fp32, ZeRO-3, two ranks) it gives the real run's numbers to the fourth decimal.
 
-It runs in fp32 (the demo's precision); NPO's and DPO's reference model is a frozen copy of the start weights,
-as in the real run.
+It runs in fp32 (the demo's precision) on one device (the CPU by default; a GPU for larger models in
+``benchmarks/selectivity.py``); NPO's and DPO's reference model is a frozen copy of the start weights, as in the
+real run.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from torch.utils.data import DistributedSampler
 from flat_ray.config import RunConfig
 from flat_ray.data import Collator, load_split
 from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
-from flat_ray.engine.step import method_loss
+from flat_ray.engine.step import method_loss, to_device
 from flat_ray.eval.suites import suite_for
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
 
 
-def replay(cfg: RunConfig, model_path: str, world_size: int | None = None) -> dict[str, dict[str, float]]:
+def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, device: str = "cpu"
+           ) -> dict[str, dict[str, float]]:
     """Train ``model_path`` as ``cfg`` would on ``world_size`` ranks (default ``cfg.launch.num_workers``);
     returns the evaluation suite's float metrics ``{"before": ..., "after": ...}``."""
     world = world_size or cfg.launch.num_workers
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model.to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
@@ -42,16 +45,17 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None) -> di
 
     def evaluate() -> dict[str, float]:
         model.eval()
-        out = suite.run(model, tokenizer, profile, rows, cfg)
+        out = suite.run(model, tokenizer, profile, rows, cfg, device=device)
         model.train()
         return {k: v for k, v in out.items() if isinstance(v, float)}
 
     before = evaluate()
-    _train(cfg, model, dataset, Collator(tokenizer.pad_token_id), world)
+    train(cfg, model, dataset, Collator(tokenizer.pad_token_id), world, device)
     return {"before": before, "after": evaluate()}
 
 
-def _train(cfg: RunConfig, model: Any, dataset: Any, collate: Collator, world: int) -> None:
+def train(cfg: RunConfig, model: Any, dataset: Any, collate: Collator, world: int, device: Any = "cpu") -> None:
+    """``cfg``'s optimisation of ``model`` (already on ``device``) on ``dataset``, as ``world`` ranks would run it."""
     o = cfg.optim
     samplers = [DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=True, seed=o.seed)
                 for r in range(world)]
@@ -72,7 +76,8 @@ def _train(cfg: RunConfig, model: Any, dataset: Any, collate: Collator, world: i
         shards = [list(s) for s in samplers]
         for i in range(per_epoch):
             for shard in shards:  # every rank's micro-batch; DeepSpeed averages over ranks and accumulation
-                batch = collate([dataset[j] for j in shard[i * o.micro_batch_size:(i + 1) * o.micro_batch_size]])
+                batch = to_device(collate([dataset[j] for j in shard[i * o.micro_batch_size:(i + 1) * o.micro_batch_size]]),
+                            device)
                 (method_loss(model, batch, method, knobs, reference).loss / (world * o.grad_accum_steps)).backward()
             micro += 1
             if micro % o.grad_accum_steps:

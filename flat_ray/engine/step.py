@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from flat_ray.losses import LossOutput, Method, sequence_logprob
 
 
+def to_device(batch: Any, device: Any) -> Any:
+    """A collated batch (tensors, possibly nested in mappings) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], keys: Sequence[str]
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``model`` once on the splits ``keys`` of ``batch`` concatenated along the batch dimension.
@@ -52,4 +61,4 @@ def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Map
     return method.loss(inputs, **{k: knobs[k] for k in method.knobs}, **extra)
 
 
-__all__ = ["concat_forward", "method_loss"]
+__all__ = ["concat_forward", "method_loss", "to_device"]
