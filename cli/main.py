@@ -242,8 +242,8 @@ def _print_summary(summary: dict) -> None:
 @click.option("--split", help="Forget split, e.g. forget01 (data.split).")
 @click.option("--data-dir", help="Local directory with the benchmark's files (data.data_dir).")
 @click.option("--reference", metavar="DIR|FILE|RUN_ID",
-              help="Forget-quality reference: TOFU-format eval logs, an open-unlearning result JSON, or the MLflow "
-                   "run id of a `flat-ray eval` of a retain model.")
+              help="Forget-quality reference: TOFU-format eval logs, an open-unlearning result JSON, the MLflow "
+                   "run id of a `flat-ray eval` of a retain model, or 'auto' (the demo's retain model, built once).")
 @click.option("--truth-ratio", type=click.Choice(TRUTH_RATIOS.keys()), help="Truth-ratio variant.")
 @click.option("--max-examples", type=click.IntRange(min=1), help="Evaluate only the first N questions per split.")
 @click.option("--tasks", help="lm-eval tasks for utility: 'default' (the paper's set) or a comma-separated list.")

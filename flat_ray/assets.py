@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flat_ray.config import RunConfig, load_config
-from flat_ray.data import BUILTIN_TEMPLATES
+from flat_ray.data import BENCHMARKS, BUILTIN_TEMPLATES
 from flat_ray.data.demo import demo_texts
+from flat_ray.errors import FlatRayError
 from flat_ray.models import DEMO_ORIGINAL, TINY, TinySpec, cached_tiny_model
 
 log = logging.getLogger(__name__)
@@ -48,30 +49,58 @@ def demo_finetune_config(cfg: RunConfig) -> RunConfig:
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model_max_mb=0))
 
 
-def demo_original_path(cfg: RunConfig) -> Path:
-    """Where the demo's original model for ``cfg`` is cached: named by a hash of everything that shapes it (the
-    tiny model, the fine-tuning recipe, workers, ZeRO stage), so a change of any of them rebuilds it."""
+def demo_retain_config(cfg: RunConfig) -> RunConfig:
+    """The recipe of the demo's retain model: the original's, on the complement of ``cfg``'s forget split (forget10
+    -> retain90), so it never sees the authors to forget (TOFU's retain model, the forget-quality reference)."""
+    retain = BENCHMARKS[cfg.data.benchmark].retain_of.get(cfg.data.split)
+    if cfg.data.benchmark != "demo" or retain is None:
+        raise FlatRayError(f"eval.reference=auto builds a retain model for the demo's forget splits only "
+                           f"({', '.join(BENCHMARKS['demo'].retain_of)}), not {cfg.data.benchmark}/{cfg.data.split}; "
+                           "give TOFU-format eval logs, an open-unlearning result JSON or an MLflow run id")
     ft = demo_finetune_config(cfg)
+    return dataclasses.replace(ft, data=dataclasses.replace(ft.data, split=retain))
+
+
+def _recipe_path(ft: RunConfig, kind: str) -> Path:
+    """A fine-tuned demo model's cache folder, named by a hash of everything that shapes it (the tiny model, the
+    fine-tuning recipe and its data split, workers, ZeRO stage), so a change of any of them rebuilds it."""
     recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
     recipe["world_size"] = ft.launch.num_workers
     recipe["tiny"] = tiny_model_path(ft).name
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    return workdir(cfg) / "models" / f"demo-original-{digest}"
+    return workdir(ft) / "models" / f"demo-{kind}-{digest}"
 
 
-def ensure_demo_original(cfg: RunConfig, finetune: FineTune) -> Path:
-    """Build (once, with ``finetune``) and return the demo's original model."""
-    target = demo_original_path(cfg)
+def demo_original_path(cfg: RunConfig) -> Path:
+    """Where the demo's original model for ``cfg`` is cached."""
+    return _recipe_path(demo_finetune_config(cfg), "original")
+
+
+def demo_retain_path(cfg: RunConfig) -> Path:
+    """Where the demo's retain model for ``cfg``'s forget split is cached."""
+    return _recipe_path(demo_retain_config(cfg), "retain")
+
+
+def _ensure_built(target: Path, ft: RunConfig, finetune: FineTune, what: str) -> Path:
     if (target / "config.json").is_file():
         return target
-    ft = demo_finetune_config(cfg)
-    log.info("building the demo's original model (fine-tuning the tiny model on all demo authors)")
+    log.info("building the demo's %s model (fine-tuning the tiny model on %s)", what, ft.data.split)
     model_dir = finetune(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking, run_name=target.name)))
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)
     tmp.rename(target)
     return target
+
+
+def ensure_demo_original(cfg: RunConfig, finetune: FineTune) -> Path:
+    """Build (once, with ``finetune``) and return the demo's original model."""
+    return _ensure_built(demo_original_path(cfg), demo_finetune_config(cfg), finetune, "original")
+
+
+def ensure_demo_retain(cfg: RunConfig, finetune: FineTune) -> Path:
+    """Build (once, with ``finetune``) and return the demo's retain model for ``cfg``'s forget split."""
+    return _ensure_built(demo_retain_path(cfg), demo_retain_config(cfg), finetune, "retain")
 
 
 def resolve_model_path(cfg: RunConfig, finetune: FineTune | None = None) -> str:

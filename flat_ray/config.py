@@ -219,8 +219,10 @@ class EvalConfig:
                                "(when each rank has room for it) instead of gathering every layer again at every "
                                "forward and generated token; false keeps only the shards (less memory, slower).")
     reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
-                                      "(eval_log_forget.json; flat-ray eval writes them) or an open-unlearning "
-                                      "result JSON. Null: no forget quality.")
+                                      "(eval_log_forget.json; flat-ray eval writes them), an open-unlearning "
+                                      "result JSON, or 'auto' (model.name_or_path=demo: the demo's retain model, "
+                                      "fine-tuned like the original on the forget split's complement, built and "
+                                      "evaluated once, cached). Null: no forget quality.")
 
     def __post_init__(self):
         if not 0 < self.privleak_auc_retrain < 1:
@@ -505,6 +507,10 @@ def preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(files("flat_ray.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")) or {}
 
 
+# eval.reference=auto: the demo's retain model, built and evaluated by the driver (flat_ray.eval.run.auto_reference)
+AUTO_REFERENCE = "auto"
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), presets: Sequence[str] = ()) -> RunConfig:
     """Defaults <- presets (in order) <- YAML file (optional) <- ``key=value`` overrides, validated, and the files
     it names checked (:func:`check_inputs`)."""
@@ -532,7 +538,13 @@ def check_inputs(cfg: RunConfig) -> None:
         bench.locate(d.data_dir, d.split)  # names the splits that are there when this one is not
         if "retain" in METHODS[cfg.method.name].splits(vars(cfg.method)):
             bench.locate(d.data_dir, cfg.retain_split())
-    if cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
+    if cfg.eval.reference == AUTO_REFERENCE:
+        retain = BENCHMARKS[d.benchmark].retain_of.get(d.split)
+        if cfg.model.name_or_path != DEMO_ORIGINAL or d.benchmark != "demo" or retain is None:
+            raise FlatRayError("eval.reference=auto builds a retain model only for the demo (model.name_or_path=demo, "
+                               f"data.benchmark=demo, data.split one of {', '.join(BENCHMARKS['demo'].retain_of)}); "
+                               "for other models give TOFU-format eval logs or an open-unlearning result JSON")
+    elif cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
         raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
                            "an open-unlearning result JSON")
 

@@ -18,7 +18,9 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS
+from flat_ray.eval.metrics import METRICS, add_derived
+from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO
+from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
 
 SWEEP_FILE = "sweep.json"
 
@@ -37,6 +39,8 @@ class Trial:
     before: dict[str, float]
     loss: list[tuple[int, float]] = field(default_factory=list)
     why: str = ""  # a diverged trial's step and reason
+    reference: str = ""  # the trial's forget-quality reference (eval.reference), "" without one
+    truth_ratio: str = DEFAULT_TRUTH_RATIO
 
     @property
     def group(self) -> str:
@@ -116,7 +120,8 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
             model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
             divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
             before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
-            why=tags.get("diverged_reason", "")))
+            why=tags.get("diverged_reason", ""), reference=params.get("eval.reference", "") or "",
+            truth_ratio=params.get("eval.truth_ratio", DEFAULT_TRUTH_RATIO)))
     return state, trials
 
 
@@ -141,8 +146,19 @@ def _fmt(metric: str, v: float | None) -> str:
     return f"{v:.4f}"
 
 
+def reference_metrics(reference: str, truth_ratio: str) -> dict[str, float] | None:
+    """The metrics of a forget-quality reference that is a folder of TOFU-format eval logs (the retain model's;
+    its forget quality against itself is 1), or None for another kind of reference or one no longer there."""
+    logs = Path(reference)
+    if not reference or not (logs / LOG_FILES["forget"]).is_file():
+        return None
+    summary = summarize(read_log_dir(logs), truth_ratio=truth_ratio, reference_tr=read_reference(logs)[0])
+    return add_derived({k: v for k, v in summary.items() if isinstance(v, float)})
+
+
 def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[dict[str, Any]]:
-    """Rows of one benchmark: the model before unlearning, then each method / divergence at its best trial."""
+    """Rows of one benchmark: the model before unlearning, the retain model (when the trials' forget-quality
+    reference is one's eval logs, as in TOFU's tables), then each method / divergence at its best trial."""
     rows = []
     for model in dict.fromkeys(t.model for t in trials):
         mine = [t for t in trials if t.model == model]
@@ -150,6 +166,11 @@ def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[
         if first is not None:
             rows.append({"model": model, "method": "(before unlearning)", "lr": None, "trials": "",
                          objective: first.before.get(objective), **{c: first.before.get(c) for c in columns}})
+        with_ref = next((t for t in mine if t.reference), None)
+        ref = reference_metrics(with_ref.reference, with_ref.truth_ratio) if with_ref else None
+        if ref is not None:
+            rows.append({"model": model, "method": "(retain model)", "lr": None, "trials": "",
+                         objective: ref.get(objective), **{c: ref.get(c) for c in columns}})
         for group in dict.fromkeys(t.group for t in mine):
             members = [t for t in mine if t.group == group]
             done = [t for t in members if t.status == "finished" and objective in t.final]
@@ -214,6 +235,10 @@ def _plots(bench: str, trials: list[Trial], axes: list[str], out: Path) -> list[
             start = next((t.before for t in trials if x_m in t.before and y_m in t.before), None)
             if start:
                 ax.scatter([start[x_m]], [start[y_m]], marker="x", color="k", s=60, label="before unlearning")
+            with_ref = next((t for t in trials if t.reference), None)
+            ref = reference_metrics(with_ref.reference, with_ref.truth_ratio) if with_ref else None
+            if ref and x_m in ref and y_m in ref:  # where unlearning should land (TOFU's retain model)
+                ax.scatter([ref[x_m]], [ref[y_m]], marker="*", color="k", s=110, label="retain model")
             front = front_points([(t.final[x_m], t.final[y_m]) for t in done],
                                  (start[x_m], start[y_m]) if start else None, x_m, y_m)
             ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")

@@ -4,7 +4,9 @@ MLflow. Each suite writes its own logs (TOFU-format per-question logs, or ``summ
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from flat_ray import tracking
-from flat_ray.assets import FineTune, resolve_model_path, workdir
-from flat_ray.config import RunConfig
+from flat_ray.assets import FineTune, ensure_demo_retain, resolve_model_path, workdir
+from flat_ray.config import AUTO_REFERENCE, RunConfig, check_inputs
+from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import read_log_dir, read_reference, summarize
+from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 
@@ -47,6 +50,35 @@ def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, str
     return read_reference(Path(ref).expanduser())
 
 
+def auto_reference(cfg: RunConfig, finetune: FineTune | None) -> RunConfig:
+    """``eval.reference=auto``: ``cfg`` with the TOFU-format eval logs of the demo's retain model as its reference.
+
+    The retain model is fine-tuned once with the original's recipe on the forget split's complement (cached by a
+    hash of that recipe, like the original), then evaluated once with ``cfg``'s evaluation settings (the same
+    questions, prompt and generation length as the runs it is the reference of); both stay cached in the work
+    directory, and the evaluation is an MLflow run of its own. Any other ``eval.reference`` is returned as is."""
+    if cfg.eval.reference != AUTO_REFERENCE:
+        return cfg
+    if finetune is None:
+        raise FlatRayError("eval.reference=auto needs the demo's retain model, which only a training run, a sweep "
+                           "or flat-ray eval builds")
+    model_dir = ensure_demo_retain(cfg, finetune)
+    e = cfg.eval
+    logs = model_dir / f"eval-{cfg.data.split}-{e.max_examples or 'all'}q-{e.max_new_tokens}t-{cfg.data.max_length}"
+    if not (logs / LOG_FILES["forget"]).is_file():
+        _, tokenizer = load_model_and_tokenizer(str(model_dir), load_model=False)
+        profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)  # the original's prompt, whatever the path
+        ref_cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, name_or_path=str(model_dir), profile=profile.name),
+            eval=dataclasses.replace(e, reference=None),
+            tracking=dataclasses.replace(cfg.tracking, run_name=None))
+        tmp = logs.with_name(logs.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        evaluate_model(ref_cfg, max_examples=e.max_examples, out_dir=str(tmp))
+        tmp.rename(logs)
+    return dataclasses.replace(cfg, eval=dataclasses.replace(e, reference=str(logs)))
+
+
 def model_location(cfg: RunConfig, finetune: FineTune | None = None) -> str:
     """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``; the demo's original
     is built with ``finetune`` when it is not cached yet."""
@@ -60,7 +92,14 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
                    tasks_include: str | None = None, limit: int | None = None, max_examples: int | None = None,
                    out_dir: str | None = None, run_id: str | None = None,
                    finetune: FineTune | None = None) -> EvalResult:
-    """Evaluate one model (``finetune`` builds the demo's original if it is asked for and not cached yet)."""
+    """Evaluate one model (``finetune`` builds the demo's original, and with ``eval.reference=auto`` its retain
+    model, if they are asked for and not cached yet)."""
+    if reference == AUTO_REFERENCE:  # the retain model evaluated on the questions this evaluation uses
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reference=AUTO_REFERENCE,
+                                                                max_examples=max_examples or cfg.eval.max_examples))
+        check_inputs(cfg)
+        reference = None
+    cfg = auto_reference(cfg, finetune)
     uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
     # everything a user can get wrong, before the model is loaded or anything is written
     suite = suite_for(cfg)

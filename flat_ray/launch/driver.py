@@ -18,12 +18,13 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.assets import FineTune, resolve_model_path, workdir
-from flat_ray.config import RunConfig, load_config
+from flat_ray.config import AUTO_REFERENCE, RunConfig, load_config
 from flat_ray.console import RunConsole, verbose
 from flat_ray.data import load_split, make_template_source
 from flat_ray.envinfo import forwarded_env, package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
+from flat_ray.eval.run import auto_reference
 from flat_ray.eval.tofu import read_reference
 from flat_ray.export import (
     RUN_STATE,
@@ -83,7 +84,7 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         from flat_ray.eval.suites import suite_for
 
         suite_for(cfg).rows(cfg, 1)
-        if cfg.eval.reference:
+        if cfg.eval.reference and cfg.eval.reference != AUTO_REFERENCE:  # auto: built after these checks
             read_reference(cfg.eval.reference)
     tracking.check_reachable(uri)
     storage = storage_root(cfg)
@@ -357,6 +358,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     cfg, uri, storage, name, state = _prepare(cfg, resume)
     preflight(cfg, uri)
     model_path = resolve_model_path(cfg, finetuner(console))
+    cfg = auto_reference(cfg, finetuner(console))
     _start_ray(cfg)
     tracker, output_dir = _open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),

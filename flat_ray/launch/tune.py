@@ -34,6 +34,7 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.eval.run import auto_reference
 from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints, score_key
 from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import (
@@ -230,6 +231,13 @@ def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Place) -> Cel
     return with_constants(cell, extra, base)
 
 
+def _with_reference(cell: Cell, base: dict[str, Any]) -> Cell:
+    """A cell with ``eval.reference=auto`` gets its retain model's eval logs (built once, before trials need
+    them) as its trials' reference: each trial reads the same files."""
+    cfg = auto_reference(cell.config, finetuner(console=True))
+    return cell if cfg is cell.config else with_constants(cell, {"eval.reference": cfg.eval.reference}, base)
+
+
 class _CtrlC:
     """Ctrl-C during a sweep, seen by flat-ray: the first one asks Tune for its graceful stop (SIGUSR1: save the
     experiment state, end the running trials) and is remembered, so the sweep reports itself as interrupted
@@ -377,6 +385,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     for cell in space.cells:  # build the demo's original model once, before trials need it
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
             ensure_demo_original(cell.config, finetuner(console=True))
+    space = dataclasses.replace(space, cells=[_with_reference(cell, space.base) for cell in space.cells])
     table = format_table(trial_table_with(space, concurrency))
     parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
     echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
