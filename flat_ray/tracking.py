@@ -217,6 +217,9 @@ class Tracker(NullTracker):
             plt.close(figure)
 
 
+RETRY_MAX_S = 10.0  # BufferedTracker's longest wait between two tries of a send the server did not take
+
+
 class BufferedTracker(Tracker):
     """Rank 0's tracker: metrics go into a bounded queue that a thread sends to MLflow in batches, so training never
     waits for the tracking server and loses nothing while it is away (a restart, a slow response). A failed send
@@ -264,7 +267,7 @@ class BufferedTracker(Tracker):
                                 len(batch), type(exc).__name__)
                 self._failing = True
                 time.sleep(delay)
-                delay = min(2 * delay, 10.0)
+                delay = min(2 * delay, RETRY_MAX_S)
                 continue
             if self._failing:
                 log.warning("MLflow %s is back; sending the metrics kept meanwhile", self.uri)

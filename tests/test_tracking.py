@@ -94,6 +94,7 @@ def test_metrics_logged_while_the_server_is_away_arrive_once_it_is_back(server, 
     once, at its step and the time it was logged. (A trial through a 20 s outage: scripts/cluster_demo.py.)"""
     run_id = tracking.start_run(server.uri, "outage", "r", tmp_path, {}).run_id
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's own retries only (a faster test)
+    monkeypatch.setattr(tracking, "RETRY_MAX_S", 1.0)  # and at most 1 s apart (10 s in a run)
     tracker = tracking.BufferedTracker(server.uri, run_id, max_pending=40)
     tracker.log_metrics({"loss": 0.0, "lr": 0.0}, step=0)
     assert tracker.close(0.0) >= 0 and _until(lambda: tracker.pending == 0)

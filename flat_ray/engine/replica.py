@@ -29,10 +29,11 @@ from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
 
 
-def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, device: str = "cpu"
-           ) -> dict[str, dict[str, float]]:
+def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, device: str = "cpu",
+           evaluate_before: bool = True) -> dict[str, dict[str, float]]:
     """Train ``model_path`` as ``cfg`` would on ``world_size`` ranks (default ``cfg.launch.num_workers``);
-    returns the evaluation suite's float metrics ``{"before": ..., "after": ...}``."""
+    returns the evaluation suite's float metrics ``{"before": ..., "after": ...}`` (``before`` empty without
+    ``evaluate_before``: replays of one model at several learning rates share it)."""
     world = world_size or cfg.launch.num_workers
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model.to(device)
@@ -49,7 +50,7 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
         model.train()
         return {k: v for k, v in out.items() if isinstance(v, float)}
 
-    before = evaluate()
+    before = evaluate() if evaluate_before else {}
     train(cfg, model, dataset, Collator(tokenizer.pad_token_id), world, device)
     return {"before": before, "after": evaluate()}
 

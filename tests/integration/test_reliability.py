@@ -23,7 +23,7 @@ from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint, RunFailed
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.launch.driver import STATE_FILE, run_training
-from tests.runs import tiny_overrides
+from tests.runs import ZERO3, tiny_overrides
 
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))
 
@@ -123,21 +123,36 @@ def test_file_in_place_of_the_storage_folder_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_fails_the_run_with_one_clear_line(tmp_path, tmpfs, ray_local, tiny_model_dir):
-    full = tmpfs("full", "256k")  # room for Ray's run files, not for a checkpoint (megabytes)
-    cfg = load_config(None, _overrides(tiny_model_dir, tmp_path / "work", "optim.epochs=1", "eval.enabled=false",
-                                       "launch.max_failures=0", f"launch.storage_path={full}",
-                                       "tracking.run_name=full"))
+def test_zero2_gives_zero3s_losses_until_a_full_disk_fails_the_run_with_one_clear_line(tmp_path, tmpfs, zero3, base):
+    """One ZeRO-2 run of the shared ZeRO-3 run's recipe (no evaluation), its storage on a tmpfs with room for Ray's
+    run files but not for a checkpoint, which it writes only after the last epoch: its 12 steps give the ZeRO-3
+    run's losses and scores, then the checkpoint fills the disk and the run fails with one line that says where."""
+    full = tmpfs("full", "256k")  # megabytes of checkpoint do not fit
+    cfg = load_config(None, [*base, *ZERO3, "deepspeed.stage=2", "eval.enabled=false", "launch.checkpoint_metric=null",
+                             "launch.export=none", "launch.checkpoint_every_epochs=4", "launch.max_failures=0",
+                             f"launch.storage_path={full}", "tracking.run_name=zero2"])
     with pytest.raises(RunFailed) as err:
         run_training(cfg)
     msg = str(err.value)
     assert "\n" not in msg
     # each rank stages its checkpoint in the run's storage folder (not the node's /tmp): that is where it ran out
-    assert f"could not write the epoch 1 checkpoint to {full}/full/.staging/flat-ray-ckpt-r" in msg
+    assert f"could not write the epoch 4 checkpoint to {full}/zero2/.staging/flat-ray-ckpt-r" in msg
     assert "in the storage path (launch.storage_path)" in msg
     assert "No space left on device" in msg and "free space or fix its permissions" in msg
-    state = json.loads((full / "full" / STATE_FILE).read_text())
-    assert tracking.run_data(state["mlflow_uri"], state["run_id"]).info.status == "FAILED"
+    state = json.loads((full / "zero2" / STATE_FILE).read_text())
+    uri, run_id = state["mlflow_uri"], state["run_id"]
+    assert tracking.run_data(uri, run_id).info.status == "FAILED"
+
+    _, res3 = zero3  # every step before the failure, as ZeRO-3 took it
+    c2, c3 = ([v for _, v in tracking.metric_history(u, r, "train/loss")] for u, r in ((uri, run_id),
+                                                                                      (res3.mlflow_uri, res3.run_id)))
+    assert len(c2) == len(c3) == 12
+    assert c2 == pytest.approx(c3, abs=2e-5)
+    assert c3[-1] < c3[0] - 1e-4  # the curve moves (FLAT's TV loss starts near 0 on an untrained model)
+    s2, s3 = ([v for _, v in tracking.metric_history(u, r, "train/score_forget")] for u, r in ((uri, run_id),
+                                                                                            (res3.mlflow_uri,
+                                                                                             res3.run_id)))
+    assert s2 == pytest.approx(s3, rel=1e-3)
 
 
 # ------------------------------------------------------------------- lost worker, then killed driver, resumed
