@@ -120,9 +120,14 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
             model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
             divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
             before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
-            why=tags.get("diverged_reason", ""), reference=params.get("eval.reference", "") or "",
+            why=tags.get("diverged_reason", ""), reference=_param_path(params.get("eval.reference")),
             truth_ratio=params.get("eval.truth_ratio", DEFAULT_TRUTH_RATIO)))
     return state, trials
+
+
+def _param_path(value: str | None) -> str:
+    """A path param as MLflow holds it ("None" for a null key), or ""."""
+    return "" if value in (None, "", "None") else value
 
 
 def _better(metric: str, a: float, b: float) -> bool:

@@ -94,7 +94,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
                    finetune: FineTune | None = None) -> EvalResult:
     """Evaluate one model (``finetune`` builds the demo's original, and with ``eval.reference=auto`` its retain
     model, if they are asked for and not cached yet)."""
-    if reference == AUTO_REFERENCE:  # the retain model evaluated on the questions this evaluation uses
+    if (reference or cfg.eval.reference) == AUTO_REFERENCE:  # the retain model, on this evaluation's questions
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reference=AUTO_REFERENCE,
                                                                 max_examples=max_examples or cfg.eval.max_examples))
         check_inputs(cfg)
