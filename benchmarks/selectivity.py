@@ -72,11 +72,12 @@ def spec_for(size: str):
 
 def answer_prob(model, tokenizer, profile, rows: list[dict], device: str) -> float:
     import numpy as np
+    import torch
 
     from flat_ray.eval.runner import answer_losses
 
     model.eval()
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         losses = answer_losses(model, tokenizer, profile, [(r["question"], r["answer"]) for r in rows],
                                max_length=256, batch_size=20, device=device)
     model.train()
