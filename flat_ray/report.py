@@ -9,6 +9,7 @@ Files go to ``<sweep dir>/report/``; the sweep logs them on its parent run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -151,6 +152,7 @@ def _fmt(metric: str, v: float | None) -> str:
     return f"{v:.4f}"
 
 
+@functools.lru_cache(maxsize=16)  # the table and the plot of each benchmark ask for the same reference
 def reference_metrics(reference: str, truth_ratio: str) -> dict[str, float] | None:
     """The metrics of a forget-quality reference that is a folder of TOFU-format eval logs (the retain model's;
     its forget quality against itself is 1), or None for another kind of reference or one no longer there."""
