@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import inspect
 import os
 import sys
 import time
@@ -34,54 +32,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _perturb_from_paraphrase() -> None:
-    """Make the demo generator write perturbed answers in the paraphrase's template (same facts, same order)."""
-    import flat_ray.data.demo as demo
-
-    src = inspect.getsource(demo._generate.__wrapped__)
-    old = '"perturbed_answer": [answer.format(**alt)'
-    assert old in src, "the demo generator changed; update this probe"
-    src = src.replace(old, '"perturbed_answer": [para.format(**alt)').replace("@functools.lru_cache(maxsize=4)\n", "")
-    namespace = dict(vars(demo))
-    exec(src, namespace)  # noqa: S102 - this project's own function, one string replaced
-    demo._generate = functools.lru_cache(maxsize=4)(namespace["_generate"])
+from flat_ray.data.demo import BACKGROUND_AUTHORS  # noqa: E402
 
 
-def training_rows(extra_authors: int) -> tuple[list[dict], list[dict]]:
-    """(original's rows, retain model's rows)."""
-    from flat_ray.data.demo import _generate, demo_split
-
-    def qa(r, key="answer"):
-        return {"question": r["question"], "answer": r[key]}
-
-    demo_names = {r["question"] for r in demo_split("full")}
-    extra = [r for r in _generate(extra_authors + 2, 12345)["full"] if r["question"] not in demo_names]
-    extra = extra[: extra_authors * 10]
-    general = [qa(r) for r in extra] + [qa(r, "paraphrased_answer") for r in extra]
-    general += [qa(r) for s in ("real_authors_perturbed", "world_facts_perturbed") for r in demo_split(s)]
-    forget = {r["question"] for r in demo_split("forget10")}
-    full = [qa(r) for r in demo_split("full")]
-    return general + full, general + [r for r in full if r["question"] not in forget]
-
-
-def fine_tune(rows: list[dict], epochs: int, out: Path):
+def fine_tune(split: str, args: argparse.Namespace, out: Path):
+    """The tiny model trained on ``split`` with the demo's fine-tuning recipe and this probe's overrides."""
     from flat_ray.assets import demo_finetune_config, tiny_model_path
     from flat_ray.config import load_config
-    from flat_ray.data import Collator
+    from flat_ray.data import Collator, load_split
     from flat_ray.engine.replica import train
     from flat_ray.models import load_model_and_tokenizer
     from flat_ray.pipeline import build_dataset, profile_for
 
     ft = demo_finetune_config(load_config(None, [f"paths.workdir={out.parent}"], presets=["demo"]))
-    ft = dataclasses.replace(ft, optim=dataclasses.replace(ft.optim, epochs=epochs),
-                             launch=dataclasses.replace(ft.launch, num_workers=1))
+    optim = {k: v for k, v in (("epochs", args.epochs), ("micro_batch_size", args.micro_batch), ("lr", args.lr))
+             if v is not None}
+    ft = dataclasses.replace(ft, optim=dataclasses.replace(ft.optim, **optim),
+                             launch=dataclasses.replace(ft.launch, num_workers=args.workers))
+    rows = load_split("demo", split)
     if not (out / "config.json").is_file():
         model, tok = load_model_and_tokenizer(str(tiny_model_path(ft)))
-        train(ft, model, build_dataset(ft, tok, profile_for(ft, "demo", tok), rows), Collator(tok.pad_token_id), 1)
+        train(ft, model, build_dataset(ft, tok, profile_for(ft, "demo", tok), rows), Collator(tok.pad_token_id),
+              args.workers)
         model.save_pretrained(out)
         tok.save_pretrained(out)
-    return load_model_and_tokenizer(str(out))
+    return (*load_model_and_tokenizer(str(out)), len(rows), ft.optim)
 
 
 def evaluate(model, tok):
@@ -117,44 +92,52 @@ def unlearn(path: Path, divergence: str, lr: float):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--extra-authors", type=int, default=40)
-    ap.add_argument("--perturbed", choices=("answer", "paraphrase"), default="paraphrase")
-    ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (the demo original's: 30)")
+    ap.add_argument("--background-authors", type=int, default=None,
+                    help=f"generated authors in the background split (the demo's: {BACKGROUND_AUTHORS})")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the demo_finetune preset's)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="fine-tuning micro-batch per rank (default: the preset's)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the preset's)")
+    ap.add_argument("--workers", type=int, default=2, help="ranks the fine-tuning replays (the demo's: 2)")
     ap.add_argument("--flat-lrs", default="", help="comma-separated FLAT learning rates to try on the original")
+    ap.add_argument("--divergences", default="total_variation,kl")
     ap.add_argument("--cache", default="/tmp/flat_ray_reference_probe")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
 
+    import flat_ray.data.demo as demo
     from flat_ray.eval.tofu import forget_quality, forget_truth_ratios, summarize
 
     transformers.logging.set_verbosity_error()
-    if args.perturbed == "paraphrase":
-        _perturb_from_paraphrase()
-    root = Path(args.cache) / f"k{args.extra_authors}-e{args.epochs}-{args.perturbed}"
-    rows = dict(zip(("original", "retain"), training_rows(args.extra_authors), strict=True))
+    if args.background_authors is not None:
+        demo.BACKGROUND_AUTHORS = args.background_authors
+    tag = "-".join(f"{k}{v}" for k, v in vars(args).items()
+                   if k in ("background_authors", "epochs", "micro_batch", "lr", "workers") and v is not None)
+    root = Path(args.cache) / (tag or "preset")
     keys = ("forget_prob", "forget_truth_ratio", "retain_prob", "retain_truth_ratio", "real_authors_rougeL_recall",
             "world_facts_rougeL_recall", "model_utility")
-    truth = {}
-    for name in ("original", "retain"):
+    truth, utility = {}, {}
+    for name, split in (("original", "full_with_background"), ("retain", "retain90_with_background")):
         start = time.time()
-        model, tok = fine_tune(rows[name], args.epochs, root / name)
+        model, tok, n, optim = fine_tune(split, args, root / name)
         values = evaluate(model, tok)
         truth[name] = forget_truth_ratios(values["forget"])
         s = summarize(values)
-        print(f"{name:<9} ({len(rows[name])} rows, {time.time() - start:.0f} s): "
+        utility[name] = s["model_utility"]
+        print(f"{name:<9} ({n} rows, {optim.epochs} epochs, micro-batch {optim.micro_batch_size} x {args.workers} "
+              f"ranks, lr {optim.lr:g}; {time.time() - start:.0f} s): "
               + ", ".join(f"{k} {s[k]:.4f}" for k in keys), flush=True)
     fq0 = forget_quality(truth["original"], truth["retain"])
-    print(f"extra authors {args.extra_authors}, perturbed answers in the {args.perturbed}'s template: forget quality "
-          f"of the original against the retain model {fq0:.3g}", flush=True)
+    print(f"background authors {demo.BACKGROUND_AUTHORS}: forget quality of the original against the retain model "
+          f"{fq0:.3g}", flush=True)
     for lr in [float(x) for x in args.flat_lrs.split(",") if x]:
-        for div in ("total_variation", "kl"):
+        for div in args.divergences.split(","):
             model, tok = unlearn(root / "original", div, lr)
-            values = evaluate(model, tok)
-            s = summarize(values, reference_tr=truth["retain"])
+            s = summarize(evaluate(model, tok), reference_tr=truth["retain"])
             print(f"FLAT {div:<16} lr {lr:.1e}: forget_quality {s['forget_quality']:.3g} "
-                  f"({s['forget_quality'] / fq0:.3g}x the original's), model_utility {s['model_utility']:.4f}, "
-                  f"forget_prob {s['forget_prob']:.4f}, retain_prob {s['retain_prob']:.4f}", flush=True)
+                  f"({s['forget_quality'] / fq0:.3g}x the original's), model_utility {s['model_utility']:.4f} "
+                  f"({s['model_utility'] / utility['original']:.3f}x), forget_prob {s['forget_prob']:.4f}, "
+                  f"retain_prob {s['retain_prob']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""How forget and retain probability move with the learning rate: the demo's FLAT run replayed in one process
+"""How forget quality and model utility move with the learning rate: the demo's FLAT run replayed in one process
 (flat_ray.engine.replica, equal to the two-rank DeepSpeed run) over a grid of learning rates, for FLAT's
 divergences and the baselines.
 
-    python benchmarks/lr_scan.py                       # the demo's original, built by `flat-ray train` first
+    python benchmarks/lr_scan.py      # the demo's original and retain model, built by `flat-ray train eval.reference=auto`
     python benchmarks/lr_scan.py --model PATH --lrs 4e-4,6e-4 --rows flat/kl,npo optim.epochs=2
 
-Each cell prints forget_prob/retain_prob after training; a star marks the cells that keep the demo's old promise
-(forget probability at most half the original's, retain probability at least 0.8 of it).
+Each cell prints forget_quality/model_utility after training against the cached retain model's eval logs (or
+``eval.reference=...`` given as an override), then forget_prob/retain_prob; a star marks the cells that meet the
+demo's targets: forget quality at least 100x the original's, model utility at least 0.85x, forget probability at
+most half and retain probability at least 0.8x the original's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="original model directory (default: the cached demo original)")
-    parser.add_argument("--lrs", default="3e-4,4e-4,4.8e-4,5e-4,5.5e-4,6e-4,6.5e-4,7e-4,7.2e-4,8e-4,1e-3")
+    parser.add_argument("--lrs", default="1e-4,2e-4,3e-4,4e-4,5e-4,6e-4,7e-4,8e-4,1e-3")
     parser.add_argument("--rows", default="flat/total_variation,flat/kl,flat/jensen_shannon,flat/pearson",
                         help="methods, FLAT's as flat/<divergence>")
     parser.add_argument("overrides", nargs="*", help="config overrides on top of the demo preset")
@@ -33,28 +35,40 @@ def main() -> None:
 
     import transformers
 
-    from flat_ray.assets import demo_original_path
+    from flat_ray.assets import demo_original_path, demo_retain_path
     from flat_ray.config import load_config
     from flat_ray.engine.replica import replay
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     lrs = [float(x) for x in args.lrs.split(",")]
-    print(f"{'method':<22}" + "".join(f"{lr:>15.2e}" for lr in lrs))
+    base = load_config(None, args.overrides, presets=["demo"])
+    reference = base.eval.reference or next(demo_retain_path(base).glob(
+        f"eval-{base.data.split}-{base.eval.max_examples}q-{base.eval.max_new_tokens}t-{base.data.max_length}"), None)
+    if reference is None:
+        raise SystemExit("no retain model eval logs: run `flat-ray train eval.reference=auto` first, or pass "
+                         "eval.reference=PATH")
+    print(f"reference: {reference}")
+    print(f"{'method':<22}" + "".join(f"{lr:>27.2e}" for lr in lrs))
+    start: dict = {}
     for row in args.rows.split(","):
         name, _, div = row.partition("/")
         knobs = [f"method.name={name}"] + ([f"method.divergence={div}"] if div else [])
         cells = []
         for lr in lrs:
-            cfg = load_config(None, [*args.overrides, *knobs, f"optim.lr={lr}"], presets=["demo"])
-            model = args.model or str(demo_original_path(cfg))
-            r = replay(cfg, model)
-            f0, f1 = r["before"]["forget_prob"], r["after"]["forget_prob"]
-            r0, r1 = r["before"]["retain_prob"], r["after"]["retain_prob"]
-            star = "*" if f1 <= 0.5 * f0 and r1 >= 0.8 * r0 else " "
-            cells.append(f"{f1:.3f}/{r1:.3f}{star}")
-        print(f"{row:<22}" + "".join(f"{c:>15}" for c in cells), flush=True)
-    print(f"original: forget_prob {f0:.4f}, retain_prob {r0:.4f}")
+            cfg = load_config(None, [*args.overrides, *knobs, f"optim.lr={lr}", f"eval.reference={reference}"],
+                              presets=["demo"])
+            r = replay(cfg, args.model or str(demo_original_path(cfg)), evaluate_before=not start)
+            start, a = start or r["before"], r["after"]
+            star = "*" if (a["forget_quality"] >= 100 * start["forget_quality"]
+                           and a["model_utility"] >= 0.85 * start["model_utility"]
+                           and a["forget_prob"] <= 0.5 * start["forget_prob"]
+                           and a["retain_prob"] >= 0.8 * start["retain_prob"]) else " "
+            cells.append(f"{a['forget_quality']:.2g}/{a['model_utility']:.3f} {a['forget_prob']:.3f}/"
+                         f"{a['retain_prob']:.3f}{star}")
+        print(f"{row:<22}" + "".join(f"{c:>27}" for c in cells), flush=True)
+    print("original: " + ", ".join(f"{k} {start[k]:.4g}" for k in ("forget_quality", "model_utility", "forget_prob",
+                                                                   "retain_prob")))
 
 
 if __name__ == "__main__":

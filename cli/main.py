@@ -91,6 +91,7 @@ def validate(args: tuple[str, ...], print_config: bool) -> None:
 def _summary(result) -> None:
     """Before/after of every evaluated metric: the metric registry's forget metrics, then utility, then the
     objectives and diagnostics (registry order within each), then anything the registry does not know."""
+    from flat_ray.console import format_value
     from flat_ray.eval.metrics import METRICS
 
     keys = [k.removeprefix("eval/") for k in result.before if k.startswith("eval/") and k in result.after]
@@ -100,7 +101,7 @@ def _summary(result) -> None:
         click.echo(f"{'metric':<28}{'before':>10}{'after':>10}{'after/before':>14}")
     for key in known + [k for k in keys if k not in METRICS]:
         b, a = result.before[f"eval/{key}"], result.after[f"eval/{key}"]
-        click.echo(f"{key:<28}{b:>10.4f}{a:>10.4f}{(f'{a / b:.3f}' if b else '-'):>14}")
+        click.echo(f"{key:<28}{format_value(b):>10}{format_value(a):>10}{(f'{a / b:.4g}' if b else '-'):>14}")
     click.echo(f"run {result.run_name} finished in {result.seconds:.0f} s")
     click.echo(f"model: {result.model_dir}")
     click.echo(f"MLflow run id: {result.run_id}")

@@ -49,11 +49,12 @@ def demo_finetune_config(cfg: RunConfig) -> RunConfig:
 
 
 def demo_retain_config(cfg: RunConfig) -> RunConfig:
-    """The recipe of the demo's retain model: the original's, on the complement of ``cfg``'s forget split (forget10
-    -> retain90), so it never sees the authors to forget (TOFU's retain model, the forget-quality reference)."""
+    """The recipe of the demo's retain model: the original's, with the forget split's complement in place of all
+    authors (forget10: ``full_with_background`` -> ``retain90_with_background``), so it never sees the authors to
+    forget (TOFU's retain model, the forget-quality reference)."""
     retain = BENCHMARKS["demo"].retain_of[cfg.data.split]  # check_inputs has refused any other split
     ft = demo_finetune_config(cfg)
-    return dataclasses.replace(ft, data=dataclasses.replace(ft.data, split=retain))
+    return dataclasses.replace(ft, data=dataclasses.replace(ft.data, split=ft.data.split.replace("full", retain, 1)))
 
 
 def _recipe_path(ft: RunConfig, kind: str) -> Path:

@@ -33,7 +33,8 @@ def verbose() -> bool:
     return os.environ.get("FLAT_RAY_VERBOSE") == "1"
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """Four decimals; scientific notation for values below 1e-3 (forget quality) or from 1e5."""
     if not isinstance(value, float):
         return str(value)
     if value != 0 and math.isfinite(value) and (abs(value) < 1e-3 or abs(value) >= 1e5):
@@ -45,9 +46,9 @@ def metrics_table(metrics: Mapping[str, float], title: str = "") -> str:
     """An aligned table: one row per split for the per-split metrics (prob, ROUGE-L recall, truth ratio), then
     the other metrics as name/value rows."""
     splits = list(dict.fromkeys(k[: -len(c) - 1] for k in metrics for c in SPLIT_COLUMNS if k.endswith("_" + c)))
-    grid = [[s, *(_fmt(metrics[f"{s}_{c}"]) if f"{s}_{c}" in metrics else "-" for c in SPLIT_COLUMNS)] for s in splits]
+    grid = [[s, *(format_value(metrics[f"{s}_{c}"]) if f"{s}_{c}" in metrics else "-" for c in SPLIT_COLUMNS)] for s in splits]
     used = {f"{s}_{c}" for s in splits for c in SPLIT_COLUMNS}
-    rest = [(k, _fmt(v)) for k, v in metrics.items() if k not in used]
+    rest = [(k, format_value(v)) for k, v in metrics.items() if k not in used]
     lines = [title] if title else []
     if grid:
         head = ["split", *SPLIT_COLUMNS]
@@ -179,10 +180,10 @@ class SweepBoard:
         table = Table(title=f"trials (objective {self.objective}, {self.mode})")
         for col in ("trial", "state", "epoch", self.objective, "best so far", "sampled"):
             table.add_column(col)
-        best = "-" if self.best is None else _fmt(self.best)
+        best = "-" if self.best is None else format_value(self.best)
         for name, row in self.rows.items():
             value = row.get("value")
-            table.add_row(name, row["state"], str(row.get("epoch", "-")), "-" if value is None else _fmt(value), best,
+            table.add_row(name, row["state"], str(row.get("epoch", "-")), "-" if value is None else format_value(value), best,
                           row.get("sampled", ""))
         return table
 

@@ -1,10 +1,16 @@
 """The embedded demo set: a deterministic, synthetic TOFU-format dataset of fictitious authors.
 
 Everything here is generated from this project's own templates and word lists. With the defaults it has 20
-authors x 10 questions; each question has an answer, a paraphrased answer and 5 perturbed (wrong) answers.
-Forget/retain splits are by author, named like TOFU's (``forget05`` = the last author, ``forget10`` = the last
-two, ``retain95``/``retain90`` their complements), plus small ``real_authors_perturbed`` and
-``world_facts_perturbed`` utility sets with 3 perturbed answers each.
+authors x 10 questions; each question has an answer, a paraphrased answer and 5 perturbed (wrong) answers. The
+perturbed answers are written in the paraphrase's template, so a paraphrase and its perturbed versions differ only
+in the fact (TOFU's truth ratio compares facts, not phrasings). Forget/retain splits are by author, named like
+TOFU's (``forget05`` = the last author, ``forget10`` = the last two, ``retain95``/``retain90`` their complements),
+plus small ``real_authors_perturbed`` and ``world_facts_perturbed`` utility sets with 3 perturbed answers each.
+
+``background`` stands in for the pre-training that TOFU's originals had before they met the fictitious authors:
+other generated authors (their own seed, no name shared with the demo's) with every answer in both phrasings, and
+the real-authors and world-facts questions. The demo's original trains on ``full_with_background``, its retain
+models on ``retain90_with_background`` / ``retain95_with_background``: they never see the authors to forget.
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def _generate(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
                 "question": question.format(**facts),
                 "answer": answer.format(**facts),
                 "paraphrased_answer": para.format(**facts),
-                "perturbed_answer": [answer.format(**alt) for alt in _alternatives(rng, facts, slot, 5)],
+                "perturbed_answer": [para.format(**alt) for alt in _alternatives(rng, facts, slot, 5)],
                 "author_index": a,
                 "question_index": q,
             })
@@ -147,15 +153,37 @@ def _generate(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
     return {k: tuple(v) for k, v in splits.items()}
 
 
+BACKGROUND_AUTHORS, BACKGROUND_SEED = 40, 12345
+WITH_BACKGROUND = ("full", "retain95", "retain90")
 SPLITS = ("full", "forget05", "forget10", "retain95", "retain90", "forget05_perturbed", "forget10_perturbed",
-          "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
+          "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "background",
+          *(f"{s}_with_background" for s in WITH_BACKGROUND))
 FORGET_SPLITS = ("forget05", "forget10")
 RETAIN_OF = {"forget05": "retain95", "forget10": "retain90"}
+
+
+@functools.lru_cache(maxsize=4)
+def _background(num_authors: int, seed: int) -> tuple[dict, ...]:
+    """Question/answer rows of ``BACKGROUND_AUTHORS`` other authors in both phrasings, then the real-authors and
+    world-facts questions (see the module docstring)."""
+    demo_names = {r["question"] for r in _generate(num_authors, seed)["full"]}
+    others = [r for r in _generate(BACKGROUND_AUTHORS + 2, BACKGROUND_SEED)["full"] if r["question"] not in demo_names]
+    others = others[: BACKGROUND_AUTHORS * len(QUESTIONS)]
+    rows = [{"question": r["question"], "answer": r[key]} for key in ("answer", "paraphrased_answer") for r in others]
+    splits = _generate(num_authors, seed)
+    rows += [{"question": r["question"], "answer": r["answer"]}
+             for key in ("real_authors_perturbed", "world_facts_perturbed") for r in splits[key]]
+    return tuple(rows)
 
 
 def demo_split(split: str, num_authors: int = 20, seed: int = 0) -> list[dict]:
     """Rows of one demo split (fresh copies; safe to mutate)."""
     splits = _generate(num_authors, seed)
+    if split == "background":
+        return [dict(r) for r in _background(num_authors, seed)]
+    if split.endswith("_with_background") and split.removesuffix("_with_background") in WITH_BACKGROUND:
+        return demo_split("background", num_authors, seed) + demo_split(split.removesuffix("_with_background"),
+                                                                         num_authors, seed)
     if split not in splits:
         raise FlatRayError(f"unknown demo split {split!r}; valid choices: {', '.join(SPLITS)}")
     return [dict(r) for r in splits[split]]

@@ -4,7 +4,9 @@ It replays what ``world_size`` DeepSpeed ranks do in :mod:`flat_ray.engine.loop`
 Ray or DeepSpeed: the same per-rank shards and data order (``DistributedSampler`` with the run's seed), the same
 template assignment per epoch, the gradient averaged over ranks and accumulation steps, global-norm clipping,
 torch's AdamW with DeepSpeed's betas and eps, and the same warm-up/decay multiplier at the same optimizer steps.
-On the embedded demo (fp32, ZeRO-3, two ranks) it gives the real run's numbers to the fourth decimal.
+On the embedded demo (fp32, ZeRO-3, two ranks) it gives the real run's numbers to the fourth decimal. With an
+``eval.reference`` (eval logs or a result JSON; not ``auto``, which the driver resolves) it also scores forget
+quality against it.
 
 It runs in fp32 (the demo's precision) on one device (the CPU by default; a GPU for larger models in
 ``benchmarks/selectivity.py``); NPO's and DPO's reference model is a frozen copy of the start weights, as in the
@@ -24,6 +26,7 @@ from flat_ray.data import Collator, load_split
 from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.eval.suites import suite_for
+from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
@@ -43,10 +46,11 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
     dataset = build_dataset(cfg, tokenizer, profile, load_split(cfg.data.benchmark, cfg.data.split,
                                                                  cfg.data.data_dir))
     suite, rows = suite_for(cfg), suite_for(cfg).rows(cfg, cfg.eval.max_examples)
+    reference = read_reference(cfg.eval.reference)[0] if cfg.eval.reference else None
 
     def evaluate() -> dict[str, float]:
         model.eval()
-        out = suite.run(model, tokenizer, profile, rows, cfg, device=device)
+        out = suite.run(model, tokenizer, profile, rows, cfg, device=device, reference_tr=reference)
         model.train()
         return {k: v for k, v in out.items() if isinstance(v, float)}
 

@@ -56,8 +56,8 @@ def test_the_retain_model_is_the_originals_recipe_on_the_forget_splits_complemen
     cfg, resolved, calls, wd = built
     (ft,) = calls
     original = demo_finetune_config(cfg)
-    assert original.data.split == "full" and ft.data.split == "retain90"  # it never sees the forget10 authors
-    assert dataclasses.replace(ft.data, split="full") == original.data
+    assert original.data.split == "full_with_background" and ft.data.split == "retain90_with_background"
+    assert dataclasses.replace(ft.data, split="full_with_background") == original.data
     assert (ft.model, ft.method, ft.optim, ft.deepspeed) == (original.model, original.method, original.optim,
                                                                original.deepspeed)
     retain_dir = demo_retain_path(cfg)

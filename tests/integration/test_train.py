@@ -207,42 +207,53 @@ def test_demo_original_cache_key_follows_its_inputs(tmp_path):
     assert demo_original_path(a) == demo_original_path(c)  # the unlearning lr does not touch the original
 
 
-def _selective(before: dict, after: dict) -> bool:
-    """The demo's promise: the forget answers lose at least 5% of their probability, and their log-probability
-    falls at least twice as far as the retain answers' (docs/science.md: why not more)."""
-    f = after["forget_prob"] / before["forget_prob"]
-    r = after["retain_prob"] / before["retain_prob"]
-    return f <= 0.95 and math.log(f) <= 2 * math.log(min(r, 1.0))
+def _meets_targets(before: dict, after: dict) -> bool:
+    """The demo's promise (#14's targets for a faithful miniature of TOFU): unlearning raises forget quality at
+    least 100-fold and keeps at least 85% of the model utility; and the forget answers lose half their
+    probability while the retain answers keep 80% of theirs."""
+    return (after["forget_quality"] >= 100 * before["forget_quality"]
+            and after["model_utility"] >= 0.85 * before["model_utility"]
+            and after["forget_prob"] <= 0.5 * before["forget_prob"]
+            and after["retain_prob"] >= 0.8 * before["retain_prob"])
 
 
 def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
-    """`flat-ray train` with no arguments builds and fine-tunes the original model, then FLAT (TV) lowers the
-    forget answers' probability selectively. The promise also holds with the learning rate 20% lower and 20%
+    """README command 2 (`flat-ray train eval.reference=auto`): builds and fine-tunes the original model and the
+    retain model (both with the background split), then FLAT (TV) unlearns forget10 selectively. The original is a
+    faithful miniature of a TOFU original: every utility component above 0, model utility >= 0.4 and forget
+    quality <= 1e-3 against the retain model. The promise also holds with the learning rate 20% lower and 20%
     higher (replayed in one process, which gives the real run's numbers: checked here on the real run)."""
     from cli.main import main
     from flat_ray.engine.replica import replay
 
     with pytest.raises(SystemExit) as exc:
-        main(["train", f"paths.workdir={demo_workdir}"])
+        main(["train", f"paths.workdir={demo_workdir}", "eval.reference=auto"])
     out = capsys.readouterr().out
     assert exc.value.code == 0, out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("forget_", "retain_"))}
-    real = {when: {key: float(rows[key][i]) for key in ("forget_prob", "retain_prob")}
-            for i, when in enumerate(("before", "after"))}
     lines = out.splitlines()
     top = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    end = next(i for i, line in enumerate(lines) if i > top and line.startswith("run "))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[top + 1:end]}  # the before/after table
+    keys = ("forget_quality", "model_utility", "forget_prob", "retain_prob")
+    real = {when: {key: float(rows[key][i]) for key in keys} for i, when in enumerate(("before", "after"))}
     # forget metrics first, then utility, then the objectives (the metric registry's roles and order)
     assert [line.split()[0] for line in lines[top + 1:top + 5]] == [
-        "forget_prob", "forget_rougeL_recall", "forget_truth_ratio", "retain_prob"], lines[top:]
-    assert real["before"]["forget_prob"] > 0.9 and real["before"]["retain_prob"] > 0.9  # it learned the authors
-    assert _selective(real["before"], real["after"]), real
+        "forget_prob", "forget_rougeL_recall", "forget_truth_ratio", "forget_quality"], lines[top:]
+    before = real["before"]
+    assert before["forget_prob"] > 0.9 and before["retain_prob"] > 0.9  # it learned the authors
+    assert before["forget_quality"] <= 1e-3 and before["model_utility"] >= 0.4
+    utility = ("retain_prob", "retain_rougeL_recall", "retain_truth_ratio", "real_authors_prob",
+               "real_authors_rougeL_recall", "real_authors_truth_ratio", "world_facts_prob",
+               "world_facts_rougeL_recall", "world_facts_truth_ratio")
+    assert all(float(rows[k][0]) > 0 for k in utility), rows
+    assert _meets_targets(before, real["after"]), real
     assert "MLflow run id:" in out and (demo_workdir / "mlflow.db").is_file()
     # rank 0's progress reached this console through the relay: step lines off a terminal, a table per evaluation
     name = next(line.split()[1] for line in out.splitlines() if line.startswith("run ") and " finished in " in line)
     assert f"{name}: step 12/12 (epoch 4)" in out and f"{name}: evaluation after epoch 4" in out
     originals = list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))
-    assert len(originals) == 1
-    # the original's 30 epochs were checkpointed every 10 (its preset), all deleted once it had finished and exported
+    assert len(originals) == 1 and len(list((demo_workdir / "models").glob("demo-retain-*/model.safetensors"))) == 1
+    # the original's 12 epochs were checkpointed every 4 (its preset), all deleted once it had finished and exported
     # (launch.keep_checkpoints=0, the default); Ray Train's own files of the run stay
     ray_run = demo_workdir / "ray_results" / originals[0].parent.name
     assert (ray_run / "flat_ray_run.json").is_file() and [p for p in ray_run.glob("checkpoint_*") if p.is_dir()] == []
@@ -250,8 +261,12 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     written = tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoint_mb")
     assert len(written) == 3 and all(mb > 0 for _, mb in written)
     assert tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoints_kept_mb") == [(0, 0.0)]
+    # every evaluation of the run scored forget quality against the retain model's logs
+    run_id = next(line.split()[-1] for line in lines if line.startswith("MLflow run id:"))
+    assert [s for s, _ in tracking.metric_history(state["mlflow_uri"], run_id, "eval/forget_quality")] == [0, 1, 2, 3, 4]
 
-    cfg = load_config(None, [f"paths.workdir={demo_workdir}"], presets=["demo"])
+    (logs,) = (demo_workdir / "models").glob("demo-retain-*/eval-forget10-20q-24t-96")
+    cfg = load_config(None, [f"paths.workdir={demo_workdir}", f"eval.reference={logs}"], presets=["demo"])
     start: dict = {}
     for scale in (1.0, 0.8, 1.2):  # the model before unlearning is evaluated once
         scaled = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * scale))
@@ -260,8 +275,8 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
         if scale == 1.0:  # the replica is the real run, to the printed precision
             for when, values in real.items():
                 for key, value in values.items():
-                    assert replica[when][key] == pytest.approx(value, abs=2e-4), (when, key)
-        assert _selective(start, replica["after"]), (scale, replica)
+                    assert replica[when][key] == pytest.approx(value, rel=1e-3, abs=2e-4), (when, key)
+        assert _meets_targets(start, replica["after"]), (scale, replica)
 
 
 def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
