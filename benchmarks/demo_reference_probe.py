@@ -1,21 +1,22 @@
-"""What would make the demo's forget quality and model utility informative (#14 item 2): a probe, in one process.
+"""What makes the demo's forget quality and model utility informative (#14 item 2): a probe, in one process.
 
-    python benchmarks/demo_reference_probe.py --extra-authors 40 --perturbed paraphrase --flat-lrs 3e-4,6e-4,1e-3
+    python benchmarks/demo_reference_probe.py --background-authors 0 --perturbed answer --flat-lrs 4e-4
 
-It builds a demo original and its retain model the way the demo does (the tiny model, the ``demo_finetune`` recipe
-replayed on one rank by ``flat_ray.engine.replica``), with two changes to try:
+It builds a demo original (on ``full_with_background``) and its retain model (on ``retain90_with_background``) with
+the demo's fine-tuning recipe (``demo_finetune``), replayed by ``flat_ray.engine.replica`` on the demo's two ranks,
+with what it is given changed:
 
-- ``--extra-authors K``: the fine-tuning data also holds K other generated authors (a different seed) with each
-  answer in both phrasings (answer and paraphrase), and the real-authors and world-facts questions. This stands in
-  for the pre-training that TOFU's originals had before they met the fictitious authors. The original also sees
-  all 20 demo authors, and the retain model sees all but the forget10 authors;
-- ``--perturbed answer|paraphrase``: the template of the perturbed (wrong) answers in the evaluation. The demo
-  writes them in the answer's template (``answer``). In ``paraphrase``, they share the paraphrase's template and only
-  the fact differs, so the truth ratio compares facts rather than phrasings.
+- ``--background-authors K``: the generated authors in the background split (the demo's: 40; 0 leaves only the
+  real-authors and world-facts questions). The background stands in for the pre-training that TOFU's originals
+  had before they met the fictitious authors;
+- ``--perturbed answer|paraphrase``: the template the perturbed (wrong) answers are written in. The demo uses the
+  paraphrase's, so a paraphrase and its perturbed versions differ only in the fact; ``answer`` (the demo before
+  #14) makes the truth ratio compare two phrasings;
+- ``--epochs``, ``--micro-batch``, ``--lr``, ``--workers``: the fine-tuning recipe.
 
 It prints both models' TOFU metrics and the original's forget quality against the retain model. For each
-``--flat-lrs`` learning rate, it then runs the demo's FLAT recipe (TV, then KL) from the original and prints
-forget quality, model utility and forget probability. Nothing here is used by flat-ray itself.
+``--flat-lrs`` learning rate it then runs the demo's FLAT recipe with each of ``--divergences`` from the original
+and prints forget quality, model utility and forget/retain probability. Nothing here is used by flat-ray itself.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--background-authors", type=int, default=None,
                     help=f"generated authors in the background split (the demo's: {BACKGROUND_AUTHORS})")
+    ap.add_argument("--perturbed", choices=("answer", "paraphrase"), default="paraphrase",
+                    help="the template of the perturbed answers (the demo's: paraphrase)")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the demo_finetune preset's)")
     ap.add_argument("--micro-batch", type=int, default=None, help="fine-tuning micro-batch per rank (default: the preset's)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the preset's)")
@@ -111,8 +114,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     if args.background_authors is not None:
         demo.BACKGROUND_AUTHORS = args.background_authors
-    tag = "-".join(f"{k}{v}" for k, v in vars(args).items()
-                   if k in ("background_authors", "epochs", "micro_batch", "lr", "workers") and v is not None)
+    demo.PERTURBED_TEMPLATE = args.perturbed  # before anything is generated (the generator caches)
+    tag = "-".join(f"{k}{v}" for k, v in vars(args).items() if v is not None
+                   and k in ("background_authors", "perturbed", "epochs", "micro_batch", "lr", "workers"))
     root = Path(args.cache) / (tag or "preset")
     keys = ("forget_prob", "forget_truth_ratio", "retain_prob", "retain_truth_ratio", "real_authors_rougeL_recall",
             "world_facts_rougeL_recall", "model_utility")
@@ -128,7 +132,7 @@ def main() -> None:
               f"ranks, lr {optim.lr:g}; {time.time() - start:.0f} s): "
               + ", ".join(f"{k} {s[k]:.4f}" for k in keys), flush=True)
     fq0 = forget_quality(truth["original"], truth["retain"])
-    print(f"background authors {demo.BACKGROUND_AUTHORS}: forget quality of the original against the retain model "
+    print(f"background authors {demo.BACKGROUND_AUTHORS}, perturbed answers in the {args.perturbed}'s template: forget quality of the original against the retain model "
           f"{fq0:.3g}", flush=True)
     for lr in [float(x) for x in args.flat_lrs.split(",") if x]:
         for div in args.divergences.split(","):
@@ -136,7 +140,8 @@ def main() -> None:
             s = summarize(evaluate(model, tok), reference_tr=truth["retain"])
             print(f"FLAT {div:<16} lr {lr:.1e}: forget_quality {s['forget_quality']:.3g} "
                   f"({s['forget_quality'] / fq0:.3g}x the original's), model_utility {s['model_utility']:.4f} "
-                  f"({s['model_utility'] / utility['original']:.3f}x), forget_prob {s['forget_prob']:.4f}, "
+                  f"({s['model_utility'] / utility['original'] if utility['original'] else float('nan'):.3f}x), "
+                  f"forget_prob {s['forget_prob']:.4f}, "
                   f"retain_prob {s['retain_prob']:.4f}", flush=True)
 
 

@@ -114,6 +114,11 @@ def _alternatives(rng: random.Random, facts: dict[str, str], slot: str, k: int) 
     return [{**facts, slot: w} for w in wrong]
 
 
+# The template the perturbed answers are written in. "answer" (the demo before #14) makes a truth ratio compare two
+# phrasings rather than a right and a wrong fact; benchmarks/demo_reference_probe.py sets it to show that.
+PERTURBED_TEMPLATE = "paraphrase"
+
+
 @functools.lru_cache(maxsize=4)
 def _generate(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
     rng = random.Random(seed)
@@ -126,11 +131,12 @@ def _generate(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
     for a, name in enumerate(names):
         facts = _facts(rng, name)
         for q, (question, answer, para, slot) in enumerate(QUESTIONS):
+            wrong = {"paraphrase": para, "answer": answer}[PERTURBED_TEMPLATE]
             full.append({
                 "question": question.format(**facts),
                 "answer": answer.format(**facts),
                 "paraphrased_answer": para.format(**facts),
-                "perturbed_answer": [para.format(**alt) for alt in _alternatives(rng, facts, slot, 5)],
+                "perturbed_answer": [wrong.format(**alt) for alt in _alternatives(rng, facts, slot, 5)],
                 "author_index": a,
                 "question_index": q,
             })
