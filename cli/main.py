@@ -200,8 +200,9 @@ def train(args: tuple[str, ...], dry_run: bool, resume: str | None, address: str
           gpu_memory: str | None) -> None:
     """Run one unlearning job on Ray Train workers with DeepSpeed, recorded in MLflow.
 
-    With no config file it runs the embedded demo: the tiny model fine-tuned on all demo authors (built and
-    cached first), then FLAT on forget10 with 2 workers and ZeRO-3.
+    With no config file it runs the embedded demo: the tiny model fine-tuned on all demo authors and the background
+    split (built and cached first), then FLAT on forget10 with 2 workers and ZeRO-3. eval.reference=auto also builds
+    the demo's retain model and reports forget quality against it.
     """
     _run(args, [], dry_run, resume, address, gpu_memory)
 

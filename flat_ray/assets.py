@@ -1,7 +1,9 @@
-"""Model assets, below the pipeline: the work directory, the cached tiny model and the demo's original model.
+"""Model assets, below the pipeline: the work directory, the cached tiny model and the demo's original and retain
+models.
 
-The original is the tiny model fine-tuned on all demo authors. Fine-tuning is a Ray Train run, which lives above
-this layer (``flat_ray.launch``), so whoever may build the original passes the fine-tune function in: nothing here
+The original is the tiny model fine-tuned on all demo authors with the background split (``full_with_background``);
+the retain model has the same recipe without the authors to forget. Fine-tuning is a Ray Train run, which lives
+above this layer (``flat_ray.launch``), so whoever may build a model passes the fine-tune function in: nothing here
 imports the launch layer.
 """
 
@@ -23,7 +25,7 @@ from flat_ray.models import DEMO_ORIGINAL, TINY, TinySpec, cached_tiny_model
 log = logging.getLogger(__name__)
 
 # The demo's model: big enough (about 1 M parameters) to keep forget and retain authors apart, small enough to
-# fine-tune on two CPU cores in a couple of minutes.
+# fine-tune on two CPU cores in under two minutes.
 DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4)
 
 # runs a fine-tuning config to the end and returns the exported model directory
@@ -42,8 +44,12 @@ def tiny_model_path(cfg: RunConfig) -> Path:
 def demo_finetune_config(cfg: RunConfig) -> RunConfig:
     """The recipe of the demo's original model, run with ``cfg``'s engine, workers and paths."""
     base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
-    # the recipe's checkpoint frequency: 30 quick epochs need no checkpoint after each one
-    launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=base.launch.checkpoint_every_epochs)
+    # where and on what it runs are cfg's; what it checkpoints and exports is the recipe's (a sweep cell's trials
+    # export nothing themselves and rank checkpoints by the sweep's objective, but the model must be written)
+    b = base.launch
+    launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=b.checkpoint_every_epochs,
+                                 keep_checkpoints=b.keep_checkpoints, checkpoint_metric=b.checkpoint_metric,
+                                 export=b.export)
     return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model_max_mb=0))
 

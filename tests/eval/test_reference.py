@@ -131,3 +131,17 @@ def test_a_sweep_cell_with_auto_gets_the_cached_logs_before_its_trials_start(bui
     ready = _with_reference(cell, space.base)  # cached: nothing is fine-tuned or evaluated again
     assert ready.config.eval.reference == resolved.eval.reference and len(calls) == 1
     assert ready.constants["eval.reference"] == resolved.eval.reference  # what every trial of the cell is built from
+
+
+def test_a_sweep_cell_builds_models_that_are_exported(tmp_path):
+    """A sweep's trials export nothing themselves and rank checkpoints by the objective; the demo's original and
+    retain model, built from a cell's config, keep their recipe's checkpointing and are exported (a fresh clone's
+    `./scripts/demo.sh` builds both from the demo space's cell)."""
+    from flat_ray.assets import demo_retain_config
+    from flat_ray.sweep import load_space
+
+    (cell,) = load_space("demo", [f"paths.workdir={tmp_path}"]).cells
+    assert cell.config.launch.export != "last" and cell.config.launch.checkpoint_metric == "tofu_score"
+    for ft in (demo_finetune_config(cell.config), demo_retain_config(cell.config)):
+        assert ft.launch.export == "last" and ft.launch.checkpoint_metric is None and ft.launch.keep_checkpoints == 0
+        assert ft.launch.checkpoint_every_epochs == 4 and ft.launch.num_workers == cell.config.launch.num_workers
