@@ -53,8 +53,8 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 class ModelConfig:
     name_or_path: str = doc(TINY, f"Hub id or local directory of the model. '{TINY}' builds a random-init Llama-style "
                                   "model with a tokenizer trained on the demo text; "
-                                  f"'{DEMO_ORIGINAL}' is that model fine-tuned on all demo authors and the background split (the demo's "
-                                  "original model). Both are cached under paths.workdir.")
+                                  f"'{DEMO_ORIGINAL}' is that model fine-tuned on all demo authors and the "
+                                  "background split (the demo's original model). Both are cached under paths.workdir.")
     profile: str = doc(AUTO_PROFILE, "Prompt format: 'auto' (by model name, then the tokenizer's chat template, "
                                      f"then generic) or one of: {PROFILES.choices()}.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub to run. Off unless you trust the source.")

@@ -46,7 +46,8 @@ def metrics_table(metrics: Mapping[str, float], title: str = "") -> str:
     """An aligned table: one row per split for the per-split metrics (prob, ROUGE-L recall, truth ratio), then
     the other metrics as name/value rows."""
     splits = list(dict.fromkeys(k[: -len(c) - 1] for k in metrics for c in SPLIT_COLUMNS if k.endswith("_" + c)))
-    grid = [[s, *(format_value(metrics[f"{s}_{c}"]) if f"{s}_{c}" in metrics else "-" for c in SPLIT_COLUMNS)] for s in splits]
+    grid = [[s, *(format_value(metrics[f"{s}_{c}"]) if f"{s}_{c}" in metrics else "-" for c in SPLIT_COLUMNS)]
+            for s in splits]
     used = {f"{s}_{c}" for s in splits for c in SPLIT_COLUMNS}
     rest = [(k, format_value(v)) for k, v in metrics.items() if k not in used]
     lines = [title] if title else []
@@ -183,8 +184,8 @@ class SweepBoard:
         best = "-" if self.best is None else format_value(self.best)
         for name, row in self.rows.items():
             value = row.get("value")
-            table.add_row(name, row["state"], str(row.get("epoch", "-")), "-" if value is None else format_value(value), best,
-                          row.get("sampled", ""))
+            table.add_row(name, row["state"], str(row.get("epoch", "-")),
+                          "-" if value is None else format_value(value), best, row.get("sampled", ""))
         return table
 
     def _update(self, trial: str, **fields: Any) -> None:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 """Sentinel model name: build (or reuse from the cache) a tiny random-init model for the demo."""
 DEMO_ORIGINAL = "demo"
-"""Sentinel model name: the tiny model fine-tuned on all demo authors and the background split (built and cached by the launcher)."""
+"""Sentinel model name: the tiny model fine-tuned on all demo authors and the background split (built and cached
+by the launcher)."""
 
 
 # --------------------------------------------------------------------------------------------- prompt profiles
