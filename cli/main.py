@@ -101,7 +101,8 @@ def _summary(result) -> None:
         click.echo(f"{'metric':<28}{'before':>10}{'after':>10}{'after/before':>14}")
     for key in known + [k for k in keys if k not in METRICS]:
         b, a = result.before[f"eval/{key}"], result.after[f"eval/{key}"]
-        click.echo(f"{key:<28}{format_value(b):>10}{format_value(a):>10}{(f'{a / b:.4g}' if b else '-'):>14}")
+        ratio = "-" if not b else f"{a / b:.3f}" if abs(a / b) < 1e3 else f"{a / b:.3g}"  # forget quality: x1e3+
+        click.echo(f"{key:<28}{format_value(b):>10}{format_value(a):>10}{ratio:>14}")
     click.echo(f"run {result.run_name} finished in {result.seconds:.0f} s")
     click.echo(f"model: {result.model_dir}")
     click.echo(f"MLflow run id: {result.run_id}")
