@@ -162,6 +162,38 @@ def test_demo_set_shape_and_author_split():
     assert not retain_eval & {r["author_index"] for r in load_split("demo", "forget10")}
 
 
+def test_demo_perturbed_answers_differ_from_the_paraphrase_only_in_the_fact():
+    """A wrong answer is the paraphrase with another fact (city, year, book, ...): the truth ratio compares facts."""
+    import difflib
+
+    for r in load_split("demo", "forget10_perturbed") + load_split("demo", "retain_perturbed"):
+        for wrong in r["perturbed_answer"]:
+            assert wrong != r["paraphrased_answer"]
+            blocks = difflib.SequenceMatcher(None, r["paraphrased_answer"], wrong).get_matching_blocks()
+            # everything around one changed span is shared (prefix and suffix of the paraphrase's template)
+            assert sum(b.size for b in blocks) >= len(r["paraphrased_answer"]) - 40, (r["paraphrased_answer"], wrong)
+
+
+def test_demo_background_is_other_authors_in_both_phrasings_and_the_retain_models_never_see_the_forget_authors():
+    from flat_ray.data.demo import BACKGROUND_AUTHORS, QUESTIONS
+
+    background = load_split("demo", "background")
+    full = load_split("demo", "full")
+    demo_questions = {r["question"] for r in full}
+    general = {r["question"] for s in ("real_authors_perturbed", "world_facts_perturbed") for r in load_split("demo", s)}
+    authors = [r for r in background if r["question"] not in general]
+    assert len(authors) == 2 * BACKGROUND_AUTHORS * len(QUESTIONS)  # every question twice: answer and paraphrase
+    assert not {r["question"] for r in authors} & demo_questions  # other people, not the demo's authors
+    assert {r["question"] for r in background} - {r["question"] for r in authors} == general
+    assert len({r["answer"] for r in authors}) == len(authors)  # two different phrasings of each fact
+    for pct, retain in ((5, "retain95"), (10, "retain90")):
+        forget = {r["question"] for r in load_split("demo", f"forget{pct:02d}")}
+        rows = load_split("demo", f"{retain}_with_background")
+        assert len(rows) == len(background) + len(load_split("demo", retain))
+        assert not {r["question"] for r in rows} & forget  # the retain model never sees the authors to forget
+    assert len(load_split("demo", "full_with_background")) == len(background) + len(full)
+
+
 def test_demo_set_is_deterministic_across_processes():
     code = "import json; from flat_ray.data.demo import demo_split; print(json.dumps(demo_split('full')))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
