@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,17 +36,17 @@ def main() -> None:
 
     import transformers
 
-    from flat_ray.assets import demo_original_path, demo_retain_path
+    from flat_ray.assets import demo_original_path
     from flat_ray.config import load_config
     from flat_ray.engine.replica import replay
+    from flat_ray.eval.run import auto_reference_logs
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     lrs = [float(x) for x in args.lrs.split(",")]
     base = load_config(None, args.overrides, presets=["demo"])
-    reference = base.eval.reference or next(demo_retain_path(base).glob(
-        f"eval-{base.data.split}-{base.eval.max_examples}q-{base.eval.max_new_tokens}t-{base.data.max_length}"), None)
-    if reference is None:
+    reference = base.eval.reference or auto_reference_logs(base)
+    if not Path(reference).exists():
         raise SystemExit("no retain model eval logs: run `flat-ray train eval.reference=auto` first, or pass "
                          "eval.reference=PATH")
     print(f"reference: {reference}")

@@ -172,11 +172,11 @@ RETAIN_OF = {"forget05": "retain95", "forget10": "retain90"}
 def _background(num_authors: int, seed: int) -> tuple[dict, ...]:
     """Question/answer rows of ``BACKGROUND_AUTHORS`` other authors in both phrasings, then the real-authors and
     world-facts questions (see the module docstring)."""
-    demo_names = {r["question"] for r in _generate(num_authors, seed)["full"]}
-    others = [r for r in _generate(BACKGROUND_AUTHORS + 2, BACKGROUND_SEED)["full"] if r["question"] not in demo_names]
+    splits = _generate(num_authors, seed)
+    demo_questions = {r["question"] for r in splits["full"]}
+    others = [r for r in _generate(BACKGROUND_AUTHORS + 2, BACKGROUND_SEED)["full"] if r["question"] not in demo_questions]
     others = others[: BACKGROUND_AUTHORS * len(QUESTIONS)]
     rows = [{"question": r["question"], "answer": r[key]} for key in ("answer", "paraphrased_answer") for r in others]
-    splits = _generate(num_authors, seed)
     rows += [{"question": r["question"], "answer": r["answer"]}
              for key in ("real_authors_perturbed", "world_facts_perturbed") for r in splits[key]]
     return tuple(rows)

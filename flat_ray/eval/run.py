@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from flat_ray import tracking
-from flat_ray.assets import FineTune, ensure_demo_retain, resolve_model_path, workdir
+from flat_ray.assets import FineTune, demo_retain_path, ensure_demo_retain, resolve_model_path, workdir
 from flat_ray.config import AUTO_REFERENCE, RunConfig, check_inputs
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
@@ -50,6 +50,13 @@ def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, str
     return read_reference(Path(ref).expanduser())
 
 
+def auto_reference_logs(cfg: RunConfig) -> Path:
+    """Where ``eval.reference=auto`` keeps the retain model's eval logs for ``cfg``'s evaluation settings."""
+    e = cfg.eval
+    name = f"eval-{cfg.data.split}-{e.max_examples or 'all'}q-{e.max_new_tokens}t-{cfg.data.max_length}"
+    return demo_retain_path(cfg) / name
+
+
 def auto_reference(cfg: RunConfig, finetune: FineTune | None) -> RunConfig:
     """``eval.reference=auto``: ``cfg`` with the TOFU-format eval logs of the demo's retain model as its reference.
 
@@ -63,8 +70,7 @@ def auto_reference(cfg: RunConfig, finetune: FineTune | None) -> RunConfig:
         raise FlatRayError("eval.reference=auto needs the demo's retain model, which only a training run, a sweep "
                            "or flat-ray eval builds")
     model_dir = ensure_demo_retain(cfg, finetune)
-    e = cfg.eval
-    logs = model_dir / f"eval-{cfg.data.split}-{e.max_examples or 'all'}q-{e.max_new_tokens}t-{cfg.data.max_length}"
+    e, logs = cfg.eval, auto_reference_logs(cfg)
     if not (logs / LOG_FILES["forget"]).is_file():
         _, tokenizer = load_model_and_tokenizer(str(model_dir), load_model=False)
         profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)  # the original's prompt, whatever the path
