@@ -50,7 +50,9 @@ def demo_finetune_config(cfg: RunConfig) -> RunConfig:
     launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=b.checkpoint_every_epochs,
                                  keep_checkpoints=b.keep_checkpoints, checkpoint_metric=b.checkpoint_metric,
                                  export=b.export)
-    return dataclasses.replace(base, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
+    # the recipe's method is plain fine-tuning: the demo's unlearning knobs (divergence, beta, ...) are not part of it
+    method = type(base.method)(name=base.method.name)
+    return dataclasses.replace(base, method=method, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model_max_mb=0))
 
 

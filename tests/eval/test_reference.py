@@ -144,4 +144,4 @@ def test_a_sweep_cell_builds_models_that_are_exported(tmp_path):
     assert cell.config.launch.export != "last" and cell.config.launch.checkpoint_metric == "tofu_score"
     for ft in (demo_finetune_config(cell.config), demo_retain_config(cell.config)):
         assert ft.launch.export == "last" and ft.launch.checkpoint_metric is None and ft.launch.keep_checkpoints == 0
-        assert ft.launch.checkpoint_every_epochs == 4 and ft.launch.num_workers == cell.config.launch.num_workers
+        assert ft.launch.checkpoint_every_epochs == 8 and ft.launch.num_workers == cell.config.launch.num_workers

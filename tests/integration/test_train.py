@@ -197,13 +197,17 @@ def test_train_refuses_bad_input_before_anything_is_written(args, message, tmp_p
 
 
 def test_demo_original_cache_key_follows_its_inputs(tmp_path):
-    from flat_ray.assets import demo_original_path
+    from flat_ray.assets import demo_finetune_config, demo_original_path
+    from flat_ray.config import MethodConfig
 
     a = load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"])
     b = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])
     c = load_config(None, [f"paths.workdir={tmp_path}", "optim.lr=1e-5"], presets=["demo"])
+    d = load_config(None, [f"paths.workdir={tmp_path}", "method.divergence=tv", "method.beta=0.5"], presets=["demo"])
     assert demo_original_path(a) != demo_original_path(b)  # a different engine makes a different original
-    assert demo_original_path(a) == demo_original_path(c)  # the unlearning lr does not touch the original
+    # neither the unlearning lr nor the unlearning method's knobs touch the original (it is fine-tuned, sft)
+    assert demo_original_path(a) == demo_original_path(c) == demo_original_path(d)
+    assert demo_finetune_config(a).method == MethodConfig(name="sft")  # not the demo preset's divergence
 
 
 def _meets_targets(before: dict, after: dict) -> bool:
@@ -217,9 +221,9 @@ def _meets_targets(before: dict, after: dict) -> bool:
 
 def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     """README command 2 (`flat-ray train eval.reference=auto`): builds and fine-tunes the original model and the
-    retain model (both with the background split), then FLAT (TV) unlearns forget10 selectively. The original is a
-    faithful miniature of a TOFU original: every utility component above 0, model utility >= 0.4 and forget
-    quality <= 1e-3 against the retain model. The promise also holds with the learning rate 20% lower and 20%
+    retain model (both with the background split), then FLAT (Jensen-Shannon) unlearns forget10 selectively. The
+    original is a faithful miniature of a TOFU original: every utility component above 0, model utility >= 0.4 and
+    forget quality <= 1e-3 against the retain model. The promise also holds with the learning rate 20% lower and 20%
     higher (replayed in one process, which gives the real run's numbers: checked here on the real run)."""
     from cli.main import main
     from flat_ray.engine.replica import replay
@@ -251,13 +255,13 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     assert f"{name}: step 12/12 (epoch 4)" in out and f"{name}: evaluation after epoch 4" in out
     originals = list((demo_workdir / "models").glob("demo-original-*/model.safetensors"))
     assert len(originals) == 1 and len(list((demo_workdir / "models").glob("demo-retain-*/model.safetensors"))) == 1
-    # the original's 12 epochs were checkpointed every 4 (its preset), all deleted once it had finished and exported
+    # the original's 16 epochs were checkpointed every 8 (its preset), all deleted once it had finished and exported
     # (launch.keep_checkpoints=0, the default); Ray Train's own files of the run stay
     ray_run = demo_workdir / "ray_results" / originals[0].parent.name
     assert (ray_run / "flat_ray_run.json").is_file() and [p for p in ray_run.glob("checkpoint_*") if p.is_dir()] == []
     state = json.loads((ray_run / "flat_ray_run.json").read_text())
     written = tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoint_mb")
-    assert len(written) == 3 and all(mb > 0 for _, mb in written)
+    assert len(written) == 2 and all(mb > 0 for _, mb in written)
     assert tracking.metric_history(state["mlflow_uri"], state["run_id"], "checkpoints_kept_mb") == [(0, 0.0)]
     # every evaluation of the run scored forget quality against the retain model's logs
     run_id = next(line.split()[-1] for line in lines if line.startswith("MLflow run id:"))
