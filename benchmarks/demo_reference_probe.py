@@ -115,9 +115,15 @@ def main() -> None:
     if args.background_authors is not None:
         demo.BACKGROUND_AUTHORS = args.background_authors
     demo.PERTURBED_TEMPLATE = args.perturbed  # before anything is generated (the generator caches)
-    tag = "-".join(f"{k}{v}" for k, v in vars(args).items() if v is not None
-                   and k in ("background_authors", "perturbed", "epochs", "micro_batch", "lr", "workers"))
-    root = Path(args.cache) / (tag or "preset")
+    # cached models are named by the recipe they were built with (the preset's values where none is given), so a
+    # change of the demo_finetune preset builds new ones
+    from flat_ray.assets import demo_finetune_config
+    from flat_ray.config import load_config
+
+    preset = demo_finetune_config(load_config(None, [], presets=["demo"])).optim
+    recipe = {"k": demo.BACKGROUND_AUTHORS, "e": args.epochs or preset.epochs,
+              "mb": args.micro_batch or preset.micro_batch_size, "lr": args.lr or preset.lr, "w": args.workers}
+    root = Path(args.cache) / "-".join([*(f"{k}{v}" for k, v in recipe.items()), args.perturbed])
     keys = ("forget_prob", "forget_truth_ratio", "retain_prob", "retain_truth_ratio", "real_authors_rougeL_recall",
             "world_facts_rougeL_recall", "model_utility")
     truth, utility = {}, {}
