@@ -264,8 +264,9 @@ def _open_run(cfg: RunConfig, uri: str, storage: Place, name: str, state: dict[s
         tracker = tracking.reopen_run(uri, state["run_id"])
         tracker.set_tags({"resumed": "true"})
         output_dir = Path(state["output_dir"])
-        if not tracking.run_data(uri, tracker.run_id).data.params:  # killed before it had logged its inputs
-            _log_inputs(tracker, cfg, model_path, output_dir)
+        # the driver may have died anywhere in logging them (params but no dataset yet): logging them again is a
+        # no-op for what is there (same params, a dataset input MLflow dedups by digest, the same config file)
+        _log_inputs(tracker, cfg, model_path, output_dir)
         return tracker, output_dir
     output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -13,21 +13,23 @@ from flat_ray.launch import driver
 
 def test_a_driver_killed_while_opening_its_run_is_resumed_into_that_run(tmp_path, tiny_model_dir, monkeypatch):
     """The state file exists as soon as the MLflow run does: a driver that dies while logging the run's inputs
-    leaves a run that `--resume` reopens (and completes: params, dataset, config), never a second run."""
+    (here: after its params, before its dataset) leaves a run that `--resume` reopens and completes (params, dataset,
+    config), never a second run."""
     from tests.runs import tiny_overrides
 
     cfg = load_config(None, [*tiny_overrides(tiny_model_dir, tmp_path), "tracking.run_name=opened"])
     cfg, uri, storage, name, state = driver._prepare(cfg, None)
 
     def die(*_args):
-        raise KeyboardInterrupt  # the driver's death right after the run was created
+        raise KeyboardInterrupt  # the driver's death after the params, before the dataset (CI once hit this window)
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "_log_inputs", die)
+        m.setattr(driver, "log_split", die)
         with pytest.raises(KeyboardInterrupt):
             driver._open_run(cfg, uri, storage, name, state, str(tiny_model_dir), None)
     saved = json.loads((storage / name / driver.STATE_FILE).read_text())
-    assert tracking.run_data(uri, saved["run_id"]).data.params == {}
+    killed = tracking.run_data(uri, saved["run_id"])
+    assert killed.data.params and not killed.inputs.dataset_inputs
 
     cfg2, uri2, _, _, state2 = driver._prepare(cfg, name)  # `flat-ray train --resume opened`
     tracker, output_dir = driver._open_run(cfg2, uri2, storage, name, state2, str(tiny_model_dir), None)
@@ -36,6 +38,10 @@ def test_a_driver_killed_while_opening_its_run_is_resumed_into_that_run(tmp_path
     assert run.data.tags["resumed"] == "true" and run.info.status == "RUNNING"
     assert run.data.params["optim.lr"] == str(cfg.optim.lr)
     assert "config.yaml" in tracking.list_artifacts(uri, tracker.run_id)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == f"{cfg.data.benchmark}/{cfg.data.split}"
+    driver._log_inputs(tracker, cfg2, str(tiny_model_dir), output_dir)  # once more: still one dataset input
+    assert len(tracking.run_data(uri, tracker.run_id).inputs.dataset_inputs) == 1
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     assert [r.info.run_id for r in client.search_runs([experiment])] == [saved["run_id"]]
