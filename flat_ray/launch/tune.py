@@ -416,18 +416,34 @@ def _describe_sweep(space: Space, name: str, result: str = "") -> str:
 
 def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Place, uri: str, table: str,
                  address: str | None, storage_path: str | None, state: dict[str, Any]) -> tracking.Tracker:
-    """Reopen a resumed sweep's parent run, or start it with the space, the trial table and the sweep state."""
+    """Reopen a resumed sweep's parent run, or start it with the space, the trial table and the sweep state. The
+    sweep state, which a resume finds the sweep by, is written as soon as the parent run exists: a driver killed
+    from then on is resumed into that parent run (its inputs completed), never leaves it behind for a second one."""
     if state:
         parent = tracking.reopen_run(uri, state["parent_run_id"])
         parent.set_tags({"resumed": "true"})
-        return parent
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "space.yaml").write_text(space.text)
-    (sweep_dir / "trials.txt").write_text(table + "\n")
-    parent = tracking.start_run(uri, name, name, workdir(space.cells[0].config) / "mlartifacts",
-                                {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name,
-                                 "mlflow.note.content": _describe_sweep(space, name),
-                                 **tracking.standard_tags("flat-ray tune")})
+    else:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "space.yaml").write_text(space.text)
+        (sweep_dir / "trials.txt").write_text(table + "\n")
+        parent = tracking.start_run(uri, name, name, workdir(space.cells[0].config) / "mlartifacts",
+                                    {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name,
+                                     "mlflow.note.content": _describe_sweep(space, name),
+                                     **tracking.standard_tags("flat-ray tune")})
+        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
+            "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
+            "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
+            "storage_path": str(storage.parent) if storage_path else None, "address": address,
+            "objective": space.objective, "modes": space.modes, "report": space.report,
+            "cells": [c.name for c in space.cells]}, indent=2))
+    _log_parent_inputs(parent, space, sweep_dir)
+    return parent
+
+
+def _log_parent_inputs(parent: tracking.Tracker, space: Space, sweep_dir: Path) -> None:
+    """The sweep's params, its cells' training splits as datasets, the space and the trial table. Logging them
+    again on a resume is a no-op for what is there (params are logged once, MLflow dedups a dataset input by its
+    digest, the files are the same)."""
     params = {**space_summary(space), "resolved.git_sha": tracking.git_sha() or "unknown",
               **{f"version.{k}": v for k, v in package_versions().items()}}
     parent.log_params(params)
@@ -435,12 +451,6 @@ def _open_parent(space: Space, name: str, sweep_dir: Path, storage: Place, uri: 
         log_split(parent, cfg)
     parent.log_artifact(sweep_dir / "space.yaml")
     parent.log_artifact(sweep_dir / "trials.txt")
-    atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
-        "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
-        "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
-        "storage_path": str(storage.parent) if storage_path else None, "address": address, "objective": space.objective,
-        "modes": space.modes, "report": space.report, "cells": [c.name for c in space.cells]}, indent=2))
-    return parent
 
 
 def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,

@@ -1,4 +1,5 @@
-"""The driver's bookkeeping around a run: what a resume finds after the driver died at any point of opening it."""
+"""The drivers' bookkeeping around a run and a sweep: what a resume finds after the driver died at any point of
+opening it."""
 from __future__ import annotations
 
 import json
@@ -45,3 +46,42 @@ def test_a_driver_killed_while_opening_its_run_is_resumed_into_that_run(tmp_path
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     assert [r.info.run_id for r in client.search_runs([experiment])] == [saved["run_id"]]
+
+
+def test_a_sweep_killed_while_opening_its_parent_run_is_resumed_into_it(tmp_path, tiny_model_dir, monkeypatch):
+    """The same for `flat-ray tune`: the sweep state exists as soon as the parent run does, so a sweep driver that
+    dies while logging the parent's inputs (after its params, before its datasets) is resumed into that parent run,
+    which the resume completes (params, dataset, space, trial table); the experiment holds no second parent."""
+    from flat_ray.launch import tune
+    from flat_ray.report import SWEEP_FILE, saved_space
+    from flat_ray.sweep import load_space
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "space.yaml"
+    path.write_text(f"base: [demo]\nset: {{model.name_or_path: {tiny_model_dir}, data.split: forget05}}\n"
+                    "grid: {method: [flat]}\nparams: {optim.lr: {grid: [1.0e-3]}}\n")
+
+    def die(*_args):
+        raise KeyboardInterrupt
+
+    space, sweep_dir, storage, uri = tune.plan_sweep(load_space(str(path)), name="opened", address=None,
+                                                     storage_path=None, mlflow_uri=None)
+    with monkeypatch.context() as m:
+        m.setattr(tune, "log_split", die)
+        with pytest.raises(KeyboardInterrupt):
+            tune._open_parent(space, "opened", sweep_dir, storage, uri, "the trial table", None, None, {})
+    saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    killed = tracking.run_data(uri, saved["parent_run_id"])
+    assert killed.data.params and not killed.inputs.dataset_inputs
+
+    space2, state = saved_space(str(sweep_dir))  # `flat-ray tune --resume opened`
+    space2, sweep_dir2, storage2, uri2 = tune.plan_sweep(space2, name="opened", address=None, storage_path=None,
+                                                         mlflow_uri=state["mlflow_uri"])
+    parent = tune._open_parent(space2, "opened", sweep_dir2, storage2, uri2, "the trial table", None, None, state)
+    run = tracking.run_data(uri, parent.run_id)
+    assert parent.run_id == saved["parent_run_id"] and run.data.tags["resumed"] == "true"
+    assert run.data.params["resolved.git_sha"] and [d.dataset.name for d in run.inputs.dataset_inputs] == ["demo/forget05"]
+    assert {"space.yaml", "trials.txt"} <= set(tracking.list_artifacts(uri, parent.run_id))
+    client = MlflowClient(uri)
+    assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("opened").experiment_id])] == [
+        parent.run_id]
