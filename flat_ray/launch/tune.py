@@ -43,6 +43,7 @@ from flat_ray.launch.driver import (
     finetuner,
     log_split,
     preflight,
+    release_orphaned_placement_groups,
     storage_root,
 )
 from flat_ray.models import DEMO_ORIGINAL
@@ -67,6 +68,9 @@ from flat_ray.sweep import (
 # placement group would otherwise prefer the node with the most free CPUs, a GPU node, whose loss would kill the
 # trial instead of letting Ray Train restart its workers. Every Ray head has the resource node:__internal_head__.
 TRIAL_FN_RESOURCES = {"CPU": TRIAL_FN_CPU, "node:__internal_head__": 0.001}
+# how long the end of a cell waits for the Ray Train controllers of stopped trials to die (and their placement
+# groups to be released): all of the cell's trials are over by then
+ORPHAN_WAIT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,7 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
     from flat_ray.launch.worker import quiet_worker_logs
 
     quiet_worker_logs()
+    release_orphaned_placement_groups()  # a stopped trial's leftover would keep this one's workers waiting
     trial = tune.get_context().get_trial_name()
     constants = {**payload["constants"], "tracking.run_name": trial, "tracking.experiment": payload["sweep"],
                  "paths.output_dir": str(Path(payload["trials_dir"]) / trial)}
@@ -483,6 +488,8 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
                                       callbacks=[_Board()]))
     with _CtrlC() as ctrl_c:
         results = tuner.fit()
+    # what a trial stopped at the end left behind would hold its resources for as long as this driver lives
+    release_orphaned_placement_groups(wait_s=ORPHAN_WAIT_S)
     states = _trial_states(results)
     expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
     # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished

@@ -1,8 +1,9 @@
 """The drivers' bookkeeping around a run and a sweep: what a resume finds after the driver died at any point of
-opening it."""
+opening it, and the placement groups a dead Ray Train controller leaves behind."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -85,3 +86,45 @@ def test_a_sweep_killed_while_opening_its_parent_run_is_resumed_into_it(tmp_path
     client = MlflowClient(uri)
     assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("opened").experiment_id])] == [
         parent.run_id]
+
+
+def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_local):
+    """What a Ray Train controller that died while starting its worker group leaves behind (a placement group it
+    created, which Ray keeps for as long as the job's driver lives; CI once saw one hold a CPU through the rest of
+    the suite, so the demo sweep's workers never started) is released; the groups of a live actor and of the driver
+    itself are not. With ``wait_s`` the release waits for a creator that is still dying."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def create(self):
+            group = placement_group([{"CPU": 0.05}])
+            ray.get(group.ready())
+            return group
+
+    def state(group) -> str:
+        return placement_group_table(group)["state"]
+
+    own = placement_group([{"CPU": 0.05}])  # the driver's own, like the ones Tune makes for its trials
+    ray.get(own.ready())
+    live, dying = Creator.remote(), Creator.remote()
+    kept, left = ray.get(live.create.remote()), ray.get(dying.create.remote())
+    try:
+        assert driver.release_orphaned_placement_groups() == 0  # every creator alive
+        ray.kill(dying)
+        time.sleep(1)
+        assert state(left) == "CREATED"  # Ray keeps it: a group an actor created lives as long as the job
+        deadline = time.monotonic() + 30
+        while state(left) != "REMOVED":  # released as soon as Ray knows its creator is dead
+            assert time.monotonic() < deadline, state(left)
+            driver.release_orphaned_placement_groups()
+            time.sleep(0.2)
+        assert state(kept) == state(own) == "CREATED"
+        ray.kill(live)  # still dying when the release starts: waited for
+        assert driver.release_orphaned_placement_groups(wait_s=30) == 1 and state(kept) == "REMOVED"
+        assert state(own) == "CREATED"
+    finally:
+        for group in (own, kept, left):
+            if state(group) != "REMOVED":
+                remove_placement_group(group)
