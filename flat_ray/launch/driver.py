@@ -348,7 +348,7 @@ def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
 
     deadline, removed = time.monotonic() + wait_s, 0
     while True:
-        groups = _actor_created_groups(ray)
+        groups = _actor_created_groups()
         for group_id, creator_dead in groups:
             if creator_dead:
                 try:
@@ -364,10 +364,12 @@ def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
     return removed
 
 
-def _actor_created_groups(ray: Any) -> list[tuple[bytes, bool]]:
+def _actor_created_groups() -> list[tuple[bytes, bool]]:
     """(id, creator dead) of every placement group of this job that is not removed or detached and that an actor
     created. Read from the GCS table (Ray's state API does not say who created a group); empty where that table
     cannot be read (another Ray version's internals, a Ray Client driver)."""
+    import ray
+
     try:
         from ray._private.state import state
         from ray.core.generated.gcs_pb2 import PlacementGroupTableData

@@ -176,11 +176,9 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
     # nothing of the stopped trial holds the suite's CPUs after the sweep (its Ray Train controller can die while
     # starting a worker group and leave that group to this process: CI once saw it stall the next sweep)
-    import ray
-
     from flat_ray.launch import driver
 
-    assert driver._actor_created_groups(ray) == []
+    assert driver._actor_created_groups() == []
 
 
 NOISE = ("Token authentication", "core_worker.cc", "PreemptionWatcher", "Setting accelerator to CPU",
