@@ -123,7 +123,8 @@ def _browse(uri: str, run_id: str) -> None:
 
 def _gpu_gib(spec: str | None) -> float | None:
     """``--gpu-memory``, else the memory of this machine's first GPU, else None (nothing to check against)."""
-    from flat_ray.memory import GIB, gpu_memory_gib
+    from flat_ray.memory import GIB
+    from flat_ray.placement import gpu_memory_gib
 
     if spec:
         return gpu_memory_gib(spec)
@@ -135,7 +136,7 @@ def _gpu_gib(spec: str | None) -> float | None:
 
 
 def _memory_plan(cfg, model_path: str, gpu_gib: float | None) -> None:
-    from flat_ray.memory import GIB, arch_for, fit_hint, plan
+    from flat_ray.memory import GIB, arch_for, fit_hint, host_plan, plan
 
     arch = arch_for(model_path)
     if arch is None:
@@ -145,6 +146,9 @@ def _memory_plan(cfg, model_path: str, gpu_gib: float | None) -> None:
     click.echo(f"memory plan per GPU ({size} parameters, {cfg.launch.num_workers} ranks, ZeRO-"
                f"{cfg.deepspeed.stage}, bf16 unless deepspeed.precision says otherwise):")
     for line in plan(cfg, arch).lines():
+        click.echo(line)
+    click.echo("host memory per rank (what each worker asks Ray for as its memory resource):")
+    for line in host_plan(cfg, arch).lines(("steady state", "while loading")):
         click.echo(line)
     if gpu_gib is not None:
         hint = fit_hint(cfg, arch, gpu_gib * GIB)
@@ -338,13 +342,20 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
             sp = saved_space(resume, workdir)[0]
         else:
             sp = load_space(space, list(overrides))
+        from flat_ray.placement import this_machine
+
         cpus, gpus, gpu_gib = os.cpu_count() or 1, _local_gpus(), _gpu_gib(gpu_memory)
+        cluster = _cluster_yaml_nodes(gpu_memory)
         click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
                    f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "
                    f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
-        click.echo(format_table(trial_table(sp, cpus, gpus, gpu_gib)))
+        click.echo(format_table(trial_table(sp, cluster or [this_machine(cpus, gpus)], gpu_gib, cluster)))
         _misfits(sp, gpu_gib)
-        click.echo(f"concurrency computed for this machine ({cpus} CPUs, {gpus} GPUs); nothing was started")
+        if cluster:
+            _node_types(sp, cluster, gpu_memory)
+        where = (f"the cluster of {gpu_memory} at its largest" if cluster else
+                 f"this machine ({cpus} CPUs, {gpus} GPUs)")
+        click.echo(f"concurrency computed for {where}; nothing was started")
         return
     from transformers.utils import logging as hf_logging
 
@@ -381,6 +392,31 @@ def _misfits(sp, gpu_gib: float | None) -> None:
 
     for line in misfits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib) if gpu_gib is not None else []:
         click.echo(line)
+
+
+def _cluster_yaml_nodes(spec: str | None) -> list | None:
+    """The node types of ``--gpu-memory CLUSTER.yaml`` (None for a number of GiB or no option)."""
+    from pathlib import Path
+
+    from flat_ray.placement import node_types_from_yaml
+
+    if not spec or not Path(spec).expanduser().is_file():
+        return None
+    return node_types_from_yaml(Path(spec).expanduser())
+
+
+def _node_types(sp, cluster: list, source: str) -> None:
+    """Under the dry run's table: each node type, and how many trials of each cell one node of it holds."""
+    from flat_ray.placement import landing, trials_per_node
+
+    click.echo(f"node types of {source} (Ray's memory resource: 70% of the RAM unless the YAML sets it):")
+    for node in cluster:
+        gpus = f", {node.gpu_gib:g} GiB per GPU" if node.gpu_gib else ""
+        click.echo(f"  {node.name}: {node.describe().split(' (', 1)[1][:-1]}{gpus}; up to {node.max_count} node(s)")
+    for cell in sp.cells:
+        node = landing(cell.config, cluster)
+        click.echo(f"  cell {cell.name} -> " + (f"{node.name}, {trials_per_node(cell.config, node)} trial(s) per node"
+                                               if node else "no node type can hold its trials"))
 
 
 def _local_gpus() -> int:

@@ -31,6 +31,7 @@ from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
 
 EXPORTS = ("last", "best", "none")
+PLACEMENT_STRATEGIES = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
@@ -59,6 +60,10 @@ class ModelConfig:
                                      f"then generic) or one of: {PROFILES.choices()}.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub to run. Off unless you trust the source.")
     revision: str | None = doc(None, "Hub revision (branch, tag or commit) to pin; null for the default branch.")
+    tokenizer: str | None = doc(None, "Hub id or local directory to load the tokenizer from, when it is not the "
+                                      "model's own (TOFU loads it from the base model, e.g. microsoft/phi-1_5 for "
+                                      "locuslab/tofu_ft_phi-1.5, which ships no tokenizer files); null: the model's. "
+                                      "model.revision applies to the model only.")
     gradient_checkpointing: bool = doc(False, "Recompute each layer's activations in the backward pass instead of "
                                               "keeping them: far less activation memory for about a third more "
                                               "compute (see the memory plan of --dry-run).")
@@ -66,6 +71,9 @@ class ModelConfig:
     def __post_init__(self):
         if not self.name_or_path:
             raise FlatRayError("model.name_or_path must not be empty; give a hub id, a local directory or 'tiny'")
+        if self.tokenizer == "":
+            raise FlatRayError("model.tokenizer must not be empty; give a hub id or a local directory, or null for "
+                               "the model's own")
         if self.profile != AUTO_PROFILE:
             try:
                 self.profile = PROFILES.canonical(self.profile)
@@ -255,6 +263,13 @@ class LaunchConfig:
     cpus_per_worker: float = doc(0.99, "CPUs reserved per worker; just under 1 so that 2 workers fit on a 2-CPU "
                                        "machine next to Ray's own actors.")
     gpus_per_worker: float = doc(0.0, "GPUs per worker; > 0 trains on GPUs (NCCL), 0 on CPUs (gloo).")
+    accelerator_type: str | None = doc(None, "Run the workers only on nodes with this accelerator (Ray's "
+                                             "accelerator_type resource, e.g. A10G, A100, H100, L4, T4: what AWS "
+                                             "nodes advertise); null: any node with the resources.")
+    placement_strategy: str = doc("auto", "How a run's workers are placed on nodes (Ray placement-group "
+                                          f"strategy): {', '.join(PLACEMENT_STRATEGIES)}. 'auto' is STRICT_PACK "
+                                          "for runs with several GPU workers (all ranks on one node: ZeRO-3's "
+                                          "all-gathers never cross the network) and PACK otherwise.")
     address: str | None = doc(None, "Ray cluster to join (e.g. 'auto' or ray://host:10001); null starts a local "
                                     "Ray sized to this machine.")
     storage_path: str | None = doc(None, "Where Ray Train keeps checkpoints; null means <workdir>/ray_results. Use "
@@ -289,6 +304,9 @@ class LaunchConfig:
         if self.keep_checkpoints < 0:
             raise FlatRayError(f"launch.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         _choice("launch.export", self.export, EXPORTS)
+        _choice("launch.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        if self.accelerator_type is not None and not self.accelerator_type.strip():
+            raise FlatRayError("launch.accelerator_type must not be empty; give a type such as A10G, or null")
         if self.checkpoint_metric is not None:
             _choice("launch.checkpoint_metric", self.checkpoint_metric, sorted(METRICS))
         if self.export == "best" and self.checkpoint_metric is None:
@@ -296,6 +314,12 @@ class LaunchConfig:
                                "epoch is best")
         _positive("launch.cpus_per_worker", self.cpus_per_worker)
         _positive("launch.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
+
+    def strategy(self) -> str:
+        """The placement strategy in force: 'auto' resolved."""
+        if self.placement_strategy != "auto":
+            return self.placement_strategy
+        return "STRICT_PACK" if self.num_workers > 1 and self.gpus_per_worker > 0 else "PACK"
 
 
 @dataclass

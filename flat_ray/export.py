@@ -107,7 +107,7 @@ def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path) -> P
     from flat_ray.models import load_model_and_tokenizer
 
     load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
-    _, tokenizer = load_model_and_tokenizer(model_path, load_model=False, **load)
+    _, tokenizer = load_model_and_tokenizer(model_path, load_model=False, tokenizer=cfg.model.tokenizer, **load)
     dtype = getattr(torch, kept.dtype)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="flat-ray-export-") as tmp_dir:  # a cloud checkpoint is fetched first

@@ -102,10 +102,10 @@ class Plan:
     def peak(self) -> float:
         return max(self.train, self.evaluate)
 
-    def lines(self) -> list[str]:
+    def lines(self, peaks: tuple[str, str] = ("peak of training", "peak of evaluation")) -> list[str]:
         out = [f"  {name:<22}{value / GIB:8.2f} GiB" for name, value in self.parts.items() if value]
-        return out + [f"  {'peak of training':<22}{self.train / GIB:8.2f} GiB",
-                      f"  {'peak of evaluation':<22}{self.evaluate / GIB:8.2f} GiB"]
+        return out + [f"  {peaks[0]:<22}{self.train / GIB:8.2f} GiB",
+                      f"  {peaks[1]:<22}{self.evaluate / GIB:8.2f} GiB"]
 
 
 def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: str = "bf16") -> Plan:
@@ -144,6 +144,38 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
     return Plan(parts, resident + parts["activations"] + parts["logits"], resident + parts["eval KV cache"])
 
 
+# ------------------------------------------------------------------------------------------- host memory
+PROCESS_HOST_BYTES = 2.0 * GIB  # a worker process: Python with torch, transformers, DeepSpeed and Ray, its data
+CUDA_HOST_BYTES = 1.0 * GIB  # the CUDA runtime's and NCCL's host side, on a GPU worker
+OFFLOAD_STATE_BYTES = 16  # per offloaded parameter: fp32 master weight, Adam m and v, fp32 gradient partition
+OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's own estimator's allowance for pinned staging buffers on offloaded state
+SHARD_BYTES = 5e9  # transformers' default checkpoint shard: what a ZeRO-3 rank holds at once while loading
+
+
+def host_plan(cfg: RunConfig, arch: Arch | None, world_size: int | None = None, precision: str = "bf16") -> Plan:
+    """Host (CPU) memory one rank holds at its peak, by part (docs/memory.md). ``train`` is the steady state
+    (process, offloaded optimizer and parameters with DeepSpeed's buffer allowance, an offloaded reference model),
+    ``evaluate`` the loading of the checkpoint (the whole model on each rank below ZeRO-3, one shard under it),
+    which comes before the optimizer state exists. Without an architecture: the process alone."""
+    n = world_size or cfg.launch.num_workers
+    ds = cfg.deepspeed
+    process = PROCESS_HOST_BYTES + (CUDA_HOST_BYTES if cfg.launch.gpus_per_worker else 0.0)
+    parts = {"process": process}
+    if arch is not None:
+        p = arch.params
+        w = 4 if (ds.precision if ds.precision != "auto" else precision) == "fp32" else 2
+        offloaded = {"offloaded optimizer": OFFLOAD_STATE_BYTES * p / n if ds.offload_optimizer else 0.0,
+                     "offloaded parameters": p * w / n if ds.offload_params else 0.0}
+        if METHODS[cfg.method.name].needs_reference and ds.offload_params:
+            offloaded["offloaded reference"] = p * w / n
+        parts.update(offloaded)
+        parts["pinned buffers"] = (OFFLOAD_BUFFER_FACTOR - 1) * sum(offloaded.values())
+        parts["checkpoint loading"] = min(p * w, SHARD_BYTES) if ds.stage == 3 else p * w
+    loading = parts.get("checkpoint loading", 0.0)
+    steady = sum(v for k, v in parts.items() if k != "checkpoint loading")
+    return Plan(parts, steady, process + loading)
+
+
 def fit_hint(cfg: RunConfig, arch: Arch, gpu_bytes: float, world_size: int | None = None) -> str | None:
     """None when ``cfg`` fits in ``gpu_bytes`` per GPU; else what to change, trying the knobs in the order that
     costs least speed (gradient checkpointing, optimizer offload, a smaller evaluation batch, parameter offload)."""
@@ -167,38 +199,6 @@ def fit_hint(cfg: RunConfig, arch: Arch, gpu_bytes: float, world_size: int | Non
         if plan(trial, arch, world_size).peak <= gpu_bytes:
             return f"set {', '.join(knobs)}"
     return "it does not fit even with every memory knob; use more workers or GPUs with more memory"
-
-
-# GPU memory (GiB) of the AWS instance families a cluster.yaml may name
-INSTANCE_GPU_GIB = {"g4dn": 16, "g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80,
-                    "p5": 80, "p5e": 141, "p5en": 141}
-
-
-def gpu_memory_gib(spec: str) -> float:
-    """``--gpu-memory``: a number of GiB, or a Ray cluster YAML whose GPU node types set the smallest GPU."""
-    import yaml
-
-    try:
-        return float(spec)
-    except ValueError:
-        pass
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise FlatRayError(f"--gpu-memory {spec!r} is neither a number of GiB nor a cluster YAML file")
-    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
-    sizes = []
-    for name, node in node_types.items():
-        if not (node.get("resources") or {}).get("GPU"):
-            continue
-        instance = str((node.get("node_config") or {}).get("InstanceType", ""))
-        family = instance.split(".")[0]
-        if family not in INSTANCE_GPU_GIB:
-            raise FlatRayError(f"{path}: node type {name} has instance type {instance!r}, whose GPU memory flat-ray "
-                               f"does not know ({', '.join(INSTANCE_GPU_GIB)}); pass --gpu-memory GIB")
-        sizes.append(INSTANCE_GPU_GIB[family])
-    if not sizes:
-        raise FlatRayError(f"{path} has no node type with GPU resources; pass --gpu-memory GIB")
-    return float(min(sizes))
 
 
 def misfits(runs: list[tuple[str, RunConfig]], gpu_gib: float) -> list[str]:

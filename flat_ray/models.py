@@ -96,8 +96,10 @@ def load_model_and_tokenizer(
     dtype: Any = None,
     revision: str | None = None,
     load_model: bool = True,
+    tokenizer: str | None = None,
 ):
-    """Load a causal LM and its tokenizer from a local directory or a hub id.
+    """Load a causal LM and its tokenizer from a local directory or a hub id; the tokenizer from ``tokenizer``
+    (another hub id or directory, ``model.tokenizer``) where given.
 
     ``trust_remote_code`` stays off unless the config sets it. A tokenizer without a pad token gets its EOS
     token as pad (right padding for training; generation switches to left padding itself).
@@ -111,25 +113,84 @@ def load_model_and_tokenizer(
         raise FlatRayError(f"model path {name_or_path!r} does not exist; give a directory saved with save_pretrained or a hub id")
     source = str(local) if looks_local else name_or_path
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    tokenizer = load_tokenizer(tokenizer, trust_remote_code) if tokenizer else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, **kwargs)
         model = None
         if load_model:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
-        if not looks_local and _offline():
-            raise FlatRayError(
-                f"cannot load model {name_or_path!r}: HF_HUB_OFFLINE=1 and it is not in the local cache; "
-                "download it on a connected machine or set model.name_or_path to a local directory"
-            ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlatRayError(f"cannot load model {name_or_path!r}: {first}") from exc
+        raise _load_error("model", name_or_path, looks_local, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = "right"
     if model is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _is_hub_id(name_or_path: str) -> bool:
+    if name_or_path in (TINY, DEMO_ORIGINAL):
+        return False
+    local = Path(name_or_path).expanduser()
+    return not (local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1)
+
+
+def fetch_weights(cfg: Any) -> list[str]:
+    """Bring a hub model (and a separate ``model.tokenizer``) into the Hugging Face cache once, on the driver, before
+    any worker needs it. On a cluster the cache is on the shared mount (cluster.yaml sets ``HF_HOME`` there on
+    every node and the driver passes it on), so every node reads what the head fetched instead of each downloading
+    the same weights. With HF_HUB_OFFLINE=1 it only checks that they are cached. Local directories and the built-in
+    models are left alone. Returns the snapshot folders."""
+    from huggingface_hub import snapshot_download
+
+    folders = []
+    for repo, revision in ((cfg.model.name_or_path, cfg.model.revision), (cfg.model.tokenizer, None)):
+        if not repo or not _is_hub_id(repo):
+            continue
+        try:
+            folders.append(snapshot_download(repo, revision=revision, local_files_only=_offline(),
+                                             allow_patterns=None if _offline() else _hub_patterns(repo, revision)))
+        except Exception as exc:  # noqa: BLE001 - not cached offline, a gated or missing repo, no network
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            hint = ("HF_HUB_OFFLINE=1 and it is not in the cache (HF_HOME); download it on a connected machine"
+                    if _offline() else first)
+            raise FlatRayError(f"cannot fetch {repo!r} into the Hugging Face cache: {hint}") from None
+    return folders
+
+
+def _hub_patterns(repo: str, revision: str | None) -> list[str]:
+    """The files a model needs: configs, tokenizer files, code, and one weight format (safetensors where the repo
+    has them, else PyTorch's .bin)."""
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo, revision=revision)
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+    return ["*.json", "*.model", "*.txt", "*.py", "*.tiktoken", weights]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool):
+    """``model.tokenizer``: a hub id or a local directory of its own."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise FlatRayError(f"model.tokenizer {name_or_path!r} does not exist; give a directory holding tokenizer "
+                           "files, a hub id, or null for the model's own")
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error("tokenizer (model.tokenizer)", name_or_path, looks_local, exc) from exc
+
+
+def _load_error(what: str, name_or_path: str, looks_local: bool, exc: BaseException) -> FlatRayError:
+    if not looks_local and _offline():
+        return FlatRayError(f"cannot load {what} {name_or_path!r}: HF_HUB_OFFLINE=1 and it is not in the local "
+                            "cache; download it on a connected machine or give a local directory")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FlatRayError(f"cannot load {what} {name_or_path!r}: {first}")
 
 
 # ------------------------------------------------------------------------------------------------ tiny models

@@ -67,7 +67,8 @@ def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     path = resolve_model_path(cfg)  # a dry run never fine-tunes: the cached demo original, else the tiny model
     model, tokenizer = load_model_and_tokenizer(
-        path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model)
+        path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, load_model=load_model,
+        tokenizer=cfg.model.tokenizer)
     profile = profile_for(cfg, path, tokenizer)
     dataset = build_dataset(cfg, tokenizer, profile, rows)
     return Prepared(model, tokenizer, dataset, Collator(tokenizer.pad_token_id), path)

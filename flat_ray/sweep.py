@@ -69,7 +69,8 @@ EXPORTS = ("best_trial", "every_trial", "none")
 SEARCH_KEYS = ("algorithm", "seed")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 RESOURCE_KEYS = {"num_workers": "launch.num_workers", "cpus_per_worker": "launch.cpus_per_worker",
-                 "gpus_per_worker": "launch.gpus_per_worker", "deepspeed_stage": "deepspeed.stage"}
+                 "gpus_per_worker": "launch.gpus_per_worker", "deepspeed_stage": "deepspeed.stage",
+                 "accelerator_type": "launch.accelerator_type"}
 TRIAL_FN_CPU = 0.01  # the per-trial driver function only waits on its TorchTrainer
 # metrics that only exist when the run has a forget-quality reference
 NEEDS_REFERENCE = ("forget_quality", "tofu_score")
@@ -511,25 +512,31 @@ def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any
 
 # ------------------------------------------------------------------------------------------- trial table
 def trial_resources(cfg: RunConfig) -> dict[str, float]:
-    """What one trial asks Ray for: its driver function plus its Ray Train workers."""
-    return {"CPU": TRIAL_FN_CPU + cfg.launch.num_workers * cfg.launch.cpus_per_worker,
-            "GPU": cfg.launch.num_workers * cfg.launch.gpus_per_worker}
+    """What one trial asks Ray for in all: its driver function plus its Ray Train workers (``memory`` in bytes)."""
+    from flat_ray.placement import worker_bundle
+
+    bundle = worker_bundle(cfg)
+    n = cfg.launch.num_workers
+    return {"CPU": TRIAL_FN_CPU + n * bundle.get("CPU", 0), "GPU": n * bundle.get("GPU", 0),
+            "memory": n * bundle.get("memory", 0)}
 
 
-def max_concurrent(cfg: RunConfig, cpus: float, gpus: float) -> int:
-    """How many trials of this cell fit on a cluster with ``cpus`` and ``gpus`` at once (0: not even one)."""
-    need = trial_resources(cfg)
-    fits = [math.floor(cpus / need["CPU"] + 1e-9)]
-    if need["GPU"] > 0:
-        fits.append(math.floor(gpus / need["GPU"] + 1e-9))
-    return max(0, min(fits))
+def max_concurrent(cfg: RunConfig, nodes: list) -> int:
+    """How many trials of this cell fit on ``nodes`` (:class:`flat_ray.placement.NodeType`, each at its
+    ``max_count``) at once (0: not even one)."""
+    from flat_ray.placement import max_trials
+
+    return max_trials(cfg, nodes)
 
 
-def trial_table(space: Space, cpus: float, gpus: float, gpu_gib: float | None = None) -> list[dict[str, Any]]:
-    """One row per cell: trials, axes, per-trial resources and the concurrency on ``cpus``/``gpus``; for GPU
-    trials also the memory plan's peak per GPU (``?`` for a model whose architecture is unknown here) and, given
-    the GPUs' memory ``gpu_gib``, whether it fits."""
+def trial_table(space: Space, nodes: list, gpu_gib: float | None = None,
+                cluster: list | None = None) -> list[dict[str, Any]]:
+    """One row per cell: trials, axes, per-trial resources (host memory from the memory plan) and the concurrency
+    on ``nodes``; for GPU trials also the plan's peak per GPU (``?`` for a model whose architecture is unknown
+    here) and, given the GPUs' memory ``gpu_gib``, whether it fits. With the node types of a ``cluster``, the
+    node type each cell lands on (``-`` where none can hold it)."""
     from flat_ray.memory import GIB, arch_for, plan
+    from flat_ray.placement import landing
 
     rows = []
     for cell in space.cells:
@@ -539,7 +546,8 @@ def trial_table(space: Space, cpus: float, gpus: float, gpu_gib: float | None = 
             "axes": "; ".join(f"{k}={s.describe()}" for k, s in cell.params.items()) or "-",
             "workers": cell.config.launch.num_workers, "cpus/trial": round(need["CPU"], 2),
             "gpus/trial": need["GPU"], "zero": cell.config.deepspeed.stage,
-            "concurrent": max_concurrent(cell.config, cpus, gpus),
+            "host GiB/trial": f"{need['memory'] / GIB:.1f}",
+            "concurrent": max_concurrent(cell.config, nodes),
         }
         if need["GPU"]:
             arch = arch_for(cell.config.model.name_or_path)
@@ -547,6 +555,9 @@ def trial_table(space: Space, cpus: float, gpus: float, gpu_gib: float | None = 
             row["GiB/GPU"] = f"{peak:.1f}" if peak is not None else "?"
             if gpu_gib is not None:
                 row["fits"] = "?" if peak is None else ("yes" if peak <= gpu_gib else "no")
+        if cluster is not None:
+            node = landing(cell.config, cluster)
+            row["node type"] = node.name if node else "-"
         rows.append(row)
     return rows
 

@@ -2,11 +2,15 @@
 
     .venv/bin/python scripts/cluster_demo.py [--root DIR] [--keep]      (scripts/cluster_demo.sh wraps it)
 
-What it brings up (every part real, nothing mocked):
+What it brings up (every part real, nothing mocked), shaped like a cold GPU cluster:
 - a Ray head started with Ray's fake multi-node autoscaler (provider ``fake_multinode``: each node it adds is a
-  raylet on this machine). The head has 1 CPU, which holds the trials' driver functions (0.01 CPU each) and never
-  a training worker (1 CPU each); the ``cpu_worker`` node type has 1 CPU and scales from 0 to 2 nodes, as the GPU
-  node types of ``cluster.yaml`` scale from 0;
+  raylet on this machine). The head has 1 CPU and 1 GiB of Ray memory, and no accelerator: it holds the trials'
+  driver functions (0.01 CPU each) and nothing a training worker needs. The ``fake_a10g`` node type stands in for
+  a GPU node type of ``cluster.yaml``: it carries Ray's ``accelerator_type:A10G`` resource (as AWS's A10G nodes
+  do), 2 CPUs and 4 GiB of memory, and scales from 0 to 2 nodes. Each trial's worker asks for 2 CPUs, its host
+  memory from the memory plan and ``launch.accelerator_type=A10G``: bigger than anything the cluster has when the
+  sweep starts, so every trial must wait for the autoscaler (a trial that checked the cluster's size itself
+  would fail here at once). The nodes start with ``OMP_NUM_THREADS=1``, as Ray's command runner starts them;
 - an MLflow tracking server on 127.0.0.1 (SQLite store, artifacts in ``--artifacts-destination``);
 - a folder standing in for the cluster's shared storage (``shared/``): Ray's storage path and the work folder.
 
@@ -70,9 +74,11 @@ num_samples: 1
 search: {algorithm: basic, seed: 0}
 scheduler: {name: fifo}
 objective: forget_prob
-resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, deepspeed_stage: 3}
+resources: {num_workers: 1, cpus_per_worker: 2, gpus_per_worker: 0, deepspeed_stage: 3, accelerator_type: A10G}
 """
-WORKER_TYPE = "cpu_worker"
+WORKER_TYPE = "fake_a10g"
+NODE = {"CPU": 2, "memory": 4 * 2**30, "accelerator_type:A10G": 1}  # a worker node: its accelerator stands in for a GPU
+HEAD_MEMORY = 2**30
 OUTAGE_S = 20  # how long the MLflow server is away
 
 
@@ -83,7 +89,7 @@ def free_port() -> int:
 
 
 def autoscaling_config(gcs_address: str) -> dict:
-    """Ray's fake multi-node provider: a 1-CPU head and a 1-CPU worker type that scales from 0 to 2."""
+    """Ray's fake multi-node provider: a 1-CPU head and the ``fake_a10g`` worker type that scales from 0 to 2."""
     return {
         "cluster_name": "flat-ray-demo", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
         # Ray's fake multi-node provider, told when a node's processes have died (scripts/cluster_demo_provider.py)
@@ -92,7 +98,7 @@ def autoscaling_config(gcs_address: str) -> dict:
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            WORKER_TYPE: {"resources": NODE, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
         "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
         "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
@@ -112,9 +118,11 @@ def start_head(root: Path) -> str:
     # the nodes start without the offline/cache variables, which only the sweep's driver has (as on a real
     # cluster): flat-ray passes them to the workers
     env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV}
-    env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+    # Ray's command runner starts every node's Ray with OMP_NUM_THREADS=1, which its workers inherit
+    env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"), env.get("PYTHONPATH")]))})
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", f"--memory={HEAD_MEMORY}",
+                    "--include-dashboard=true",
                     f"--autoscaling-config={config}", f"--temp-dir={root / 'ray_tmp'}", "--disable-usage-stats"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     return address
@@ -274,7 +282,9 @@ def run_sweep(root: Path, address: str, uri: str, actors: dict[str, tuple[str, s
     """``flat-ray tune`` joined to the cluster; polls its nodes and actors while it runs, and injects the faults."""
     (root / "space.yaml").write_text(SPACE)
     shared = root / "shared"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLAT_RAY_VERBOSE": "0"}
+    # the autoscaling config the head runs with, where `ray up` would leave it on the head (~/ray_bootstrap_config.yaml)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLAT_RAY_VERBOSE": "0",
+           "FLAT_RAY_CLUSTER_CONFIG": str(root / "autoscaling.json")}
     cmd = [str(BIN / "flat-ray"), "tune", "--address", address, "--space", str(root / "space.yaml"),
            "--name", "cluster-demo", "--mlflow-uri", uri, "--storage-path", str(shared / "ray"),
            f"paths.workdir={shared / 'work'}"]
@@ -319,6 +329,11 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
     seen_env = {t.data.params.get("resolved.worker_env", "") for t in trials}
     if not trials or any("HF_HUB_OFFLINE" not in e.split(",") for e in seen_env):
         problems.append(f"HF_HUB_OFFLINE, set only for the driver, did not reach the workers ({seen_env})")
+    asked = {(t.data.params.get("resolved.threads_per_worker"), t.data.params.get("launch.accelerator_type"),
+              float(t.data.params.get("resolved.host_memory_per_worker_gib", 0)) > 0) for t in trials}
+    if asked != {("2", "A10G", True)}:
+        problems.append(f"the workers did not run with 2 threads (their 2 reserved CPUs, not the nodes' "
+                        f"OMP_NUM_THREADS=1) on A10G nodes with their host memory requested: {asked}")
     if len(trials) == 2:
         (a, b) = sorted((t.info.start_time, t.info.end_time or 0) for t in trials)
         if not b[0] < a[1]:
@@ -406,7 +421,7 @@ def main() -> int:
     address = None
     try:
         address = faults.address = start_head(root)
-        print(f"cluster demo: head {address} (1 CPU, no room for a training worker), MLflow {uri}, root {root}")
+        print(f"cluster demo: head {address} (1 CPU, 1 GiB, no accelerator: no room for a training worker), MLflow {uri}, root {root}")
         actors: dict[str, tuple[str, str]] = {}
         code, out, seen = run_sweep(root, address, uri, actors, faults)
         placed = placement(head_node(address), actors)
@@ -428,7 +443,9 @@ def main() -> int:
     if problems:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
-    print("cluster demo passed: the autoscaler added 2 nodes from 0, 2 trials ran at once and finished, the MLflow "
+    print("cluster demo passed: trials bigger than anything the cluster had at the start (2 CPUs, host memory and an "
+          "A10G each) waited, the autoscaler added 2 A10G nodes from 0, 2 trials ran at once and finished, "
+          "their workers used their 2 reserved CPUs, the MLflow "
           "server holds the sweep and its trials with their artifacts, trial functions ran on the head, "
           "the driver's offline/cache variables reached the workers, and the trial whose node was killed while "
           f"the MLflow server was away for {OUTAGE_S} s restored from its checkpoint on a node the autoscaler "

@@ -81,3 +81,75 @@ def test_resolve_profile_auto(tiny):
     assert resolve_profile("auto", "microsoft/phi-1_5").name == "phi"
     assert resolve_profile("auto", "/models/tiny", tok).name == "generic"
     assert resolve_profile("phi", "anything") is PROFILES["phi"]
+
+
+def test_a_model_without_tokenizer_files_loads_its_tokenizer_from_model_tokenizer(tiny_model_dir, tmp_path):
+    """TOFU's fine-tuned Phi ships no tokenizer: TOFU loads it from the base model. model.tokenizer does that."""
+    import shutil
+
+    model_only = tmp_path / "ft"
+    shutil.copytree(tiny_model_dir, model_only)
+    for f in model_only.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    with pytest.raises(FlatRayError, match="cannot load model"):
+        load_model_and_tokenizer(str(model_only), load_model=False)
+    model, tok = load_model_and_tokenizer(str(model_only), tokenizer=str(tiny_model_dir))
+    _, own = load_model_and_tokenizer(str(tiny_model_dir), load_model=False)
+    assert model is not None and tok.get_vocab() == own.get_vocab() and tok.pad_token == own.pad_token
+    with pytest.raises(FlatRayError, match=r"^model.tokenizer '/nowhere/tok' does not exist"):
+        load_model_and_tokenizer(str(model_only), tokenizer="/nowhere/tok")
+    with pytest.raises(FlatRayError, match=r"cannot load tokenizer \(model.tokenizer\) 'org/not-cached': "
+                                           "HF_HUB_OFFLINE=1 and it is not in the local cache"):
+        load_model_and_tokenizer(str(model_only), tokenizer="org/not-cached")
+
+
+def test_tofu_spaces_load_tokenizers_from_the_base_models_as_tofu_does():
+    from flat_ray.sweep import load_space
+
+    # TOFU's config/model_config.yaml: hf_key of llama2-7b and phi
+    want = {"locuslab/tofu_ft_llama2-7b": "NousResearch/Llama-2-7b-chat-hf", "locuslab/tofu_ft_phi-1.5": "microsoft/phi-1_5"}
+    for name in ("tofu", "tofu_baselines"):
+        cells = load_space(name).cells
+        assert cells and all(want[c.config.model.name_or_path] == c.config.model.tokenizer for c in cells)
+
+
+def test_weights_are_fetched_into_the_hf_cache_once_or_refused_in_one_line(tmp_path, monkeypatch, tiny_model_dir):
+    """Offline, the fetch only checks the cache (a hub cache laid out as huggingface_hub lays it out); local paths
+    and the built-in models are not the hub's."""
+    import shutil
+
+    from flat_ray.config import load_config
+    from flat_ray.models import fetch_weights
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text(snapshot.name)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # HF_HUB_CACHE, read at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, ["model.name_or_path=org/tiny"])
+    assert fetch_weights(cfg) == [str(snapshot)]
+    assert fetch_weights(load_config(None, [f"model.name_or_path={tiny_model_dir}"])) == []
+    assert fetch_weights(load_config(None, ["model.name_or_path=tiny"])) == []
+    with pytest.raises(FlatRayError, match=r"^cannot fetch 'org/other' into the Hugging Face cache: HF_HUB_OFFLINE=1 "
+                                           r"and it is not in the cache \(HF_HOME\)"):
+        fetch_weights(load_config(None, ["model.name_or_path=org/tiny", "model.tokenizer=org/other"]))
+
+
+def test_a_worker_uses_the_cpus_it_reserved_whatever_omp_num_threads_says(monkeypatch):
+    from flat_ray.launch.worker import use_reserved_cpus
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray's command runner starts every node
+    try:
+        assert use_reserved_cpus(2.0) == 2 and torch.get_num_threads() == 2
+        import os
+
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        assert use_reserved_cpus(0.99) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

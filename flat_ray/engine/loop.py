@@ -192,7 +192,8 @@ class _Job:
         ds.init_distributed(ctx.rank, ctx.world_size, ctx.local_rank)
         torch.manual_seed(cfg.optim.seed)
         _, tokenizer = load_model_and_tokenizer(payload["model_path"], trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision, load_model=False)
+                                                revision=cfg.model.revision, load_model=False,
+                                                tokenizer=cfg.model.tokenizer)
         profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
         dataset = build_dataset(cfg, tokenizer, profile, load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir))
         # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
@@ -225,7 +226,8 @@ class _Job:
         self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg),
                                  # names only: which cache/offline variables this worker has (from its node or the
                                  # driver, envinfo.FORWARDED_ENV)
-                                 "resolved.worker_env": ",".join(sorted(forwarded_env())) or "-"})
+                                 "resolved.worker_env": ",".join(sorted(forwarded_env())) or "-",
+                                 "resolved.threads_per_worker": torch.get_num_threads()})
         # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
         if self.method.needs_reference:
             self.ref_model = ds.build_reference(ds.load_model(path, ds_config, **load), ds_config)

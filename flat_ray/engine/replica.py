@@ -38,7 +38,8 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
     returns the evaluation suite's float metrics ``{"before": ..., "after": ...}`` (``before`` empty without
     ``evaluate_before``: replays of one model at several learning rates share it)."""
     world = world_size or cfg.launch.num_workers
-    model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                                tokenizer=cfg.model.tokenizer)
     model.to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -117,7 +117,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     manager = task_manager(tasks, tasks_include) if tasks else None
     path = model_location(cfg, finetune)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision)
+                                                revision=cfg.model.revision, tokenizer=cfg.model.tokenizer)
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
                           batch_size=cfg.eval.batch_size, manager=manager) if tasks else {}

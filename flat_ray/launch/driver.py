@@ -37,8 +37,9 @@ from flat_ray.export import (
 )
 from flat_ray.fileio import atomic_write_text, check_writable
 from flat_ray.losses import METHODS
-from flat_ray.models import DEMO_ORIGINAL, TINY, load_model_and_tokenizer
+from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
 from flat_ray.pipeline import profile_for
+from flat_ray.placement import ACCELERATOR_PREFIX, host_bytes_per_worker, worker_bundle
 from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         # the tokenizer is small: loading it here proves a hub id resolves (or fails fast when offline), and that
         # the prompt profile can format a question with it
         _, tokenizer = load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision, load_model=False)
+                                                revision=cfg.model.revision, load_model=False,
+                                                tokenizer=cfg.model.tokenizer)
         profile_for(cfg, name, tokenizer).prompt("?", tokenizer)
+    elif cfg.model.tokenizer:
+        load_tokenizer(cfg.model.tokenizer, cfg.model.trust_remote_code)
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
     if "template" in METHODS[cfg.method.name].batch_keys:  # a missing template column or file fails here
         make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
@@ -147,16 +151,12 @@ def connect_ray(address: str | None) -> None:
              "" if loud else " (flat-ray --verbose shows them here)")
 
 
-def _start_ray(cfg: RunConfig) -> None:
-    import ray
+def _start_ray(cfg: RunConfig, name: str) -> None:
+    """Join (or start) Ray; refuse a run that no node can ever hold, and say so when it waits for room."""
+    from flat_ray.launch.cluster import check_run
 
     connect_ray(cfg.launch.address)
-    have = ray.cluster_resources()
-    want_cpu = cfg.launch.num_workers * cfg.launch.cpus_per_worker
-    want_gpu = cfg.launch.num_workers * cfg.launch.gpus_per_worker
-    if have.get("CPU", 0) < want_cpu or have.get("GPU", 0) < want_gpu:
-        raise FlatRayError(f"the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; "
-                           f"this run needs {want_cpu:g} CPUs and {want_gpu:g} GPUs (launch.num_workers x per-worker)")
+    check_run(cfg, name)
 
 
 # ----------------------------------------------------------------------------------------------- demo models
@@ -190,6 +190,9 @@ def _params(cfg: RunConfig, model_path: str) -> dict[str, Any]:
         "resolved.seed": cfg.optim.seed,
         "resolved.git_sha": tracking.git_sha() or "unknown",
         "resolved.effective_batch": cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.launch.num_workers,
+        # what each worker asked Ray for beyond the config's CPUs and GPUs
+        "resolved.host_memory_per_worker_gib": round(host_bytes_per_worker(cfg, model_path) / 2**30, 2),
+        "resolved.placement_strategy": cfg.launch.strategy(),
     })
     params.update({f"version.{k}": v for k, v in package_versions().items()})
     return params
@@ -310,14 +313,19 @@ def _fit(cfg: RunConfig, name: str, storage: Place, payload: dict[str, Any], cal
     from flat_ray.launch.worker import train_fn_per_worker
 
     gpus = cfg.launch.gpus_per_worker
-    resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    # CPUs, GPUs and host memory (the memory plan's, so Ray never puts more ranks on a node than its RAM holds);
+    # Ray Train adds the accelerator type's resource itself
+    resources = {k: v for k, v in worker_bundle(cfg, payload["model_path"]).items()
+                 if not k.startswith(ACCELERATOR_PREFIX)}
 
     def fit(console_handle: Any) -> None:
         TorchTrainer(
             train_fn_per_worker,
             train_loop_config={**payload, "console": console_handle},
             scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=gpus > 0,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         placement_strategy=cfg.launch.strategy(),
+                                         accelerator_type=cfg.launch.accelerator_type),
             run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                            checkpoint_config=_checkpoint_config(cfg, CheckpointConfig),
                                            failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
@@ -399,18 +407,24 @@ def _checkpoint_config(cfg: RunConfig, CheckpointConfig: type) -> Any:  # noqa: 
 
 def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
                  tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 console: bool = False, stopping: Callable[[], bool] | None = None) -> TrainResult:
+                 console: bool = False, stopping: Callable[[], bool] | None = None,
+                 placed_by_sweep: bool = False) -> TrainResult:
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
     latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
     trial passes extra MLflow ``tags`` (its parent run), Ray Train ``callbacks`` (reporting to Tune) and
     ``stopping`` (true once the sweep has stopped it: a run cut off then is KILLED, not FAILED);
-    ``console`` shows rank 0's progress on this process's terminal."""
+    ``console`` shows rank 0's progress on this process's terminal. A sweep's trial (``placed_by_sweep``) skips
+    what its sweep did once for all trials: the cluster check and fetching the weights."""
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
     preflight(cfg, uri)
+    if placed_by_sweep:
+        connect_ray(cfg.launch.address)
+    else:  # before the demo's original is built or weights are fetched
+        _start_ray(cfg, name)
+        fetch_weights(cfg)
     model_path = resolve_model_path(cfg, finetuner(console))
     cfg = auto_reference(cfg, finetuner(console))
-    _start_ray(cfg)
     tracker, output_dir = _open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
                "storage_dir": str(storage / name),

@@ -46,7 +46,7 @@ from flat_ray.launch.driver import (
     release_orphaned_placement_groups,
     storage_root,
 )
-from flat_ray.models import DEMO_ORIGINAL
+from flat_ray.models import DEMO_ORIGINAL, fetch_weights
 from flat_ray.report import SWEEP_FILE, write_report
 from flat_ray.storage import Place
 from flat_ray.sweep import (
@@ -57,9 +57,7 @@ from flat_ray.sweep import (
     build_cell_config,
     format_table,
     load_space,
-    max_concurrent,
     space_summary,
-    trial_resources,
     trial_table,
     with_constants,
 )
@@ -154,7 +152,8 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         tune.report(finished)
         return
     try:
-        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()], stopping=_stopping())
+        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()], stopping=_stopping(),
+                     placed_by_sweep=True)
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
 
@@ -229,7 +228,8 @@ def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Place) -> Cel
     cfg = cell.config
     extra: dict[str, Any] = {"paths.workdir": str(workdir(cfg)), "tracking.mlflow_uri": uri,
                              "launch.storage_path": str(storage / "train")}
-    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("data.data_dir", cfg.data.data_dir),
+    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+                       ("data.data_dir", cfg.data.data_dir),
                        ("data.template_file", cfg.data.template_file), ("eval.reference", cfg.eval.reference)):
         if value and Path(value).expanduser().exists():
             extra[key] = str(Path(value).expanduser().resolve())
@@ -277,18 +277,6 @@ def _connect(address: str | None) -> None:
     connect_ray(address)
 
 
-def _cluster_limit() -> dict[str, float] | None:
-    """The most CPUs and GPUs the joined cluster can grow to, when its autoscaler has told Ray its node types;
-    None when Ray does not know (a cluster without an autoscaler, or one that does not report them)."""
-    from ray._private.state import state
-
-    try:
-        limit = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - an older GCS without the autoscaler's cluster config
-        return None
-    return {k: float(limit.get(k, 0)) for k in ("CPU", "GPU")} if limit else None
-
-
 def _device(path: Path) -> int:
     """The filesystem ``path`` is (or would be created) on."""
     while not path.exists() and path != path.parent:
@@ -299,32 +287,23 @@ def _device(path: Path) -> int:
 def _check_cluster(space: Space, address: str | None, storage: Place | None, uri: str) -> dict[str, int]:
     """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
 
-    On this machine a cell runs as many trials at once as its resources allow. On a joined cluster it runs as
-    many as fit the largest size the autoscaler can grow the cluster to, when Ray knows that size; else as many as
-    fit now, and when not even one fits now, every trial of the cell may be pending at once: Tune starts what fits,
-    and the autoscaler sees the demand of all the others (a cluster whose GPU nodes scale from zero has no room
-    for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run on other nodes,
-    so they need the multi-node storage and MLflow as well, and the work folder (sweep state, trial outputs,
-    exports), which the head reads back, on the storage path's filesystem (with cloud storage that cannot be
-    checked: the work folder must be a shared mount)."""
-    have = ray.cluster_resources()
-    limit = _cluster_limit() if address else None
+    A cell whose trial no node type can ever hold is refused (one line naming the node types and the request).
+    Otherwise it runs as many trials at once as fit the cluster at its largest: the autoscaler's node types at
+    their max_workers where the autoscaler has told Ray its node types, else the nodes alive now. Tune starts what
+    fits now; the other trials wait, and the autoscaler sees their demand (a cluster whose GPU nodes scale from
+    zero has no room for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run
+    on other nodes, so they need the multi-node storage and MLflow as well, and the work folder (sweep state, trial
+    outputs, exports), which the head reads back, on the storage path's filesystem (with cloud storage that cannot
+    be checked: the work folder must be a shared mount)."""
+    from flat_ray.launch.cluster import check_cell
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     out, waiting = {}, []
     for cell in space.cells:
-        n = max_concurrent(cell.config, have.get("CPU", 0), have.get("GPU", 0))
-        most = max_concurrent(cell.config, limit["CPU"], limit["GPU"]) if limit else None
-        if (n == 0 and not address) or most == 0:
-            need = trial_resources(cell.config)
-            room = "the cluster can grow to" if address else "this machine has"
-            cpus, gpus = (limit["CPU"], limit["GPU"]) if most == 0 else (have.get("CPU", 0), have.get("GPU", 0))
-            raise FlatRayError(f"cell {cell.name}: one trial needs {need['CPU']:g} CPUs and "
-                               f"{need['GPU']:g} GPUs but {room} {cpus:g} CPUs and {gpus:g} GPUs; lower "
-                               "resources.num_workers or resources.cpus_per_worker"
-                               + ("" if address else ", or pass --address of a cluster"))
-        if n == 0 or (most or 0) > n:  # some of its trials run on nodes the autoscaler has yet to add
+        now, most = check_cell(cell.config, cell.name)  # refuses a trial that no node type can ever hold
+        if now < most:  # some of its trials run on nodes the autoscaler has yet to add
             waiting.append(cell.name)
-        out[cell.name] = most or n or cell.trials(space.num_samples)
+        out[cell.name] = most
     where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
              f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
     if where and storage is None:
@@ -353,8 +332,8 @@ def plan_sweep(space: Space, *, name: str, address: str | None, storage_path: st
              for c in space.cells]
     seen = set()
     for cell in cells:
-        key = (cell.config.model.name_or_path, cell.config.data.benchmark, cell.config.data.split,
-               cell.config.eval.reference)
+        key = (cell.config.model.name_or_path, cell.config.model.tokenizer, cell.config.data.benchmark,
+               cell.config.data.split, cell.config.eval.reference)
         if key not in seen:
             seen.add(key)
             preflight(cell.config, uri)
@@ -387,9 +366,10 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                            "or choose another --name")
     _connect(address)
     concurrency = _check_cluster(space, address, Place.of(storage_path) if storage_path else None, uri)
-    for cell in space.cells:  # build the demo's original model once, before trials need it
+    for cell in space.cells:  # build the demo's original model, or fetch a hub model's weights, once
         if cell.config.model.name_or_path == DEMO_ORIGINAL:
             ensure_demo_original(cell.config, finetuner(console=True))
+        fetch_weights(cell.config)
     space = dataclasses.replace(space, cells=[_with_reference(cell, space.base) for cell in space.cells])
     table = format_table(trial_table_with(space, concurrency))
     parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
@@ -566,7 +546,7 @@ def _close_cut_off_trials(uri: str, parent_run_id: str) -> None:
 
 
 def trial_table_with(space: Space, concurrency: dict[str, int]) -> list[dict[str, Any]]:
-    rows = trial_table(space, 0, 0)
+    rows = trial_table(space, [])
     for row in rows:
         row["concurrent"] = concurrency[row["cell"]]
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray.train
@@ -32,11 +33,24 @@ def quiet_worker_logs() -> None:
     hf_logging.set_verbosity_warning()
 
 
+def use_reserved_cpus(cpus_per_worker: float) -> int:
+    """torch's and OpenMP's threads follow the CPUs Ray reserved for this worker (``launch.cpus_per_worker``, at
+    least 1). Ray's command runner starts nodes with OMP_NUM_THREADS=1, which every worker inherits: DeepSpeed's CPU
+    Adam would run on one thread while the other reserved CPUs sit idle. Returns the thread count."""
+    import torch
+
+    threads = max(1, int(cpus_per_worker))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for OpenMP code loaded from here on (DeepSpeed's CPU ops)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     from flat_ray.engine.loop import WorkerContext, train_worker
     from flat_ray.launch.relay import emitter
 
     quiet_worker_logs()
+    use_reserved_cpus(config["run"]["launch"]["cpus_per_worker"])
     ctx = ray.train.get_context()
     wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
                          node=ray.get_runtime_context().get_node_id())

@@ -10,7 +10,8 @@ import pytest
 
 from flat_ray.config import load_config
 from flat_ray.errors import FlatRayError
-from flat_ray.memory import GIB, KNOWN, Arch, arch_for, check_fits, fit_hint, gpu_memory_gib, plan
+from flat_ray.memory import GIB, KNOWN, Arch, arch_for, check_fits, fit_hint, host_plan, plan
+from flat_ray.placement import gpu_memory_gib
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = KNOWN["locuslab/tofu_ft_llama2-7b"]
@@ -104,8 +105,13 @@ def test_shipped_gpu_spaces_fit_the_clusters_gpus(name, capsys):
         main(["tune", "--space", name, "--dry-run", "--gpu-memory", str(ROOT / "cluster.yaml")])
     out = capsys.readouterr().out
     assert exc.value.code == 0, out
-    rows = [line.split() for line in out.splitlines()[2:] if line and not line.startswith("concurrency")]
-    assert rows and all(row[-1] == "yes" for row in rows), out
+    header, *lines = out.splitlines()[1:]
+    assert header.split()[-6:] == ["host", "GiB/trial", "concurrent", "GiB/GPU", "fits", "node", "type"][-6:] or \
+        header.split()[-7:] == ["host", "GiB/trial", "concurrent", "GiB/GPU", "fits", "node", "type"], header
+    rows = [line.split() for line in lines if line.startswith(("llama", "phi", "news"))]
+    # every cell fits the GPUs of the node type it lands on (A10G: the smallest GPU), its host memory included
+    assert rows and all(row[-2] == "yes" and row[-1].startswith("gpu_") for row in rows), out
+    assert sum(" -> gpu_" in line for line in lines) == len(rows), out
 
 
 def test_train_dry_run_prints_the_plan_and_what_would_make_it_fit(tmp_path, capsys):
@@ -130,3 +136,26 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir):
                   str(tiny_model_dir))
     assert plain["after"]["forget_prob"] != plain["before"]["forget_prob"]  # it trained
     assert ckpt["after"] == pytest.approx(plain["after"], abs=1e-6)
+
+
+def test_host_plan_of_an_offloaded_7b_trial_equals_deepspeeds_estimator():
+    """Host memory per rank: the process, and with optimizer offload 16 bytes per parameter (fp32 master weights,
+    Adam m and v, fp32 gradients) sharded over the ranks, times DeepSpeed's 1.5 allowance for pinned buffers. Over
+    a node's ranks that is exactly DeepSpeed's own estimate for ZeRO-3 with the optimizer on CPU."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cfg = _cfg("deepspeed.offload_optimizer=true", "model.gradient_checkpointing=true")  # 2 GPU ranks, ZeRO-3
+    host = host_plan(cfg, LLAMA)
+    states = host.parts["offloaded optimizer"] + host.parts["pinned buffers"]
+    assert host.parts["offloaded optimizer"] == 16 * LLAMA.params / 2
+    cpu, _, _ = estimate_zero3_model_states_mem_needs(LLAMA.params, 0, num_gpus_per_node=2, num_nodes=1,
+                                                   cpu_offload=True, cpu_offload_params=False, zero_init=True,
+                                                   additional_buffer_factor=1.5)
+    assert 2 * states == pytest.approx(cpu, rel=1e-9)
+    assert host.parts["process"] == 3 * GIB  # 2 GiB of Python and libraries + 1 GiB of CUDA's host side
+    assert host.peak == host.train == host.parts["process"] + states  # loading one 5 GB shard comes before
+    assert 2 * host.peak / GIB == pytest.approx(156.6, abs=0.1)  # what one tofu llama2-7b trial asks Ray for
+    # no offload, ZeRO-2: every rank loads the whole 16-bit model before DeepSpeed moves it to its GPU
+    flat = host_plan(_cfg("deepspeed.stage=2"), LLAMA)
+    assert flat.evaluate == flat.parts["process"] + 2 * LLAMA.params and flat.peak == flat.evaluate
+    assert host_plan(_cfg(), None).peak == 3 * GIB  # an unknown architecture: the process alone

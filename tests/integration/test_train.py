@@ -177,6 +177,9 @@ PREFLIGHT_MISTAKES = [
                                                          f"this machine has {os.cpu_count() or 1}"),
     (["launch.gpus_per_worker=1"], "GPU(s); lower launch.gpus_per_worker"),
     (["--resume", "never-ran"], "no run named 'never-ran'"),
+    (["model.tokenizer={dir}/missing-tokenizer"], "model.tokenizer '{dir}/missing-tokenizer' does not exist"),
+    (["launch.placement_strategy=SPREAD_OUT"], "launch.placement_strategy='SPREAD_OUT' is not valid. Did you mean "
+                                              "'STRICT_SPREAD'? Valid choices: auto, PACK, STRICT_PACK, SPREAD"),
 ]
 
 
@@ -192,7 +195,7 @@ def test_train_refuses_bad_input_before_anything_is_written(args, message, tmp_p
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and err.count("\n") == 0 and message in err, err
+    assert exc.value.code == 2 and err.count("\n") == 0 and message.format(dir=tmp_path) in err, err
     assert sorted(tmp_path.rglob("*")) == before  # no MLflow store, no Ray results, no model cache
 
 

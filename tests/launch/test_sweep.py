@@ -13,6 +13,7 @@ import pytest
 from cli.main import main
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.metrics import METRICS, add_derived, fq_scaled
+from flat_ray.memory import GIB
 from flat_ray.report import markdown, pareto_front
 from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_table
 
@@ -169,16 +170,22 @@ def test_dry_run_prints_the_trial_table(name, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_concurrency_is_cluster_resources_over_trial_resources():
-    demo = load_space("demo").cells[0].config  # 2 workers x 0.99 CPU + 0.01 for the trial function
-    assert max_concurrent(demo, 2, 0) == 1
-    assert max_concurrent(demo, 1, 0) == 0
-    assert max_concurrent(demo, 8, 0) == 4
-    tofu = load_space("tofu").cells[0].config  # 2 workers x (8 CPU, 1 GPU)
-    assert max_concurrent(tofu, 64, 8) == 3  # CPUs bind: 64 / 16.01
-    assert max_concurrent(tofu, 128, 4) == 2  # GPUs bind
-    assert max_concurrent(tofu, 128, 0) == 0
-    rows = trial_table(load_space("tofu"), 128, 4)
+def test_concurrency_is_what_the_nodes_hold():
+    from flat_ray.placement import NodeType
+
+    def node(cpus, gpus=0, count=1):
+        return NodeType("n", {"CPU": cpus, "GPU": gpus, "memory": 1000 * GIB}, count)
+
+    demo = load_space("demo").cells[0].config  # 2 workers x 0.99 CPU, spread as they fit (PACK)
+    assert max_concurrent(demo, [node(2)]) == 1
+    assert max_concurrent(demo, [node(1)]) == 0 and max_concurrent(demo, [node(1, count=2)]) == 1
+    assert max_concurrent(demo, [node(8)]) == 4
+    tofu = load_space("tofu").cells[0].config  # 2 workers x (8 CPU, 1 GPU), both on one node (STRICT_PACK)
+    assert max_concurrent(tofu, [node(64, 8)]) == 4  # GPUs bind: 8 workers, 4 trials
+    assert max_concurrent(tofu, [node(32, 8)]) == 2  # CPUs bind
+    assert max_concurrent(tofu, [node(8, 1, count=4)]) == 0  # one worker per node: never both on one
+    assert max_concurrent(tofu, [node(128, 0)]) == 0
+    rows = trial_table(load_space("tofu"), [node(128, 4)])
     assert [r["concurrent"] for r in rows] == [2] * 6 and rows[0]["gpus/trial"] == 2
 
 
@@ -298,30 +305,37 @@ def test_text_benchmark_spaces_follow_their_recipes():
 
 def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local, tmp_path,
                                                                                        monkeypatch):
-    """Joined to a cluster whose GPU nodes scale from zero (this local Ray has no GPU), a sweep does not run one
-    trial at a time: every trial of a cell may be pending, so the autoscaler sees their whole demand. Those
+    """Joined to a cluster whose GPU nodes scale from zero (this local Ray has no GPU; its node types are
+    cluster.yaml's, read as from the head's ~/ray_bootstrap_config.yaml), a sweep does not run one trial at a time:
+    as many as fit the cluster at its largest may be pending, so the autoscaler sees their whole demand. Those
     trials run on nodes yet to come, so shared storage, a server MLflow and the work folder on the storage's
     filesystem are required up front."""
     from flat_ray.launch.tune import _check_cluster
     from flat_ray.storage import Place
 
     monkeypatch.chdir(tmp_path)  # the space's paths.workdir, flat_ray_work, is relative to here
+    monkeypatch.setenv("FLAT_RAY_CLUSTER_CONFIG", str(ROOT / "cluster.yaml"))
     shared = Place.of(tmp_path / "shared")
-    space = load_space("tofu")  # 8 trials per cell, each 2 x (8 CPU, 1 GPU)
+    space = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU) on one node; llama 2 x 78.3 GiB of host memory
     with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
                                            "pass --storage-path on shared storage"):
         _check_cluster(space, "auto", None, "sqlite:///x.db")
     with pytest.raises(FlatRayError, match="waits for nodes the autoscaler adds but MLflow is a local SQLite file"):
         _check_cluster(space, "auto", shared, "sqlite:///x.db")
-    assert _check_cluster(space, "auto", shared, "http://head:5000") == {c.name: 8 for c in space.cells}
+    # llama: 3 per A10G node (RAM binds) x 3 nodes + 4 per A100 node x 2; phi: 4 per node (GPUs bind) x 5 nodes
+    want = {c.name: 17 if c.name.startswith("llama") else 20 for c in space.cells}
+    assert _check_cluster(space, "auto", shared, "http://head:5000") == want
     elsewhere = Place.of("/dev/shm/flat-ray-shared")  # another filesystem (tmpfs) than the work folder's
     if Path("/dev/shm").is_dir() and Path("/dev/shm").stat().st_dev != tmp_path.stat().st_dev:
         with pytest.raises(FlatRayError, match=rf"the work folder {tmp_path / 'flat_ray_work'} \(sweep state, trial "
                                                rf"outputs, exports\) is not on the filesystem of --storage-path "
                                                rf"{elsewhere}.*set paths.workdir on the shared mount"):
             _check_cluster(space, "auto", elsewhere, "http://head:5000")
-    with pytest.raises(FlatRayError, match="one trial needs 16.01 CPUs and 2 GPUs but this machine has"):
-        _check_cluster(space, None, shared, "http://head:5000")  # no cluster to wait for
+    monkeypatch.delenv("FLAT_RAY_CLUSTER_CONFIG")  # this Ray alone: one node, 2 CPUs, no GPU, never grows
+    with pytest.raises(FlatRayError, match=r"cell llama2-7b-tofu_forget01-flat: one trial asks for 2 workers x "
+                                           r"\(CPU 8, GPU 1, memory 78.3 GiB\) on one node \(STRICT_PACK\) but no "
+                                           r"node type can ever hold it: node [\d.]+ \(CPU 2, memory"):
+        _check_cluster(space, None, shared, "http://head:5000")
     demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
     assert _check_cluster(demo, None, None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
     # joined to a cluster without an autoscaler (this Ray, 2 CPUs) where a trial fits: what fits, not every trial
@@ -330,9 +344,9 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
 
 def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local, tmp_path,
                                                                                                       monkeypatch):
-    """Where the autoscaler has told Ray its node types (what Ray Train also reads), a cell runs as many trials as
+    """Where the autoscaler has told Ray its node types (autoscaler v2, KubeRay), a cell runs as many trials as
     fit the cluster at its largest, and a trial that could never fit is refused before anything starts. The
-    cluster config is written to this Ray's GCS as an autoscaler would, and removed afterwards."""
+    cluster config is written to this Ray's GCS as such an autoscaler would, and removed afterwards."""
     import ray
     from ray.core.generated import autoscaler_pb2
     from ray.experimental import internal_kv
@@ -345,21 +359,22 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
 
     config = autoscaler_pb2.ClusterConfig()
     head = config.node_group_configs.add(name="head", max_count=1)
-    head.resources["CPU"] = 8
-    gpu = config.node_group_configs.add(name="gpu", max_count=3)  # 3 nodes of 8 CPUs and 2 GPUs at most
-    gpu.resources["CPU"], gpu.resources["GPU"] = 8, 2
+    head.resources["CPU"], head.resources["memory"] = 8, 16 * GIB
+    gpu = config.node_group_configs.add(name="gpu", max_count=3)  # 3 nodes of 16 CPUs, 2 GPUs, 200 GiB at most
+    gpu.resources["CPU"], gpu.resources["GPU"], gpu.resources["memory"] = 16, 2, 200 * GIB
     key = (ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(), ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode())
     internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
     try:
-        tofu = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU): 32 CPUs and 6 GPUs fit 1 (CPUs bind)
-        assert _check_cluster(tofu, "auto", shared, "http://head:5000") == {c.name: 1 for c in tofu.cells}
-        demo = load_space("demo")  # 1.99 CPUs a trial: 16 of them fit 32 CPUs, though only 1 fits this Ray now,
+        tofu = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU) on one node: one per gpu node
+        assert _check_cluster(tofu, "auto", shared, "http://head:5000") == {c.name: 3 for c in tofu.cells}
+        demo = load_space("demo")  # 2 x (0.99 CPU, 2 GiB) anywhere: 8 + 3 x 16 workers make 28 trials, though
         with pytest.raises(FlatRayError, match="cell demo-demo_forget10-flat waits for nodes the autoscaler adds"):
-            _check_cluster(demo, "auto", None, "sqlite:///x.db")  # so 15 run on other nodes
-        assert _check_cluster(demo, "auto", shared, "http://head:5000") == {c.name: 16 for c in demo.cells}
-        big = load_space("tofu", ["launch.num_workers=4"])  # 4 x (8 CPU, 1 GPU) needs 32.01 CPUs: never fits
-        with pytest.raises(FlatRayError, match="one trial needs 32.01 CPUs and 4 GPUs but the cluster can grow to "
-                                               "32 CPUs and 6 GPUs; lower resources.num_workers"):
+            _check_cluster(demo, "auto", None, "sqlite:///x.db")  # only 1 fits this Ray now
+        assert _check_cluster(demo, "auto", shared, "http://head:5000") == {c.name: 28 for c in demo.cells}
+        big = load_space("tofu", ["launch.num_workers=4"])  # 4 x (8 CPU, 1 GPU) on one node: never fits
+        with pytest.raises(FlatRayError, match=r"one trial asks for 4 workers x \(CPU 8, GPU 1, memory 40.7 GiB\) "
+                                               r"on one node \(STRICT_PACK\) but no node type can ever hold it: head "
+                                               r"\(CPU 8, memory 16.0 GiB\); gpu \(CPU 16, GPU 2, memory 200.0 GiB\)"):
             _check_cluster(big, "auto", shared, "http://head:5000")
     finally:
         internal_kv._internal_kv_del(key[1], namespace=key[0])
