@@ -74,7 +74,8 @@ class NodeType:
 def describe_resources(resources: dict[str, float]) -> str:
     """``CPU 8, GPU 1, memory 61.2 GiB, A10G`` (what people read; Ray's units underneath)."""
     out = []
-    for key, value in resources.items():
+    order = {"CPU": 0, "GPU": 1, "memory": 2}
+    for key, value in sorted(resources.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
         if key.startswith(ACCELERATOR_PREFIX):
             out.append(key.removeprefix(ACCELERATOR_PREFIX))
         elif key == "memory":

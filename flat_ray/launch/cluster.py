@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from flat_ray.config import RunConfig
+from flat_ray.errors import FlatRayError
 from flat_ray.placement import (
     NodeType,
     check_holdable,
@@ -74,11 +75,24 @@ def room_now(cfg: RunConfig, model_path: str | None = None) -> bool:
     return bool(ray.nodes()) and max_trials(cfg, now, model_path) >= 1
 
 
+def _holdable(cfg: RunConfig, what: str, model_path: str | None = None) -> tuple[list[NodeType], bool]:
+    """The cluster's node types, once it is known that one of them can hold the trial (else a one-line refusal)."""
+    types, autoscaling = node_types()
+    try:
+        check_holdable(cfg, types, what, model_path)
+    except FlatRayError as exc:
+        if autoscaling or cfg.launch.address is None:  # a local Ray is what it is
+            raise
+        raise FlatRayError(f"{exc} (these are the nodes alive now: on an autoscaling cluster run flat-ray on its "
+                           f"head, where `ray up` leaves ~/ray_bootstrap_config.yaml, or set {CLUSTER_CONFIG_ENV} to "
+                           "its cluster YAML)") from None
+    return types, autoscaling
+
+
 def check_run(cfg: RunConfig, name: str, model_path: str | None = None) -> None:
     """Refuse a run that no node type can hold; say so when it will wait for room (a node the autoscaler adds,
     another run's workers to finish)."""
-    types, autoscaling = node_types()
-    check_holdable(cfg, types, f"run {name}", model_path)
+    types, autoscaling = _holdable(cfg, f"run {name}", model_path)
     if room_now(cfg, model_path):
         return
     node = landing(cfg, types, model_path)
@@ -92,7 +106,6 @@ def check_cell(cfg: RunConfig, cell: str) -> tuple[int, int]:
     at its largest (the same where it cannot grow)."""
     import ray
 
-    types, _ = node_types()
-    check_holdable(cfg, types, f"cell {cell}: one trial")
+    types, _ = _holdable(cfg, f"cell {cell}: one trial")
     alive = [NodeType(n["NodeID"], _plain(n.get("Resources", {})), 1) for n in ray.nodes() if n.get("Alive")]
     return max_trials(cfg, alive), max_trials(cfg, types)

@@ -179,7 +179,7 @@ PREFLIGHT_MISTAKES = [
     (["--resume", "never-ran"], "no run named 'never-ran'"),
     (["model.tokenizer={dir}/missing-tokenizer"], "model.tokenizer '{dir}/missing-tokenizer' does not exist"),
     (["launch.placement_strategy=SPREAD_OUT"], "launch.placement_strategy='SPREAD_OUT' is not valid. Did you mean "
-                                              "'STRICT_SPREAD'? Valid choices: auto, PACK, STRICT_PACK, SPREAD"),
+                                              "'SPREAD'? Valid choices: auto, PACK, STRICT_PACK, SPREAD"),
 ]
 
 
