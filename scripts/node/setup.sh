@@ -11,8 +11,8 @@
 # 3. A venv with flat-ray[cluster] from this checkout, every transitive package pinned by constraints/cluster.txt,
 #    then `pip check` and `flat-ray --help` as a smoke test.
 # 4. VENV/bin on this user's PATH for interactive shells (`ray attach`, `ray down`'s `ray stop`) and login shells
-#    (a job's `bash -lc '...'` entrypoint): Ubuntu's ~/.bashrc returns early in non-interactive shells and
-#    /etc/profile resets PATH, so a line in ~/.bashrc alone does not reach `bash -lc`.
+#    (a job's `bash -lc '...'` entrypoint): the skeleton ~/.bashrc returns early in non-interactive shells, so
+#    where /etc/profile resets PATH (Debian's does) a line in ~/.bashrc alone does not reach `bash -lc`.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 venv=${1:-$HOME/venv}
