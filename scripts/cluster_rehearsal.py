@@ -157,7 +157,7 @@ class Rehearsal:
         return list({p.pid: p for p in found}.values())
 
     def mlflow_server(self) -> psutil.Process | None:
-        """The node's `mlflow server` process (its workers are its children)."""
+        """The node's MLflow server process (its workers are its children)."""
         mlflow = str(self.home / "venv" / "bin" / "mlflow")
         for proc in self.ours():
             try:
@@ -291,7 +291,7 @@ PrintMotd no
                 tail = "\n".join(log.read_text().splitlines()[-10:]) if log.exists() else "(no ~/mlflow/server.log)"
                 self.fail(f"{when}: MLflow does not answer at {base} ({error}); "
                           + (f"its server runs (pid {server.pid}); its log:\n{tail}" if server
-                             else "no `mlflow server` process of the node runs"))
+                             else "no MLflow server process of the node runs"))
 
     def check_status(self) -> None:
         rc, out = self.run("ray-status", [str(RAY), "status", f"--address={self.addr}:6379"], timeout=60,

@@ -5,7 +5,7 @@
 #   scripts/node/head_start.sh SHARED [VENV]          SHARED: the shared mount; VENV defaults to ~/venv
 #
 # The services are started only when their port does not answer, so a re-run keeps the running server (its runs
-# and their clients survive). A check of the port, not `pgrep -f "mlflow server"`: the shell Ray runs a command in
+# and their clients survive). A check of the port, not a `pgrep -f` of the server's command line: the shell Ray runs a command in
 # has that text in its own command line, so pgrep always matched it and the server never started.
 set -euo pipefail
 shared=$1

@@ -26,7 +26,7 @@ def test_cluster_yaml_passes_rays_autoscaler_validation(cluster):
 
     validate_config(prepare_config(copy.deepcopy(cluster)))
     broken = copy.deepcopy(cluster)
-    broken["available_node_types"]["gpu_a10g_x4"]["max_wrkers"] = 3
+    broken["available_node_types"]["gpu_a10g_x8"]["max_wrkers"] = 3
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
 
