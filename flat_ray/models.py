@@ -108,7 +108,7 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    looks_local = _looks_local(name_or_path)
     if looks_local and not local.is_dir():
         raise FlatRayError(f"model path {name_or_path!r} does not exist; give a directory saved with save_pretrained or a hub id")
     source = str(local) if looks_local else name_or_path
@@ -129,11 +129,14 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _is_hub_id(name_or_path: str) -> bool:
-    if name_or_path in (TINY, DEMO_ORIGINAL):
-        return False
+def _looks_local(name_or_path: str) -> bool:
+    """A directory (existing, or written as a path) rather than a hub id."""
     local = Path(name_or_path).expanduser()
-    return not (local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1)
+    return local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def _is_hub_id(name_or_path: str) -> bool:
+    return name_or_path not in (TINY, DEMO_ORIGINAL) and not _looks_local(name_or_path)
 
 
 def fetch_weights(cfg: Any) -> list[str]:
@@ -174,7 +177,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).expanduser()
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    looks_local = _looks_local(name_or_path)
     if looks_local and not local.is_dir():
         raise FlatRayError(f"model.tokenizer {name_or_path!r} does not exist; give a directory holding tokenizer "
                            "files, a hub id, or null for the model's own")

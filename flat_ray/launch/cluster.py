@@ -34,7 +34,6 @@ def node_types() -> tuple[list[NodeType], bool]:
     on this node (``ray up`` leaves it on the head as ``~/ray_bootstrap_config.yaml``, which Ray Tune also takes
     as the sign of an autoscaling cluster; ``FLAT_RAY_CLUSTER_CONFIG`` names another file), else the nodes alive
     now, one type each (a cluster without an autoscaler never grows)."""
-    import ray
 
     groups = _autoscaler_groups()
     if groups:
@@ -42,8 +41,15 @@ def node_types() -> tuple[list[NodeType], bool]:
     config = Path(os.environ.get(CLUSTER_CONFIG_ENV, "~/ray_bootstrap_config.yaml")).expanduser()
     if config.is_file():
         return node_types_from_yaml(config), True
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    return [NodeType(f"node {n['NodeManagerAddress']}", _plain(n.get("Resources", {})), 1) for n in alive], False
+    return _alive_nodes(), False
+
+
+def _alive_nodes() -> list[NodeType]:
+    """The nodes alive now, one type each, with their total resources."""
+    import ray
+
+    return [NodeType(f"node {n['NodeManagerAddress']}", _plain(n.get("Resources", {})), 1)
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def _autoscaler_groups() -> list[NodeType]:
@@ -104,8 +110,5 @@ def check_run(cfg: RunConfig, name: str, model_path: str | None = None) -> None:
 def check_cell(cfg: RunConfig, cell: str) -> tuple[int, int]:
     """Refuse a cell whose trials no node type can hold; returns how many of its trials fit the cluster now and
     at its largest (the same where it cannot grow)."""
-    import ray
-
     types, _ = _holdable(cfg, f"cell {cell}: one trial")
-    alive = [NodeType(n["NodeID"], _plain(n.get("Resources", {})), 1) for n in ray.nodes() if n.get("Alive")]
-    return max_trials(cfg, alive), max_trials(cfg, types)
+    return max_trials(cfg, _alive_nodes()), max_trials(cfg, types)

@@ -366,10 +366,14 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
                            "or choose another --name")
     _connect(address)
     concurrency = _check_cluster(space, address, Place.of(storage_path) if storage_path else None, uri)
+    fetched = set()
     for cell in space.cells:  # build the demo's original model, or fetch a hub model's weights, once
-        if cell.config.model.name_or_path == DEMO_ORIGINAL:
+        model = cell.config.model
+        if model.name_or_path == DEMO_ORIGINAL:
             ensure_demo_original(cell.config, finetuner(console=True))
-        fetch_weights(cell.config)
+        if (model.name_or_path, model.revision, model.tokenizer) not in fetched:
+            fetch_weights(cell.config)
+            fetched.add((model.name_or_path, model.revision, model.tokenizer))
     space = dataclasses.replace(space, cells=[_with_reference(cell, space.base) for cell in space.cells])
     table = format_table(trial_table_with(space, concurrency))
     parent = _open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
