@@ -158,7 +158,8 @@ class RunConsole:
 
 # ------------------------------------------------------------------------------------------------ sweeps
 class SweepBoard:
-    """A sweep's trials: a live table on a terminal (trial, state, epoch, objective so far, best so far), one
+    """A sweep's trials: a live table on a terminal (trial, state, epochs trained, the objective at its best epoch so
+    far, the sweep's best so far), one
     line per finished trial otherwise."""
 
     def __init__(self, objective: list[str], modes: list[str], echo: Callable[[str], None],
@@ -179,7 +180,7 @@ class SweepBoard:
         from rich.table import Table
 
         table = Table(title=f"trials (objective {self.objective}, {self.mode})")
-        for col in ("trial", "state", "epoch", self.objective, "best so far", "sampled"):
+        for col in ("trial", "state", "epochs", f"{self.objective} (best epoch)", "best so far", "sampled"):
             table.add_column(col)
         best = "-" if self.best is None else format_value(self.best)
         for name, row in self.rows.items():
@@ -200,13 +201,16 @@ class SweepBoard:
         self._update(trial, state="running", sampled=sampled)
 
     def result(self, trial: str, result: Mapping[str, Any]) -> None:
-        self._update(trial, epoch=result.get("epoch", "-"), value=result.get(self.objective))
+        """``result`` is the trial's best epoch so far (``epoch``) and how far it got (``trained_epochs``)."""
+        self._update(trial, epoch=result.get("trained_epochs", result.get("epoch", "-")),
+                     value=result.get(self.objective))
 
     def finished(self, trial: str, result: Mapping[str, Any], sampled: str) -> None:
         self._update(trial, state="done", value=result.get(self.objective))
         if self.live is None:
             values = ", ".join(f"{m}={result[m]:.4g}" for m in self.objectives if m in result)
-            self.echo(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}")
+            at = f" (best epoch {result['epoch']})" if values and "epoch" in result else ""
+            self.echo(f"trial {trial} done: {sampled or '-'} -> {values or 'no objective reported'}{at}")
 
     def failed(self, trial: str, where: str) -> None:
         self._update(trial, state=f"FAILED ({where}/error.txt)")

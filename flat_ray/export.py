@@ -22,7 +22,7 @@ from flat_ray import tracking
 from flat_ray.config import RunConfig, load_config
 from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify_listing
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint
-from flat_ray.eval.metrics import METRICS
+from flat_ray.eval.metrics import rank_value
 from flat_ray.storage import Place
 
 RUN_STATE = "flat_ray_run.json"  # in <storage>/<run>: which MLflow run, output folder and model a Ray run belongs to
@@ -64,16 +64,10 @@ def kept_checkpoints(run_dir: Place) -> list[Kept]:
     return sorted(kept, key=lambda k: k.epoch)
 
 
-def _score(kept: Kept, metric: str) -> float | None:
-    value = kept.metrics.get(metric)
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def score_key(kept: Kept, metric: str) -> float:
     """A kept checkpoint's ``metric`` turned so that larger is better (its registry direction); -inf without it.
     Choosing the best epoch, the best trial of a sweep and the checkpoints to keep all rank by this."""
-    score = _score(kept, metric)
-    return -math.inf if score is None else (1.0 if METRICS[metric].higher_is_better else -1.0) * score
+    return rank_value(metric, kept.metrics.get(metric))
 
 
 def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
@@ -89,7 +83,7 @@ def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
         if metric is None:
             raise FlatRayError("--epoch best needs the run's launch.checkpoint_metric, and this run has none; give "
                                f"an epoch number (kept: {have}) or last")
-        scored = [k for k in kept if _score(k, metric) is not None]
+        scored = [k for k in kept if score_key(k, metric) > -math.inf]
         if not scored:
             raise FlatRayError(f"no kept checkpoint has {metric} (kept epochs: {have}); give an epoch number or last")
         return max(scored, key=lambda k: (score_key(k, metric), k.epoch))

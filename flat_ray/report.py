@@ -19,7 +19,7 @@ from typing import Any
 
 from flat_ray import tracking
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS, add_derived
+from flat_ray.eval.metrics import METRICS, add_derived, best_epoch
 from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO
 from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
 
@@ -42,6 +42,9 @@ class Trial:
     why: str = ""  # a diverged trial's step and reason
     reference: str = ""  # the trial's forget-quality reference (eval.reference), "" without one
     truth_ratio: str = DEFAULT_TRUTH_RATIO
+    cell: str = ""
+    epoch: int | None = None  # the epoch ``final`` is from: the trial's best (what its cell would export)
+    last_epoch: int | None = None  # the last epoch it evaluated (its curves in MLflow go on to there)
 
     @property
     def group(self) -> str:
@@ -67,6 +70,8 @@ class Report:
             best = _best(scored, self.objective, lambda row: row[self.objective])
             out.update({f"best/{bench}/{k}": v for k, v in best.items()
                         if isinstance(v, float) and not math.isnan(v) and k != "lr"})
+            if best.get("epoch") is not None:
+                out[f"best/{bench}/epoch"] = float(best["epoch"])
         return out
 
 
@@ -105,25 +110,39 @@ def _status(run) -> str:
 
 
 def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
+    """The sweep's state and its trials, each with one result: its best epoch by the sweep's first objective."""
     state = json.loads((sweep_dir / SWEEP_FILE).read_text())
     uri = state["mlflow_uri"]
     trials = []
     for run in tracking.child_runs(uri, state["parent_run_id"]):
         tags, params = run.data.tags, run.data.params
-        final = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-        before = {}
-        for key in final:
-            hist = tracking.metric_history(uri, run.info.run_id, f"eval/{key}")
-            if hist and hist[0][0] == 0:
-                before[key] = hist[0][1]
+        history = {k[5:]: dict(tracking.metric_history(uri, run.info.run_id, k))
+                   for k in run.data.metrics if k.startswith("eval/")}
+        epoch, final = trial_result(history, params, state["objective"][0])
         trials.append(Trial(
             name=tags.get("flat_ray.trial", run.info.run_name), run_id=run.info.run_id, status=_status(run),
             model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
             divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
-            before=before, loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
+            before={k: h[0] for k, h in history.items() if 0 in h},
+            loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
             why=tags.get("diverged_reason", ""), reference=_param_path(params.get("eval.reference")),
-            truth_ratio=params.get("eval.truth_ratio", DEFAULT_TRUTH_RATIO)))
+            truth_ratio=params.get("eval.truth_ratio", DEFAULT_TRUTH_RATIO), cell=tags.get("flat_ray.cell", ""),
+            epoch=epoch, last_epoch=max((e for h in history.values() for e in h), default=None)))
     return state, trials
+
+
+def trial_result(history: dict[str, dict[int, float]], params: dict[str, str],
+                 metric: str) -> tuple[int | None, dict[str, float]]:
+    """A trial's one result from its evaluations (metric -> {epoch: value}): the epoch it would export (the best by
+    ``metric`` among the trained epochs it checkpointed, the later one on a tie) and every metric at that epoch.
+    Without a value of ``metric``: its last evaluation."""
+    epochs, every = int(params.get("optim.epochs", 0)), int(params.get("launch.checkpoint_every_epochs", 1))
+    saved = {e: v for e, v in history.get(metric, {}).items() if e >= 1 and (e % every == 0 or e == epochs)}
+    epoch = best_epoch(saved, metric)
+    if epoch is None:
+        last = max((e for h in history.values() for e in h), default=None)
+        return last, {k: h[last] for k, h in history.items() if last in h}
+    return epoch, {k: h[epoch] for k, h in history.items() if epoch in h}
 
 
 def _param_path(value: str | None) -> str:
@@ -147,6 +166,8 @@ def _best(items: list, metric: str, value: Any) -> Any:
 def _fmt(metric: str, v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if metric == "epoch":
+        return str(v)
     if metric == "forget_quality" or metric == "lr":
         return f"{v:.3g}"
     return f"{v:.4f}"
@@ -171,12 +192,12 @@ def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[
         mine = [t for t in trials if t.model == model]
         first = next((t for t in mine if t.before), None)
         if first is not None:
-            rows.append({"model": model, "method": "(before unlearning)", "lr": None, "trials": "",
+            rows.append({"model": model, "method": "(before unlearning)", "lr": None, "epoch": 0, "trials": "",
                          objective: first.before.get(objective), **{c: first.before.get(c) for c in columns}})
         with_ref = next((t for t in mine if t.reference), None)
         ref = reference_metrics(with_ref.reference, with_ref.truth_ratio) if with_ref else None
         if ref is not None:
-            rows.append({"model": model, "method": "(retain model)", "lr": None, "trials": "",
+            rows.append({"model": model, "method": "(retain model)", "lr": None, "epoch": None, "trials": "",
                          objective: ref.get(objective), **{c: ref.get(c) for c in columns}})
         for group in dict.fromkeys(t.group for t in mine):
             members = [t for t in mine if t.group == group]
@@ -184,7 +205,8 @@ def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[
             best = _best(done, objective, lambda t: t.final[objective]) if done else None
             counts = ", ".join(f"{sum(t.status == s for t in members)} {s}"
                                for s in dict.fromkeys(t.status for t in members))
-            row = {"model": model, "method": group, "lr": best.lr if best else None, "trials": counts,
+            row = {"model": model, "method": group, "lr": best.lr if best else None,
+                   "epoch": best.epoch if best else None, "trials": counts,
                    objective: best.final.get(objective) if best else None}
             row.update({c: (best.final.get(c) if best else None) for c in columns})
             rows.append(row)
@@ -317,7 +339,8 @@ def write_report(sweep_dir: str | Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Sweep {state['name']} (space {state['space']})", "",
              f"Objective: {', '.join(state['objective'])} ({', '.join(state['modes'])}); each row is the best "
-             f"finished trial of its method by {objective}. MLflow parent run {state['parent_run_id']} in "
+             f"finished trial of its method by {objective}, at its best epoch (the one its cell would export; "
+             "epoch 0 is the model before unlearning). MLflow parent run {state['parent_run_id']} in "
              f"{state['mlflow_uri']}.", ""]
     tables: dict[str, list[dict[str, Any]]] = {}
     files: list[Path] = []
@@ -360,7 +383,7 @@ def html_report(state: dict[str, Any], tables: dict[str, list[dict[str, Any]]], 
 
     parts = [f"<h1>Sweep {html.escape(state['name'])} (space {html.escape(state['space'])})</h1>",
              f"<p>Objective: {html.escape(', '.join(state['objective']))} ({html.escape(', '.join(state['modes']))});"
-             f" each row is the best finished trial of its method. MLflow parent run "
+             f" each row is the best finished trial of its method, at its best epoch. MLflow parent run "
              f"<code>{html.escape(state['parent_run_id'])}</code>.</p>"]
     for bench, rows in tables.items():
         parts += [f"<h2>{html.escape(bench)}</h2>", table(rows) if rows else "<p>no trials</p>"]

@@ -26,7 +26,7 @@ Tune experiment because a searcher or scheduler should compare trials of one mod
 across them. Values are checked against the config schema and the registries (methods, divergences,
 benchmarks, metrics) by building the config at every listed value and at both ends of every range.
 
-Trials rank their checkpoints by the first objective (``launch.checkpoint_metric``, unless the space sets it) and
+Trials rank their checkpoints by the first objective (``launch.checkpoint_metric``) and
 export nothing themselves; with ``export: best_trial`` the sweep exports the best epoch of each cell's best trial
 when the cell ends, with ``every_trial`` each trial exports its last epoch, with ``none`` nothing is exported
 (``flat-ray export`` can do it later from the kept checkpoints).
@@ -367,10 +367,13 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
 
 def _trial_outputs(cell: Cell, base: Any, export: str, objective: str) -> Cell:
     """What a trial writes: its last epoch only with ``export: every_trial``; its checkpoints ranked by the
-    objective unless the space ranks them by another metric."""
-    extra: dict[str, Any] = {"launch.export": "last" if export == "every_trial" else "none"}
-    if "launch.checkpoint_metric" not in cell.constants:
-        extra["launch.checkpoint_metric"] = objective
+    objective, which also picks its one result (its best epoch: what the report shows and the cell exports)."""
+    ranked = cell.constants.get("launch.checkpoint_metric", objective)
+    if ranked is None or METRICS.canonical(str(ranked)) != objective:
+        raise FlatRayError(f"launch.checkpoint_metric={ranked} in a sweep: a sweep ranks every trial's epochs by its "
+                           f"first objective ({objective}); remove launch.checkpoint_metric from the space")
+    extra: dict[str, Any] = {"launch.export": "last" if export == "every_trial" else "none",
+                             "launch.checkpoint_metric": objective}
     return with_constants(cell, extra, base)
 
 

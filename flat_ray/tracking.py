@@ -330,8 +330,10 @@ def open_run(uri: str | None, run_id: str | None, rank: int) -> NullTracker:
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``[(step, value), ...]`` of one metric, in step order (tests and reports)."""
-    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+    """``[(step, value), ...]`` of one metric, in step order, a step logged again (a resumed run) after its first
+    (tests and reports)."""
+    history = sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in history]
 
 
 def run_data(uri: str, run_id: str):

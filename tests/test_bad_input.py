@@ -34,6 +34,7 @@ SPACES = {
     "space_benchmark": "base: [demo]\ngrid: {benchmark: [wmdp/forget01]}\n",
     "space_objective": "base: [demo]\nobjective: accuracy\n",
     "space_key": "base: [demo]\ncolour: red\n",
+    "space_ranked": "base: [demo]\nset: {launch.checkpoint_metric: forget_prob}\nobjective: unlearn_score\n",
     "space_lr": "base: [demo]\nparams: {optim.lr: {uniform: [0, 1.0e-3]}}\n",
     "space_malformed": "base: [demo]\ngrid: {method: [flat, npo\n",
 }
@@ -53,6 +54,9 @@ MISTAKES = [
          "unknown benchmark 'wmdp'. Valid choices: tofu, demo, muse_news, hp"),
     case("tune-space-unknown-objective", ["tune", "--space", "{in}/space_objective.yaml", *TUNE_PATHS],
          "unknown metric 'accuracy'. Valid choices: forget_prob"),
+    case("tune-space-epochs-ranked-by-another-metric", ["tune", "--space", "{in}/space_ranked.yaml", *TUNE_PATHS],
+         "launch.checkpoint_metric=forget_prob in a sweep: a sweep ranks every trial's epochs by its first objective "
+         "(unlearn_score)"),
     case("tune-space-unknown-key", ["tune", "--space", "{in}/space_key.yaml", *TUNE_PATHS],
          "unknown key 'colour' in search space"),
     case("tune-space-malformed-yaml", ["tune", "--space", "{in}/space_malformed.yaml", *TUNE_PATHS],

@@ -103,3 +103,19 @@ def add_derived(summary: Mapping[str, float]) -> dict[str, float]:
             if value is not None:
                 out[name] = float(value)
     return out
+
+
+def rank_value(metric: str, value: float | None) -> float:
+    """``value`` of ``metric`` turned so that larger is better (its registry direction); -inf when missing or NaN.
+    Everything that picks "the best" (a run's best epoch, a sweep's best trial, the checkpoints to keep) ranks by
+    this."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    return (1.0 if METRICS[metric].higher_is_better else -1.0) * float(value)
+
+
+def best_epoch(values: Mapping[int, float], metric: str) -> int | None:
+    """The epoch with the best ``metric`` among ``values`` (epoch -> value); a tie goes to the later epoch, None
+    when no epoch has a value."""
+    scored = [(rank_value(metric, v), epoch) for epoch, v in values.items() if rank_value(metric, v) > -math.inf]
+    return max(scored)[1] if scored else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.eval.metrics import rank_value
 from flat_ray.eval.run import auto_reference
 from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints, score_key
 from flat_ray.fileio import atomic_write_text
@@ -47,7 +49,7 @@ from flat_ray.launch.driver import (
     storage_root,
 )
 from flat_ray.models import DEMO_ORIGINAL, fetch_weights
-from flat_ray.report import SWEEP_FILE, write_report
+from flat_ray.report import SWEEP_FILE, collect, trial_result, write_report
 from flat_ray.storage import Place
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
@@ -128,8 +130,6 @@ SCHEDULER_BUILDERS: dict[str, Callable[[Space, Cell], Any]] = {"fifo": _fifo, "a
 # ------------------------------------------------------------------------------------------ the trial
 def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """One trial: the cell's config with this trial's sampled values, run like ``flat-ray train``."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from flat_ray.launch.driver import run_training
     from flat_ray.launch.worker import quiet_worker_logs
 
@@ -147,26 +147,65 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
             "flat_ray.cell": payload["cell"], "flat_ray.trial": trial, "flat_ray.role": "trial",
             **{f"flat_ray.{k}": v for k, v in payload["labels"].items()},
             **{f"sampled.{k}": v for k, v in config.items()}}
-    finished = _finished_result(train_dir) if resume else None
+    finished = _finished_result(train_dir, cfg) if resume else None
     if finished is not None:  # it ended before a killed sweep could record that: its result again, nothing re-run
         tune.report(finished)
         return
+    metric = cfg.launch.checkpoint_metric
+    best = _best_kept(train_dir, metric) if resume else None  # a resumed trial's best epoch may be behind it
     try:
-        run_training(cfg, resume=resume, tags=tags, callbacks=[TuneReportCallback()], stopping=_stopping(),
-                     placed_by_sweep=True)
+        run_training(cfg, resume=resume, tags=tags, callbacks=[best_epoch_reporter(metric, best)],
+                     stopping=_stopping(), placed_by_sweep=True)
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
 
 
-def _finished_result(train_dir: Place) -> dict[str, Any] | None:
-    """The last evaluation of a trial whose MLflow run FINISHED (as its workers reported it to Tune), else None."""
+def best_epoch_reporter(metric: str | None, best: dict[str, Any] | None = None):
+    """Ray Train's report callback for Tune, reporting each trial's result as its best epoch so far: the trained,
+    checkpointed epoch with the best ``metric`` (a tie goes to the later one), with every metric of that epoch,
+    ``epoch`` that epoch and ``trained_epochs`` how far it got. Tune's last result is then the epoch the cell
+    exports, which is what its searcher learns from and the console shows; ASHA compares best-so-far values.
+    The epoch-0 evaluation (the model before unlearning) goes through as it is."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class BestEpoch(TuneReportCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = best
+
+        def after_report(self, run_context, metrics, checkpoint):
+            current = dict(metrics[0])
+            epoch = int(current.get("epoch", 0))
+            if metric and checkpoint is not None and epoch >= 1 and (
+                    self.best is None or rank_value(metric, current.get(metric))
+                    >= rank_value(metric, self.best.get(metric))):
+                self.best = current
+            shown = current if self.best is None else {**current, **self.best}
+            super().after_report(run_context, [{**shown, "trained_epochs": epoch}], checkpoint)
+
+    return BestEpoch()
+
+
+def _best_kept(train_dir: Place, metric: str | None) -> dict[str, Any] | None:
+    """The best kept checkpoint's reported metrics (epoch counted from 1), for a trial resumed after it."""
+    kept = [k for k in kept_checkpoints(train_dir) if metric and score_key(k, metric) > -math.inf]
+    if not kept:
+        return None
+    best = choose(kept, "best", metric)
+    return {**best.metrics, "epoch": best.epoch}
+
+
+def _finished_result(train_dir: Place, cfg) -> dict[str, Any] | None:
+    """The result of a trial whose MLflow run FINISHED (its best epoch, as its workers reported it to Tune), else
+    None."""
     state = json.loads((train_dir / STATE_FILE).read_text())
     run = tracking.run_data(state["mlflow_uri"], state["run_id"])
     if run.info.status != "FINISHED":
         return None
-    metrics = run.data.metrics
-    evals = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
-    return {**evals, "epoch": int(metrics.get("epoch", 0))}
+    history = {k.removeprefix("eval/"): dict(tracking.metric_history(state["mlflow_uri"], state["run_id"], k))
+               for k in run.data.metrics if k.startswith("eval/")}
+    epoch, metrics = trial_result(history, run.data.params, cfg.launch.checkpoint_metric)
+    return {**metrics, "epoch": epoch or 0, "trained_epochs": max((e for h in history.values() for e in h), default=0)}
 
 
 def _stopping() -> Callable[[], bool]:
@@ -488,25 +527,22 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
 
 def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,
                     echo: Callable[[str], None]) -> None:
-    """At the end of a cell: export the best epoch of its best finished trial (``export: best_trial``) by the
-    first objective, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""
+    """At the end of a cell: export its best finished trial at its best epoch (``export: best_trial``), the result
+    the report shows for it, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""
     metric = cell.config.launch.checkpoint_metric
-    runs = [r for r in tracking.child_runs(uri, parent_run_id) if r.data.tags.get("flat_ray.cell") == cell.name]
-    finished = [r.data.tags["flat_ray.trial"] for r in runs if r.info.status == "FINISHED"]
-    if space.export == "best_trial" and metric is not None:
-        candidates = []
-        for trial in finished:
-            try:
-                candidates.append((trial, choose(kept_checkpoints(storage / "train" / trial), "best", metric)))
-            except FlatRayError:  # no checkpoint with the metric (evaluation off): nothing to rank it by
-                continue
-        if candidates:
-            trial, best = max(candidates, key=lambda c: score_key(c[1], metric))
-            done = export_run(storage / "train" / trial, str(best.epoch), sweep_dir / "trials" / trial / "model")
-            tracking.Tracker(uri, parent_run_id).set_tags({f"best_model.{cell.name}": str(done.model_dir)})
-            echo(f"cell {cell.name}: best trial {trial} (epoch {best.epoch}, {metric} "
-                 f"{best.metrics[metric]:.4g}) exported to {done.model_dir}")
-    for trial in {r.data.tags.get("flat_ray.trial") for r in runs} - {None}:
+    trials = [t for t in collect(sweep_dir)[1] if t.cell == cell.name]
+    done = [t for t in trials if t.status == "finished" and t.epoch and metric in t.final]
+    if space.export == "best_trial" and metric is not None and done:
+        best = max(done, key=lambda t: rank_value(metric, t.final[metric]))  # the first of equals, as the report
+        try:
+            out = export_run(storage / "train" / best.name, str(best.epoch), sweep_dir / "trials" / best.name / "model")
+        except FlatRayError as exc:  # its checkpoint of that epoch is gone (deleted by hand): say so, keep going
+            echo(f"cell {cell.name}: best trial {best.name} (epoch {best.epoch}) not exported: {exc}")
+        else:
+            tracking.Tracker(uri, parent_run_id).set_tags({f"best_model.{cell.name}": str(out.model_dir)})
+            echo(f"cell {cell.name}: best trial {best.name} (epoch {best.epoch}, {metric} "
+                 f"{best.final[metric]:.4g}) exported to {out.model_dir}")
+    for trial in {t.name for t in trials}:
         drop_checkpoints(storage / "train" / trial, cell.config.launch.keep_checkpoints, metric)
 
 
@@ -518,7 +554,8 @@ def _close_parent(parent: tracking.Tracker, space: Space, sweep_dir: Path, start
         parent.log_artifact(path, "report")
     best = report.best_metrics()
     parent.log_metrics({"sweep_s": time.monotonic() - started, "trials_errored": errored, **best}, step=0)
-    summary = "; ".join(f"{k} {v:.4g}" for k, v in best.items() if k.endswith("/" + space.objective[0]))
+    summary = "; ".join(f"{k} {v:.4g} (epoch {best.get(k.rsplit('/', 1)[0] + '/epoch', 0):.0f})"
+                        for k, v in best.items() if k.endswith("/" + space.objective[0]))
     parent.set_tags({"mlflow.note.content": _describe_sweep(space, sweep_dir.name, summary)})
     parent.finish("FINISHED" if errored == 0 else "FAILED")
     return report

@@ -78,23 +78,26 @@ def _wait_until(done, what: str, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.5)
 
 
-def test_a_diverged_trial_is_a_result_recorded_and_never_run_again(tmp_path, ray_local, tiny_model_dir, monkeypatch,
-                                                                   capsys):
-    """A trial whose loss diverges (lr 1e30) is a result of the search, not an error: its MLflow run is FAILED with
-    the step and the reason, nothing is exported, the report lists it among the trials that did not finish, the
-    sweep exits 0, and resuming the sweep does not run it again."""
+def test_a_trial_is_its_best_epoch_and_a_diverged_trial_is_a_recorded_result(tmp_path, ray_local, tiny_model_dir,
+                                                                              monkeypatch, capsys):
+    """Two trials. lr 2e-3 finishes, and its best epoch by the objective (retain_prob, which FLAT lowers a little
+    each epoch) is epoch 1 of 2: Tune's result, the console line, the report's row and Pareto point, the parent's
+    summary and the exported model all are that epoch, while its curves in MLflow go on to epoch 2. lr 1e30
+    diverges: a result of the search, not an error (its MLflow run FAILED with the step and the reason, nothing
+    exported, listed among the trials that did not finish); the sweep exits 0 and a resume runs neither again."""
     space = _space(tmp_path, tiny_model_dir, """grid: {method: [flat]}
-params: {optim.lr: {grid: [1.0e+30]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
-objective: unlearn_score
+params: {optim.lr: {grid: [1.0e+30, 2.0e-3]}, optim.max_grad_norm: 0, optim.warmup_ratio: 0}
+objective: retain_prob
+report: {forget: [forget_prob], utility: [retain_prob], pareto: [forget_prob, retain_prob]}
 """, epochs=2)
     out = _tune(tmp_path, monkeypatch, capsys, "--space", str(space), "--name", "dv")
-    assert "sweep dv: 1 trials, 0 errored" in out
+    assert "sweep dv: 2 trials, 0 errored" in out
     import json
 
     sweep = tmp_path / "flat_ray_work" / "sweeps" / "dv"
     state = json.loads((sweep / "sweep.json").read_text())
     uri = tracking.default_uri(tmp_path / "flat_ray_work")
-    (bad,) = tracking.child_runs(uri, state["parent_run_id"])
+    bad, good = sorted(tracking.child_runs(uri, state["parent_run_id"]), key=lambda r: r.info.run_name)
     assert bad.info.status == "FAILED" and bad.data.tags["diverged"] == "true" and "model_dir" not in bad.data.tags
     assert bad.info.run_name.endswith("-demo_forget05-flat-00000") and bad.data.params["optim.lr"] == "1e+30"
     step = int(bad.data.tags["diverged_step"])
@@ -105,10 +108,29 @@ objective: unlearn_score
     (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
     assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
 
+    # the finished trial: best epoch 1, not its last (2)
+    curve = dict(tracking.metric_history(uri, good.info.run_id, "eval/retain_prob"))
+    forget = dict(tracking.metric_history(uri, good.info.run_id, "eval/forget_prob"))
+    assert sorted(curve) == [0, 1, 2] and curve[1] > curve[2]
+    assert f"trial {good.info.run_name} done: optim.lr=0.002 -> retain_prob={curve[1]:.4g} (best epoch 1)" in out
+    (bench,) = json.loads((sweep / "report" / "report.json").read_text())["tables"].values()
+    (row,) = [r for r in bench if r["method"].startswith("flat/")]
+    assert row["epoch"] == 1 and row["retain_prob"] == curve[1] and row["forget_prob"] == forget[1]
+    trials = {t["name"]: t for t in json.loads((sweep / "report" / "report.json").read_text())["trials"]}
+    kept = trials[good.info.run_name]  # what the Pareto plot places
+    assert kept["epoch"] == 1 and kept["last_epoch"] == 2 and kept["final"]["forget_prob"] == forget[1]
+    parent = tracking.run_data(uri, state["parent_run_id"])
+    assert parent.data.metrics["best/demo/forget05/retain_prob"] == curve[1]
+    assert parent.data.metrics["best/demo/forget05/epoch"] == 1
+    assert "(epoch 1)" in parent.data.tags["mlflow.note.content"]
+    assert good.data.tags["model_epoch"] == "1" and Path(good.data.tags["model_dir"], "config.json").is_file()
+    assert f"best trial {good.info.run_name} (epoch 1, retain_prob" in out
+
     out = _tune(tmp_path, monkeypatch, capsys, "--resume", "dv")  # nothing left to run
-    assert "sweep dv: 1 trials, 0 errored" in out
-    (again,) = tracking.child_runs(uri, state["parent_run_id"])
-    assert again.info.end_time == bad.info.end_time and "resumed" not in again.data.tags
+    assert "sweep dv: 2 trials, 0 errored" in out
+    again = sorted(tracking.child_runs(uri, state["parent_run_id"]), key=lambda r: r.info.run_name)
+    assert [r.info.end_time for r in again] == [bad.info.end_time, good.info.end_time]
+    assert not any("resumed" in r.data.tags for r in again)
 
 
 def test_optuna_with_asha_runs_parallel_trials_and_stops_the_worst(tmp_path, ray_local, tiny_model_dir, monkeypatch,

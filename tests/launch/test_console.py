@@ -53,11 +53,13 @@ def test_sweep_board_off_a_terminal_prints_one_line_per_finished_or_failed_trial
     said: list[str] = []
     board = SweepBoard(["forget_prob"], ["min"], said.append, stream=io.StringIO())
     board.started("t1", "lr=0.001")
-    board.result("t1", {"epoch": 1, "forget_prob": 0.5})
-    board.finished("t1", {"epoch": 2, "forget_prob": 0.25}, "lr=0.001")
+    board.result("t1", {"epoch": 1, "trained_epochs": 1, "forget_prob": 0.5})
+    board.result("t1", {"epoch": 2, "trained_epochs": 3, "forget_prob": 0.25})
+    assert board.rows["t1"]["epoch"] == 3  # how far it got; the value is its best epoch's
+    board.finished("t1", {"epoch": 2, "trained_epochs": 3, "forget_prob": 0.25}, "lr=0.001")
     board.failed("t2", "/ray/t2")
     board.close()
-    assert said == ["trial t1 done: lr=0.001 -> forget_prob=0.25", "trial t2 FAILED: see /ray/t2/error.txt"]
+    assert said == ["trial t1 done: lr=0.001 -> forget_prob=0.25 (best epoch 2)", "trial t2 FAILED: see /ray/t2/error.txt"]
     assert board.best == 0.25 and board.rows["t2"]["state"] == "FAILED (/ray/t2/error.txt)"
 
 
