@@ -328,7 +328,7 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
     if list_spaces:
         for item in shipped_spaces():
-            sp = load_space(item)
+            sp = load_space(item, check_files=False)
             click.echo(f"{item:<16}{sp.total_trials():>4} trials  {sp.description}")
         return
     if resume and (name or overrides):
@@ -341,8 +341,9 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
             sp = saved_space(resume, workdir)[0]
         else:
-            sp = load_space(space, list(overrides))
+            sp = load_space(space, list(overrides), check_files=False)
         from flat_ray.placement import this_machine
+        from flat_ray.sweep import reference_source
 
         cpus, gpus, gpu_gib = os.cpu_count() or 1, _local_gpus(), _gpu_gib(gpu_memory)
         cluster = _cluster_yaml_nodes(gpu_memory)
@@ -351,6 +352,8 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
                    f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
         click.echo(format_table(trial_table(sp, cluster or [this_machine(cpus, gpus)], gpu_gib, cluster)))
         _misfits(sp, gpu_gib)
+        click.echo("forget-quality references:\n" + "\n".join(f"  cell {c.name}: {reference_source(c.config)}"
+                                                              for c in sp.cells))
         if cluster:
             _node_types(sp, cluster, gpu_memory)
         where = (f"the cluster of {gpu_memory} at its largest" if cluster else
@@ -371,7 +374,7 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
             sp = saved_space(resume, workdir)[0]
         else:
-            sp = load_space(space, list(overrides))
+            sp = load_space(space, list(overrides), check_files=False)  # the sweep checks the files itself
         check_fits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib)
     result = run_sweep(space, list(overrides), name=name, resume=resume, address=address,
                        storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir, echo=click.echo)

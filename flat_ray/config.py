@@ -226,9 +226,14 @@ class EvalConfig:
     gathered: bool = doc(True, "Under ZeRO-3, evaluate from a full copy of the model gathered once per evaluation "
                                "(when each rank has room for it) instead of gathering every layer again at every "
                                "forward and generated token; false keeps only the shards (less memory, slower).")
+    save_logs: bool = doc(False, "TOFU-style benchmarks: each evaluation of a training run also writes its "
+                                 "per-question results, in TOFU's eval-log layout and as open-unlearning's "
+                                 "TOFU_EVAL.json / TOFU_SUMMARY.json, to <output_dir>/eval_logs/epoch<N> and to the "
+                                 "run's MLflow artifacts (eval_logs/epoch<N>); either can be another run's "
+                                 "eval.reference. `flat-ray eval` always writes both.")
     reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
-                                      "(eval_log_forget.json; flat-ray eval writes them), an open-unlearning "
-                                      "result JSON, or 'auto' (model.name_or_path=demo: the demo's retain model, "
+                                      "(eval_log_forget.json; flat-ray eval writes them), open-unlearning's "
+                                      "TOFU_EVAL.json (or a directory holding it), or 'auto' (model.name_or_path=demo: the demo's retain model, "
                                       "fine-tuned like the original on the forget split's complement, built and "
                                       "evaluated once, cached). Null: no forget quality.")
 
@@ -548,10 +553,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), p
     return cfg
 
 
-def check_inputs(cfg: RunConfig) -> None:
+def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
     """The files a config names exist and can be read: the template file, the data split (and the retain split
     a method samples) under ``data.data_dir``, and ``eval.reference``. The dataclasses only check values; this
-    runs where a config enters (:func:`load_config`, each sweep cell), never again inside a Ray worker."""
+    runs where a config enters (:func:`load_config`, each sweep cell), never again inside a Ray worker.
+    ``reference=False`` (a sweep's dry run) leaves a missing ``eval.reference`` to be reported, not refused."""
     d = cfg.data
     if d.template_file and not Path(d.template_file).expanduser().is_file():
         raise FlatRayError(f"data.template_file {d.template_file!r} does not exist")
@@ -568,7 +574,7 @@ def check_inputs(cfg: RunConfig) -> None:
             raise FlatRayError("eval.reference=auto builds a retain model only for the demo (model.name_or_path=demo, "
                                f"data.benchmark=demo, data.split one of {', '.join(BENCHMARKS['demo'].retain_of)}); "
                                "for other models give TOFU-format eval logs or an open-unlearning result JSON")
-    elif cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
+    elif reference and cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
         raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
                            "an open-unlearning result JSON")
 

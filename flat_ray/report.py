@@ -21,7 +21,7 @@ from flat_ray import tracking
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.metrics import METRICS, add_derived, best_epoch
 from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO
-from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
+from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, read_log_dir, read_reference, summarize
 
 SWEEP_FILE = "sweep.json"
 
@@ -175,10 +175,13 @@ def _fmt(metric: str, v: float | None) -> str:
 
 @functools.lru_cache(maxsize=16)  # the table and the plot of each benchmark ask for the same reference
 def reference_metrics(reference: str, truth_ratio: str) -> dict[str, float] | None:
-    """The metrics of a forget-quality reference that is a folder of TOFU-format eval logs (the retain model's;
-    its forget quality against itself is 1), or None for another kind of reference or one no longer there."""
+    """The metrics of a forget-quality reference that is a folder of TOFU-format eval logs or open-unlearning's
+    TOFU_EVAL.json (the retain model's; its forget quality against itself is 1), or None for another kind of
+    reference or one no longer there."""
     logs = Path(reference)
-    if not reference or not (logs / LOG_FILES["forget"]).is_file():
+    if logs.name == OPEN_UNLEARNING_EVAL:
+        logs = logs.parent
+    if not reference or not any((logs / f).is_file() for f in (LOG_FILES["forget"], OPEN_UNLEARNING_EVAL)):
         return None
     summary = summarize(read_log_dir(logs), truth_ratio=truth_ratio, reference_tr=read_reference(logs)[0])
     return add_derived({k: v for k, v in summary.items() if isinstance(v, float)})

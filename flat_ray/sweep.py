@@ -64,7 +64,7 @@ from flat_ray.registry import Registry
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 AXES = ("model", "benchmark", "method")
 TOP_KEYS = ("name", "description", "base", "set", "grid", "params", "num_samples", "search", "scheduler",
-            "objective", "resources", "report", "export")
+            "objective", "resources", "report", "export", "references")
 EXPORTS = ("best_trial", "every_trial", "none")
 SEARCH_KEYS = ("algorithm", "seed")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
@@ -174,9 +174,11 @@ def shipped_spaces() -> list[str]:
 
 
 def find_space(name_or_path: str) -> tuple[str, str]:
-    """``(text, path)`` of a shipped space (by name) or a YAML file."""
+    """``(text, path)`` of a shipped space (by name) or a YAML file. A shipped name wins over a folder of that name
+    (a clone of locuslab/tofu in the working directory is where the tofu spaces look for their references)."""
     p = Path(name_or_path).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+    if p.suffix in (".yaml", ".yml") or p.is_file() or "/" in name_or_path or (
+            p.exists() and name_or_path not in shipped_spaces()):
         if not p.is_file():
             raise FlatRayError(f"search space file {name_or_path!r} does not exist; shipped spaces: "
                                f"{', '.join(shipped_spaces())}")
@@ -333,8 +335,9 @@ def build_cell_config(base: Mapping[str, Any], constants: Mapping[str, Any], sam
     return build_config(RunConfig, data)
 
 
-def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
-    """Parse and validate a space; ``overrides`` (``key=value``) become constants of every trial."""
+def load_space(name_or_path: str, overrides: Sequence[str] = (), check_files: bool = True) -> Space:
+    """Parse and validate a space; ``overrides`` (``key=value``) become constants of every trial. A dry run
+    (``check_files=False``) accepts forget-quality references that are not there yet and shows them as missing."""
     text, path = find_space(name_or_path)
     try:
         raw = yaml.safe_load(text)
@@ -359,7 +362,7 @@ def load_space(name_or_path: str, overrides: Sequence[str] = ()) -> Space:
     if export not in EXPORTS:
         raise FlatRayError(f"export {export!r} is not valid; valid choices: {', '.join(EXPORTS)}")
     cells = [_trial_outputs(c, base, export, objective[0])
-             for c in _cells(raw, base, consts, specs, cli, algorithm, objective)]
+             for c in _cells(raw, base, consts, specs, cli, algorithm, objective, check_files)]
     return Space(str(raw.get("name") or Path(path).stem), path, str(raw.get("description", "")), base, cells,
                  num_samples, algorithm, seed, scheduler, sched, objective, _report(raw), export, text,
                  list(overrides))
@@ -434,16 +437,19 @@ def _report(raw: dict) -> dict[str, list[str]]:
 
 
 def _cells(raw: dict, base: list[str], sweep_consts: dict[str, Any], sweep_specs: dict[str, Any],
-           cli: dict[str, Any], algorithm: str, objective: list[str]) -> list[Cell]:
-    """One cell per combination of the grid's entries: sweep-wide values, then the entries', then the command
-    line's overrides (which may not touch a search axis)."""
+           cli: dict[str, Any], algorithm: str, objective: list[str], check_files: bool = True) -> list[Cell]:
+    """One cell per combination of the grid's entries: sweep-wide values, then the entries' (and the cell's
+    ``references`` entry), then the command line's overrides (which may not touch a search axis)."""
     grid = _mapping(raw.get("grid"), "grid")
     _check_keys(grid, AXES, "grid")
     axes = [_entries(axis, grid.get(axis)) for axis in AXES]
+    references = _references(raw, axes)
     cells = []
     for combo in _product(axes):
         labels = {e.axis: e.name for e in combo}
         consts = dict(sweep_consts)
+        if references:
+            consts["eval.reference"] = references[f"{labels['model']}/{labels['benchmark']}"]
         specs = dict(sweep_specs)
         for entry in combo:
             consts.update(entry.constants)
@@ -456,11 +462,32 @@ def _cells(raw: dict, base: list[str], sweep_consts: dict[str, Any], sweep_specs
         consts.update(cli)
         for key in specs:
             consts.pop(key, None)
-        cells.append(_cell(labels, base, consts, specs, algorithm, objective))
+        cells.append(_cell(labels, base, consts, specs, algorithm, objective, check_files))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise FlatRayError(f"grid entries give duplicate cell names: {names}")
     return cells
+
+
+def _references(raw: dict, axes: list[list[_Entry]]) -> dict[str, str]:
+    """``references``: each (model, benchmark) pair's forget-quality reference, keyed ``<model>/<benchmark>`` by the
+    grid's entry names; every pair needs one."""
+    refs = _mapping(raw.get("references"), "references")
+    if not refs:
+        return {}
+    models, benches = axes[AXES.index("model")], axes[AXES.index("benchmark")]
+    if not models[0].name or not benches[0].name:
+        raise FlatRayError("references needs grid.model and grid.benchmark entries to key them by")
+    pairs = [f"{m.name}/{b.name}" for m in models for b in benches]
+    unknown = [k for k in refs if k not in pairs]
+    if unknown:
+        raise FlatRayError(f"references: unknown cell {unknown[0]!r}; valid keys (<model>/<benchmark>): "
+                           f"{', '.join(pairs)}")
+    missing = [k for k in pairs if not isinstance(refs.get(k), str) or not refs.get(k)]
+    if missing:
+        raise FlatRayError(f"references: no path for {', '.join(missing)}; every <model>/<benchmark> of the grid needs "
+                           "its retain model's eval logs")
+    return {k: str(v) for k, v in refs.items()}
 
 
 def _product(axes: list[list[_Entry]]) -> list[tuple[_Entry, ...]]:
@@ -471,7 +498,7 @@ def _product(axes: list[list[_Entry]]) -> list[tuple[_Entry, ...]]:
 
 
 def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any],
-          specs: dict[str, Spec], algorithm: str, objective: list[str]) -> Cell:
+          specs: dict[str, Spec], algorithm: str, objective: list[str], check_files: bool = True) -> Cell:
     where = f"cell {_cell_name(labels)}"
     first = {k: s.probes()[0] for k, s in specs.items()}
     cfg = None
@@ -501,15 +528,19 @@ def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any
               "method": labels["method"] or cfg.method.name}
     name = _cell_name(labels)
     try:
-        check_inputs(cfg)  # once per cell (the probes above only check values)
+        check_inputs(cfg, reference=check_files)  # once per cell (the probes above only check values)
     except FlatRayError as exc:
         raise FlatRayError(f"{where}: {exc}") from None
     if not cfg.eval.enabled:
         raise FlatRayError(f"{where}: the objective needs per-epoch evaluation; remove eval.enabled=false")
     for metric in objective:
         if metric in NEEDS_REFERENCE and not cfg.eval.reference:
-            raise FlatRayError(f"{where}: objective {metric} needs forget quality; set eval.reference "
-                               "(TOFU eval logs of a retain model) in the space's set or the cell's set")
+            raise FlatRayError(f"{where}: objective {metric} needs forget quality; give the space's references "
+                               "(<model>/<benchmark>: a retain model's eval logs) or set eval.reference")
+        if metric in NEEDS_REFERENCE and cfg.eval.interim_examples:
+            raise FlatRayError(f"{where}: objective {metric} picks each trial's best epoch by forget quality, a "
+                               "p-value that grows as the questions get fewer; remove eval.interim_examples so "
+                               "every epoch is judged on the same questions")
     return Cell(name, labels, cfg, consts, specs)
 
 
@@ -563,6 +594,25 @@ def trial_table(space: Space, nodes: list, gpu_gib: float | None = None,
             row["node type"] = node.name if node else "-"
         rows.append(row)
     return rows
+
+
+def reference_source(cfg: RunConfig) -> str:
+    """Where a cell's forget quality comes from, in words (the dry run's list)."""
+    from flat_ray.config import AUTO_REFERENCE
+    from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL
+
+    ref = cfg.eval.reference
+    if not ref:
+        return "none (no forget quality)"
+    if ref == AUTO_REFERENCE:
+        return "built: the demo's retain model, fine-tuned once on the forget split's complement and cached"
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return f"{ref} (missing: the sweep refuses to start until it is there)"
+    logs = path if path.is_file() else next((path / f for f in (LOG_FILES["forget"], OPEN_UNLEARNING_EVAL)
+                                             if (path / f).is_file()), path)
+    kind = "open-unlearning's results" if logs.name == OPEN_UNLEARNING_EVAL else "TOFU-format eval logs"
+    return f"published logs at {ref} ({kind})"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

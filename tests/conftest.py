@@ -125,7 +125,7 @@ def zero3(ray_local, base):
     from flat_ray.launch.driver import run_training
     from tests.runs import ZERO3
 
-    cfg = load_config(None, [*base, *ZERO3, "tracking.run_name=zero3"])
+    cfg = load_config(None, [*base, *ZERO3, "tracking.run_name=zero3", "eval.save_logs=true"])
     return cfg, run_training(cfg)
 
 

@@ -91,6 +91,9 @@ MISTAKES = [
          "GPU(s); lower launch.gpus_per_worker", via="script"),
     case("train-more-cpus-than-exist", ["train", "launch.num_workers=1000", *RUN_PATHS],
          "CPUs but this machine has"),
+    case("tune-tofu-without-toFUs-retain-logs", ["tune", "--space", "tofu", *TUNE_PATHS],
+         "cell llama2-7b-tofu_forget01-flat: eval.reference 'tofu/data/ft_epoch5_lr1e-05_llama2-7b_retain99_wd0.01/"
+         "eval_results/ds_size300' does not exist"),
     case("tune-does-not-fit-the-gpus", ["tune", "--space", "tofu", "--gpu-memory", "16", *TUNE_PATHS],
          "cell llama2-7b-tofu_forget01-flat needs about 20.9 GiB per GPU at its peak of evaluation, the GPUs have 16 "
          "GiB: set"),

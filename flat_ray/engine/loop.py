@@ -35,7 +35,7 @@ from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_step
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
-from flat_ray.eval.suites import suite_for
+from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
 from flat_ray.eval.tofu import read_reference
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
@@ -271,6 +271,8 @@ class _Job:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
+        if cfg.eval.save_logs and self.rank == 0 and PER_QUESTION in summary:
+            self.save_eval_logs(epoch, summary[PER_QUESTION])
         # eval_s: this evaluation's time on rank 0, the copy's gathering included; eval_examples: its questions
         # per split (the largest split's count)
         self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch,
@@ -280,6 +282,15 @@ class _Job:
             log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
         return metrics
+
+    def save_eval_logs(self, epoch: int, values: Any) -> None:
+        """``eval.save_logs``: this evaluation's per-question results in TOFU's and open-unlearning's formats, in the
+        output folder and the run's artifacts."""
+        out = Path(self.payload["output_dir"]) / "eval_logs" / f"epoch{epoch}"
+        with _writing(f"the epoch {epoch} evaluation logs to {out} (paths.output_dir)"):
+            write_tofu_logs(out, values, self.cfg.eval.truth_ratio, self.reference_tr,
+                            {"epoch": epoch, "model": self.cfg.model.name_or_path, "split": self.cfg.data.split})
+        self.tracker.log_artifact(out, f"eval_logs/epoch{epoch}")
 
     def _eval_model(self) -> Any:
         """What evaluates: under ZeRO-3 a full copy gathered once (``eval.gathered``) when every rank has room for

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flat_ray.config import RunConfig
 from flat_ray.data import BENCHMARKS
-from flat_ray.eval import hp, muse
+from flat_ray.eval import hp, muse, open_unlearning
 from flat_ray.eval.metrics import add_derived
 from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
-from flat_ray.eval.tofu import summarize, write_log_dir
+from flat_ray.eval.tofu import SplitValues, summarize, write_log_dir
 from flat_ray.registry import Registry
+
+PER_QUESTION = "per_question"  # a TOFU suite's summary also holds its per-question values (for eval.save_logs)
 
 
 @dataclass(frozen=True)
@@ -40,16 +44,25 @@ def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
                            world_size=world_size, device=device, progress=progress)
-    return summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+    return {**summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr), PER_QUESTION: values}
 
 
 def _tofu_report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
                  reference_tr=None) -> dict[str, Any]:
-    """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes."""
+    """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes, and
+    open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` of the same values."""
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    summary = summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr)
+    return write_tofu_logs(out_dir, values, cfg.eval.truth_ratio, reference_tr, meta)
+
+
+def write_tofu_logs(out_dir: Path, values: Mapping[str, SplitValues], truth_ratio: str, reference_tr,
+                    meta: Mapping[str, Any]) -> dict[str, Any]:
+    """One evaluation's per-question values in both formats (TOFU's eval logs, open-unlearning's files); returns
+    its summary."""
+    summary = summarize(values, truth_ratio=truth_ratio, reference_tr=reference_tr)
     write_log_dir(out_dir, values, summary, meta)
+    open_unlearning.write(out_dir, values, None if reference_tr is None else 1.0 / np.asarray(reference_tr))
     return summary
 
 

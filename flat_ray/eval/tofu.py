@@ -45,6 +45,7 @@ LOG_FILES = {
     "real_authors": "eval_real_author_wo_options.json",
     "world_facts": "eval_real_world_wo_options.json",
 }
+OPEN_UNLEARNING_EVAL = "TOFU_EVAL.json"  # open-unlearning's per-model result file (flat_ray.eval.open_unlearning)
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 NORMALISED_PROB_SPLITS = ("real_authors", "world_facts")  # probability normalised over the perturbed options
 
@@ -146,8 +147,13 @@ def read_log_dir(directory: str | Path) -> dict[str, SplitValues]:
     if not d.is_dir():
         raise FlatRayError(f"eval-log directory {str(d)!r} does not exist")
     found = {name: read_log(d / f) for name, f in LOG_FILES.items() if (d / f).is_file()}
+    if not found and (d / OPEN_UNLEARNING_EVAL).is_file():
+        from flat_ray.eval import open_unlearning
+
+        found = open_unlearning.read(d / OPEN_UNLEARNING_EVAL)
     if not found:
-        raise FlatRayError(f"no TOFU eval logs in {d}; expected some of: {', '.join(LOG_FILES.values())}")
+        raise FlatRayError(f"no TOFU eval logs in {d}; expected some of: {', '.join(LOG_FILES.values())} or "
+                           f"open-unlearning's {OPEN_UNLEARNING_EVAL}")
     return found
 
 
@@ -181,14 +187,22 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
     :func:`forget_truth_ratios`' correct/wrong orientation: open-unlearning's wrong/correct scores are inverted."""
     p = Path(ref)
     if p.is_dir():
-        p = p / LOG_FILES["forget"]
+        found = sorted(f.name for f in p.iterdir() if f.suffix == ".json")
+        p = next((p / f for f in (LOG_FILES["forget"], OPEN_UNLEARNING_EVAL) if (p / f).is_file()), p / LOG_FILES["forget"])
+        if not p.is_file():
+            raise FlatRayError(f"forget-quality reference {str(ref)!r} has no {LOG_FILES['forget']} (TOFU's logs) and "
+                               f"no {OPEN_UNLEARNING_EVAL} (open-unlearning's); JSON files there: "
+                               f"{', '.join(found) or 'none'}")
     if not p.is_file():
         raise FlatRayError(f"forget-quality reference {str(ref)!r} not found; give a directory with "
-                           f"{LOG_FILES['forget']}, that file, or an open-unlearning result JSON")
+                           f"{LOG_FILES['forget']} or {OPEN_UNLEARNING_EVAL}, or one of those files")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise FlatRayError(f"forget-quality reference {p} is not valid JSON ({exc.msg})") from None
+    if isinstance(d, Mapping) and "forget_truth_ratio" not in d and any(k.endswith("_Q_A_Prob") for k in d):
+        raise FlatRayError(f"forget-quality reference {p} (open-unlearning's format) has no forget_truth_ratio, so no "
+                           f"forget split; metrics found: {', '.join(sorted(d))}")
     if isinstance(d, Mapping) and "forget_truth_ratio" in d:
         by_index = d["forget_truth_ratio"].get("value_by_index", {})
         wrong_over_correct = np.asarray([by_index[k]["score"] for k in sorted(by_index, key=int)], dtype=float)

@@ -11,8 +11,9 @@ import torch
 from flat_ray.data import load_split
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import PAPER_TASKS, parse_tasks, run_lm_eval
+from flat_ray.eval.run import summary_from_logs
 from flat_ray.eval.runner import evaluate_split, evaluate_tofu
-from flat_ray.eval.tofu import LOG_FILES, summarize
+from flat_ray.eval.tofu import LOG_FILES, read_reference, summarize
 from flat_ray.losses import mean_token_nll
 from flat_ray.models import PROFILES
 
@@ -132,7 +133,15 @@ def test_flat_ray_eval_end_to_end_reference_and_from_logs(tiny_model_dir, tmp_pa
     assert code == 0, err
     first = json.loads(out)
     assert 0 <= first["model_utility"] <= 1 and "forget_quality" not in first and "lm_eval/flatray_toy/acc" in first
-    assert {p.name for p in (tmp_path / "a").iterdir()} == {*LOG_FILES.values(), "summary.json"}
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {*LOG_FILES.values(), "summary.json", "TOFU_EVAL.json",
+                                                           "TOFU_SUMMARY.json"}
+    # open-unlearning's files of the same evaluation: the same forget ratios (inverted back) and model utility as
+    # the geometric truth ratio gives
+    ours, _ = read_reference(tmp_path / "a" / "eval_log_forget.json")
+    # (their ratio's 1e-10 guard is 1e-7 of an untrained model's answer probability)
+    assert read_reference(tmp_path / "a" / "TOFU_EVAL.json")[0] == pytest.approx(ours, rel=1e-6)
+    geometric = summary_from_logs(str(tmp_path / "a"), None, "geometric")["model_utility"]
+    assert json.loads((tmp_path / "a" / "TOFU_SUMMARY.json").read_text())["model_utility"] == pytest.approx(geometric)
     saved = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert saved["lm_eval_version"] and saved["questions"]["forget"] == 5
     # the same model against its own results: forget quality 1, by path and by MLflow run id

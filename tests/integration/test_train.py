@@ -148,6 +148,16 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     assert {"config.yaml", "model", "templates"} <= set(arts)
     assert "model/model.safetensors" in tracking.list_artifacts(res.mlflow_uri, res.run_id, "model")
     assert (res.model_dir.parent / "templates" / "epoch_1.json").is_file()
+    # eval.save_logs: every evaluation's per-question results in TOFU's and open-unlearning's formats, on disk and
+    # in MLflow, with the numbers the run logged
+    logs = res.model_dir.parent / "eval_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["epoch0", "epoch2", "epoch4"]
+    ou = json.loads((logs / "epoch4" / "TOFU_SUMMARY.json").read_text())
+    assert ou["forget_Q_A_Prob"] == pytest.approx(res.after["eval/forget_prob"], rel=1e-12)
+    assert ou["retain_Q_A_ROUGE"] == pytest.approx(res.after["eval/retain_rougeL_recall"], rel=1e-12)
+    assert json.loads((logs / "epoch0" / "summary.json").read_text())["forget_prob"] == res.before["eval/forget_prob"]
+    assert {"eval_logs/epoch4/TOFU_EVAL.json", "eval_logs/epoch4/eval_log_forget.json"} <= set(
+        tracking.list_artifacts(res.mlflow_uri, res.run_id, "eval_logs/epoch4"))
 
 
 # ZeRO-2 gives ZeRO-3's loss curve: tests/integration/test_reliability.py, in the run that fills a disk.

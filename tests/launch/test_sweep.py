@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_baselines", "muse", "hp"])
 def test_every_shipped_space_validates(name):
-    space = load_space(name)
+    space = load_space(name, check_files=False)
     assert space.cells and space.total_trials() >= 4
     for cell in space.cells:
         assert cell.config.eval.enabled
@@ -45,7 +45,7 @@ def test_demo_space_is_lr_times_four_divergences():
 
 
 def test_tofu_space_is_the_model_by_split_grid_with_the_papers_recipe():
-    space = load_space("tofu")
+    space = load_space("tofu", check_files=False)
     assert len(space.cells) == 6
     models = {c.config.model.name_or_path for c in space.cells}
     assert models == {"locuslab/tofu_ft_llama2-7b", "locuslab/tofu_ft_phi-1.5"}
@@ -64,7 +64,7 @@ def test_baseline_spaces_give_each_method_its_own_cell():
                                                                      "pearson"]
     assert all(c.trials(space.num_samples) == 2 for c in space.cells)
     assert all(c.config.eval.reference == "auto" for c in space.cells) and space.objective == ["tofu_score"]
-    tofu = load_space("tofu_baselines")
+    tofu = load_space("tofu_baselines", check_files=False)
     assert tofu.algorithm == "optuna" and tofu.scheduler == "asha"
     assert [c.config.method.name for c in tofu.cells][0] == "flat" and tofu.cells[0].config.method.divergence == "kl"
 
@@ -114,7 +114,7 @@ BAD = [
     ("objective: [unlearn_score, model_utility]\nsearch: {algorithm: optuna}\nscheduler: {name: asha}",
      "asha needs a single objective"),
     ("objective: accuracy", "unknown metric 'accuracy'"),
-    ("objective: tofu_score", "needs forget quality; set eval.reference"),
+    ("objective: tofu_score", "needs forget quality; give the space's references"),
     ("search: {algorithm: bayes}", "unknown search algorithm 'bayes'"),
     ("scheduler: {name: pbt}", "unknown scheduler 'pbt'"),
     ("scheduler: {name: asha, grace_period: 0}", "scheduler.grace_period must be an integer >= 1"),
@@ -128,6 +128,14 @@ BAD = [
     ("resources: {gpus: 1}", "unknown key 'gpus' in resources"),
     ("base: [nothing_here]", "neither a preset"),
     ("params: {optim.lr: {grid: [1.0e-4, 2.0e-4]}}\nnope: [", "is not valid YAML"),
+    ("objective: tofu_score\nset: {eval.reference: auto, eval.interim_examples: 2}",
+     "remove eval.interim_examples so every epoch is judged on the same questions"),
+    ("references: {demo/demo/forget10: /tmp}", "references needs grid.model and grid.benchmark entries"),
+    ("grid: {model: [demo], benchmark: [demo/forget10, demo/forget05]}\nreferences: {demo/demo/forget01: /tmp}",
+     "references: unknown cell 'demo/demo/forget01'; valid keys (<model>/<benchmark>): demo/demo/forget10, "
+     "demo/demo/forget05"),
+    ("grid: {model: [demo], benchmark: [demo/forget10, demo/forget05]}\nreferences: {demo/demo/forget10: /tmp}",
+     "references: no path for demo/demo/forget05"),
 ]
 
 
@@ -158,6 +166,42 @@ def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_tofu_spaces_optimise_tofu_score_against_toFUs_own_retain_logs(tmp_path, monkeypatch, capsys):
+    """Each (model, split) cell's reference is TOFU's published eval logs of the retain model that split leaves
+    (forget01 -> retain99 ...), as paths in a clone of locuslab/tofu beside where the sweep runs: the dry run names
+    them (missing here), the sweep refuses to start without them, and with them in place every cell has its own."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", "tofu", "--dry-run"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "objective tofu_score (max)" in out
+    assert ("cell phi-1.5-tofu_forget05-flat: tofu/data/ft_epoch5_lr2e-05_phi_retain95_wd0.01/eval_results/ds_size300 "
+            "(missing: the sweep refuses to start until it is there)") in out
+    with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat: eval.reference 'tofu/data/ft_epoch5_"
+                                           "lr1e-05_llama2-7b_retain99_wd0.01/eval_results/ds_size300' does not exist"):
+        load_space("tofu")
+    expected = {}
+    for model, tag, lr in (("llama2-7b", "llama2-7b", "1e-05"), ("phi-1.5", "phi", "2e-05")):
+        for forget, retain in (("01", "99"), ("05", "95"), ("10", "90")):
+            folder = tmp_path / f"tofu/data/ft_epoch5_lr{lr}_{tag}_retain{retain}_wd0.01/eval_results/ds_size300"
+            folder.mkdir(parents=True)
+            (folder / "eval_log_forget.json").write_text("{}")
+            expected[f"{model}-tofu_forget{forget}-flat"] = str(folder.relative_to(tmp_path))
+    for name in ("tofu", "tofu_baselines"):
+        space = load_space(name)
+        assert space.objective == ["tofu_score"]
+        for cell in space.cells:
+            assert cell.config.eval.reference == expected[cell.name.replace(cell.labels["method"], "flat")]
+            assert cell.config.eval.interim_examples is None and cell.config.eval.max_examples == 300
+    main_out = []
+    with pytest.raises(SystemExit):
+        main(["tune", "--space", "tofu_baselines", "--dry-run"])
+    main_out = capsys.readouterr().out
+    assert ("cell llama2-7b-tofu_forget05-npo: published logs at tofu/data/ft_epoch5_lr1e-05_llama2-7b_retain95_wd0.01/"
+            "eval_results/ds_size300 (TOFU-format eval logs)") in main_out
+
+
 @pytest.mark.parametrize("name", ["demo", "tofu"])
 def test_dry_run_prints_the_trial_table(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -165,7 +209,7 @@ def test_dry_run_prints_the_trial_table(name, tmp_path, monkeypatch, capsys):
         main(["tune", "--space", name, "--dry-run"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    total = load_space(name).total_trials()
+    total = load_space(name, check_files=False).total_trials()
     assert f"{total} trials" in out and "concurrent" in out and "nothing was started" in out
     assert list(tmp_path.iterdir()) == []
 
@@ -180,12 +224,12 @@ def test_concurrency_is_what_the_nodes_hold():
     assert max_concurrent(demo, [node(2)]) == 1
     assert max_concurrent(demo, [node(1)]) == 0 and max_concurrent(demo, [node(1, count=2)]) == 1
     assert max_concurrent(demo, [node(8)]) == 4
-    tofu = load_space("tofu").cells[0].config  # 2 workers x (8 CPU, 1 GPU), both on one node (STRICT_PACK)
+    tofu = load_space("tofu", check_files=False).cells[0].config  # 2 workers x (8 CPU, 1 GPU), both on one node (STRICT_PACK)
     assert max_concurrent(tofu, [node(64, 8)]) == 4  # GPUs bind: 8 workers, 4 trials
     assert max_concurrent(tofu, [node(32, 8)]) == 2  # CPUs bind
     assert max_concurrent(tofu, [node(8, 1, count=4)]) == 0  # one worker per node: never both on one
     assert max_concurrent(tofu, [node(128, 0)]) == 0
-    rows = trial_table(load_space("tofu"), [node(128, 4)])
+    rows = trial_table(load_space("tofu", check_files=False), [node(128, 4)])
     assert [r["concurrent"] for r in rows] == [2] * 6 and rows[0]["gpus/trial"] == 2
 
 
@@ -222,7 +266,7 @@ def test_searchers_and_schedulers_follow_the_space(tmp_path):
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 2
     assert searcher.searcher.metric == ["forget_prob", "retain_prob"]
     assert searcher.searcher.mode == ["min", "max"]  # directions from the metric registry
-    tofu = load_space("tofu_baselines")
+    tofu = load_space("tofu_baselines", check_files=False)
     sched = SCHEDULER_BUILDERS[tofu.scheduler](tofu, tofu.cells[0])
     assert isinstance(sched, ASHAScheduler) and sched._max_t == tofu.cells[0].config.optim.epochs + 1
 
@@ -316,7 +360,7 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     monkeypatch.chdir(tmp_path)  # the space's paths.workdir, flat_ray_work, is relative to here
     monkeypatch.setenv("FLAT_RAY_CLUSTER_CONFIG", str(ROOT / "cluster.yaml"))
     shared = Place.of(tmp_path / "shared")
-    space = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU) on one node; llama 2 x 78.3 GiB of host memory
+    space = load_space("tofu", check_files=False)  # each trial 2 x (8 CPU, 1 GPU) on one node; llama 2 x 78.3 GiB of host memory
     with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
                                            "pass --storage-path on shared storage"):
         _check_cluster(space, "auto", None, "sqlite:///x.db")
@@ -365,13 +409,13 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
     key = (ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(), ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode())
     internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
     try:
-        tofu = load_space("tofu")  # each trial 2 x (8 CPU, 1 GPU) on one node: one per gpu node
+        tofu = load_space("tofu", check_files=False)  # each trial 2 x (8 CPU, 1 GPU) on one node: one per gpu node
         assert _check_cluster(tofu, "auto", shared, "http://head:5000") == {c.name: 3 for c in tofu.cells}
         demo = load_space("demo")  # 2 x (0.99 CPU, 2 GiB) anywhere: 8 + 3 x 16 workers make 28 trials, though
         with pytest.raises(FlatRayError, match="cell demo-demo_forget10-flat waits for nodes the autoscaler adds"):
             _check_cluster(demo, "auto", None, "sqlite:///x.db")  # only 1 fits this Ray now
         assert _check_cluster(demo, "auto", shared, "http://head:5000") == {c.name: 28 for c in demo.cells}
-        big = load_space("tofu", ["launch.num_workers=4"])  # 4 x (8 CPU, 1 GPU) on one node: never fits
+        big = load_space("tofu", ["launch.num_workers=4"], check_files=False)  # 4 x (8 CPU, 1 GPU) on one node: never fits
         with pytest.raises(FlatRayError, match=r"one trial asks for 4 workers x \(CPU 8, GPU 1, memory 40.7 GiB\) "
                                                r"on one node \(STRICT_PACK\) but no node type can ever hold it: head "
                                                r"\(CPU 8, memory 16.0 GiB\); gpu \(CPU 16, GPU 2, memory 200.0 GiB\)"):
