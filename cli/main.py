@@ -317,8 +317,10 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
 @click.option("--gpu-memory", metavar="GIB|CLUSTER.yaml", help="GPU memory of the nodes that run trials (GiB, or the "
               "smallest GPU of a Ray cluster YAML's node types): the dry run says which cells fit, a sweep refuses "
               "to start a cell that does not; default: this machine's GPU.")
+@click.option("--prices", metavar="FILE", help="With --dry-run and --gpu-memory CLUSTER.yaml: a YAML mapping of node "
+              "type to its price per node-hour; the cost estimate adds money.")
 def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_path, mlflow_uri, workdir,
-         gpu_memory) -> None:
+         gpu_memory, prices) -> None:
     """Sweep a search space with Ray Tune: models x benchmarks x methods, sampled hyperparameters.
 
     Every trial is a `flat-ray train` run (Ray Train workers, DeepSpeed) nested under one MLflow parent run per
@@ -347,6 +349,11 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
 
         cpus, gpus, gpu_gib = os.cpu_count() or 1, _local_gpus(), _gpu_gib(gpu_memory)
         cluster = _cluster_yaml_nodes(gpu_memory)
+        if prices and not cluster:
+            raise click.UsageError("--prices needs --gpu-memory CLUSTER.yaml (the node types the prices are for)")
+        from flat_ray.cost import cost_lines, read_prices
+
+        price_table = read_prices(prices, cluster) if prices else None
         click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
                    f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "
                    f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
@@ -356,6 +363,7 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
                                                               for c in sp.cells))
         if cluster:
             _node_types(sp, cluster, gpu_memory)
+        click.echo("\n".join(cost_lines(sp, cluster, price_table)))
         where = (f"the cluster of {gpu_memory} at its largest" if cluster else
                  f"this machine ({cpus} CPUs, {gpus} GPUs)")
         click.echo(f"concurrency computed for {where}; nothing was started")

@@ -1,0 +1,196 @@
+"""What a sweep will cost before it runs: GPU-hours per trial, per cell and in all, from counted FLOPs at a stated
+model-FLOPs utilisation (MFU), and money where node types have an hourly price (docs/sweeps.md, "Cost").
+
+Per trial, with N parameters (the memory plan's architecture table) and T tokens per sequence:
+
+- training: every epoch runs each forget example's sequences (FLAT: the forget answer and the template answer;
+  GradDiff adds a retain sequence; each method's batch splits) forward and backward, 6·N FLOPs per token, plus
+  2·N more when layers are recomputed in backward (``model.gradient_checkpointing``), plus a forward of the frozen
+  reference model (2·N per token) over the splits NPO / DPO / SimNPO-style methods read it on;
+- evaluation, before training and after every evaluated epoch: each question's answer, paraphrase and perturbed
+  answers scored (2·N per token) and ``eval.max_new_tokens`` greedy tokens generated (2·N per token; decoding is
+  bound by memory bandwidth, so this part is a floor rather than an estimate).
+
+T is the mean token count of the split's questions and answers when the data and the tokenizer are on this
+machine, else ``data.max_length`` (so the estimate is an upper bound, marked ``<=``). GPU-seconds = FLOPs / (peak
+dense bf16 FLOP/s of the GPU type x MFU). The MFU is the one flat_ray has measured for its FLAT step on a GPU:
+35% (BENCHMARKS.md, P4: eager, one H200, 1.24 B parameters); ZeRO-3's gathers and optimizer offload to host
+memory lower it, so real runs of 7B trials on PCIe nodes take longer than this says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flat_ray.config import RunConfig
+from flat_ray.errors import FlatRayError
+
+MFU = 0.35
+# dense bf16 tensor-core peak per GPU (TFLOP/s), vendor datasheets; H200 has the H100's compute
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "A10G": 70.0}
+DEFAULT_GPU = "H100"
+# published sizes (questions) where the data is not on this machine: TOFU's forget splits and evaluation splits
+KNOWN_SIZES = {("tofu", "forget01"): 40, ("tofu", "forget05"): 200, ("tofu", "forget10"): 400}
+TOFU_EVAL = {"retain": 400, "real_authors": 100, "world_facts": 117}
+PERTURBED = {"forget": 5, "retain": 5, "real_authors": 3, "world_facts": 3}  # TOFU's perturbed answers per question
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    """One trial's counted work."""
+
+    train_flops: float
+    eval_flops: float
+    tokens_per_sequence: float
+    exact: bool  # token counts from the data (else data.max_length: an upper bound)
+
+    @property
+    def flops(self) -> float:
+        return self.train_flops + self.eval_flops
+
+    def gpu_hours(self, gpu: str) -> float:
+        if gpu not in PEAK_TFLOPS:
+            raise FlatRayError(f"no peak FLOP/s known for GPU type {gpu}; known: {', '.join(PEAK_TFLOPS)}")
+        return self.flops / (PEAK_TFLOPS[gpu] * 1e12 * MFU) / 3600
+
+
+def trial_cost(cfg: RunConfig, params: int, examples: int, tokens: float, exact: bool,
+               eval_questions: dict[str, int]) -> TrialCost:
+    """The counted FLOPs of one trial of ``cfg``: ``params`` parameters, ``examples`` forget examples of ``tokens``
+    tokens per sequence, and ``eval_questions`` questions per evaluation split."""
+    from flat_ray.losses import METHODS
+
+    method = METHODS[cfg.method.name]
+    knobs = vars(cfg.method)
+    per_token = 6 * params + (2 * params if cfg.model.gradient_checkpointing else 0)
+    trained = examples * len(method.splits(knobs)) * tokens * cfg.optim.epochs
+    reference = examples * len(method.reference_keys) * tokens * cfg.optim.epochs
+    train = trained * per_token + reference * 2 * params
+    evals = 0.0
+    if cfg.eval.enabled:
+        for epoch in range(cfg.optim.epochs + 1):
+            if not (epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0):
+                continue
+            interim = cfg.eval.interim_examples if 0 < epoch < cfg.optim.epochs else None
+            for split, n in eval_questions.items():
+                q = min(n, interim) if interim else n
+                scored = q * (2 + PERTURBED.get(split, 0)) * tokens
+                generated = q * (tokens + cfg.eval.max_new_tokens)  # the prompt once, then each new token
+                evals += (scored + generated) * 2 * params
+    return TrialCost(train, evals, tokens, exact)
+
+
+def estimate(cfg: RunConfig) -> TrialCost | None:
+    """One trial's cost from what this machine has: None when the model's size is unknown here."""
+    from flat_ray.memory import arch_for
+
+    arch = arch_for(cfg.model.name_or_path)
+    if arch is None:
+        return None
+    rows, questions = _local_rows(cfg)
+    examples = len(rows) if rows else KNOWN_SIZES.get((cfg.data.benchmark, cfg.data.split))
+    if examples is None:
+        return None
+    tokens, exact = _mean_tokens(cfg, rows)
+    limit = cfg.eval.max_examples
+    questions = {k: min(v, limit) if limit else v for k, v in questions.items()}
+    return trial_cost(cfg, arch.params, examples, tokens, exact, questions)
+
+
+def _local_rows(cfg: RunConfig) -> tuple[list[dict], dict[str, int]]:
+    """The forget split's rows and the evaluation splits' sizes when the data is on this machine (the demo's, or
+    ``data.data_dir``), else TOFU's published sizes (nothing is downloaded for an estimate)."""
+    if cfg.data.benchmark == "demo" or cfg.data.data_dir:
+        from flat_ray.data import load_split
+        from flat_ray.eval.suites import suite_for
+
+        rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
+        try:
+            evals = {k: len(v) for k, v in suite_for(cfg).rows(cfg, None).items()}
+        except FlatRayError:
+            evals = {}
+        return rows, evals
+    if cfg.data.benchmark == "tofu":
+        size = KNOWN_SIZES.get(("tofu", cfg.data.split), 0)
+        return [], {"forget": size, **TOFU_EVAL}
+    return [], {}
+
+
+def _mean_tokens(cfg: RunConfig, rows: list[dict]) -> tuple[float, bool]:
+    """Mean tokens of a formatted question and its answer, counted with the run's tokenizer where the rows and
+    the tokenizer are on this machine; else ``data.max_length`` (an upper bound)."""
+    if not rows:
+        return float(cfg.data.max_length), False
+    try:
+        from transformers import AutoTokenizer
+
+        from flat_ray.pipeline import profile_for
+
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path, local_files_only=True)
+        profile = profile_for(cfg, cfg.model.name_or_path, tok)
+    except (OSError, ValueError, FlatRayError):
+        return float(cfg.data.max_length), False
+    counts = [min(len(tok(profile.prompt(r["question"], tok) + " " + r["answer"])["input_ids"]), cfg.data.max_length)
+              for r in rows if "question" in r and "answer" in r]
+    return (math.fsum(counts) / len(counts), True) if counts else (float(cfg.data.max_length), False)
+
+
+def read_prices(path: str, node_types: list) -> dict[str, float]:
+    """``--prices FILE``: a YAML mapping of node type to its price per node-hour, checked against the node types."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FlatRayError(f"--prices {path}: cannot read it ({exc.__class__.__name__}); give a YAML mapping of node "
+                           "type to price per node-hour") from None
+    names = [n.name for n in node_types]
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in raw.values()):
+        raise FlatRayError(f"--prices {path}: give a YAML mapping of node type to price per node-hour, e.g. "
+                           f"{names[0] if names else 'gpu_node'}: 16.29")
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise FlatRayError(f"--prices {path}: unknown node type {unknown[0]!r}; the cluster's node types: "
+                           f"{', '.join(names) or 'none'}")
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> list[str]:
+    """The dry run's cost block: per cell its trials, GPU type, GPU-hours (and price), then the total."""
+    from flat_ray.placement import landing
+
+    lines = [f"cost estimate (counted FLOPs at {MFU:.0%} MFU of each GPU type's dense bf16 peak; '<=' where "
+             "sequences are counted at data.max_length; docs/sweeps.md, Cost):"]
+    total_h, total_usd, unknown, bounded = 0.0, 0.0, False, False
+    for cell in space.cells:
+        cfg = cell.config
+        trials = cell.trials(space.num_samples)
+        if not cfg.launch.gpus_per_worker:
+            lines.append(f"  cell {cell.name}: CPU trials, no GPU-hours")
+            continue
+        one = estimate(cfg)
+        node = landing(cfg, cluster) if cluster else None
+        gpu = (node.accelerator if node else None) or cfg.launch.accelerator_type or DEFAULT_GPU
+        assumed = "" if (node and node.accelerator) or cfg.launch.accelerator_type else " (assumed)"
+        if one is None or gpu not in PEAK_TFLOPS:
+            why = "model size unknown here" if one is None else f"no peak known for {gpu}"
+            lines.append(f"  cell {cell.name}: {trials} trials, ? GPU-hours ({why})")
+            unknown = True
+            continue
+        bound = "" if one.exact else "<= "
+        bounded = bounded or not one.exact
+        hours = trials * one.gpu_hours(gpu)
+        total_h += hours
+        text = (f"  cell {cell.name}: {trials} trials x {bound}{one.gpu_hours(gpu):.2f} GPU-h on {gpu}{assumed} = "
+                f"{bound}{hours:.1f} GPU-h ({one.tokens_per_sequence:.0f} tokens/sequence, training "
+                f"{one.train_flops / one.flops:.0%} of the FLOPs)")
+        if prices is not None and node is not None and node.name in prices:
+            usd = hours * prices[node.name] / max(node.resources.get("GPU", 1), 1)
+            total_usd += usd
+            text += f", {bound}${usd:,.0f} at ${prices[node.name]:g}/h per {node.name} node"
+        lines.append(text)
+    mark = "<= " if bounded else ""
+    lines.append(f"  total: {mark}{total_h:.1f} GPU-h" + (f", {mark}${total_usd:,.0f}" if prices else "")
+                 + (" (cells marked ? not counted)" if unknown else ""))
+    return lines
