@@ -41,18 +41,24 @@ class TrialCost:
     """One trial's counted work."""
 
     train_flops: float
-    eval_flops: float
+    eval_flops: float  # the evaluations after training epochs
     tokens_per_sequence: float
     exact: bool  # token counts from the data (else data.max_length: an upper bound)
+    original_flops: float = 0.0  # the evaluation before training: once per cell in a sweep (flat_ray.eval.original)
 
     @property
     def flops(self) -> float:
-        return self.train_flops + self.eval_flops
+        return self.train_flops + self.eval_flops + self.original_flops
 
-    def gpu_hours(self, gpu: str) -> float:
+    def gpu_hours(self, gpu: str, flops: float | None = None) -> float:
         if gpu not in PEAK_TFLOPS:
             raise FlatRayError(f"no peak FLOP/s known for GPU type {gpu}; known: {', '.join(PEAK_TFLOPS)}")
-        return self.flops / (PEAK_TFLOPS[gpu] * 1e12 * MFU) / 3600
+        return (self.flops if flops is None else flops) / (PEAK_TFLOPS[gpu] * 1e12 * MFU) / 3600
+
+    def cell_gpu_hours(self, trials: int, gpu: str, shared_original: bool) -> float:
+        """``trials`` trials of a cell; the original evaluated once for all of them where the cell shares it."""
+        once = self.original_flops if shared_original else trials * self.original_flops
+        return self.gpu_hours(gpu, trials * (self.train_flops + self.eval_flops) + once)
 
 
 def trial_cost(cfg: RunConfig, params: int, examples: int, tokens: float, exact: bool,
@@ -67,7 +73,7 @@ def trial_cost(cfg: RunConfig, params: int, examples: int, tokens: float, exact:
     trained = examples * len(method.splits(knobs)) * tokens * cfg.optim.epochs
     reference = examples * len(method.reference_keys) * tokens * cfg.optim.epochs
     train = trained * per_token + reference * 2 * params
-    evals = 0.0
+    evals = {0: 0.0, 1: 0.0}  # before training; after epochs
     if cfg.eval.enabled:
         for epoch in range(cfg.optim.epochs + 1):
             if not (epoch in (0, cfg.optim.epochs) or epoch % cfg.eval.every_epochs == 0):
@@ -77,8 +83,8 @@ def trial_cost(cfg: RunConfig, params: int, examples: int, tokens: float, exact:
                 q = min(n, interim) if interim else n
                 scored = q * (2 + PERTURBED.get(split, 0)) * tokens
                 generated = q * (tokens + cfg.eval.max_new_tokens)  # the prompt once, then each new token
-                evals += (scored + generated) * 2 * params
-    return TrialCost(train, evals, tokens, exact)
+                evals[min(epoch, 1)] += (scored + generated) * 2 * params
+    return TrialCost(train, evals[1], tokens, exact, evals[0])
 
 
 def estimate(cfg: RunConfig) -> TrialCost | None:
@@ -158,6 +164,7 @@ def read_prices(path: str, node_types: list) -> dict[str, float]:
 
 def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> list[str]:
     """The dry run's cost block: per cell its trials, GPU type, GPU-hours (and price), then the total."""
+    from flat_ray.data import BENCHMARKS
     from flat_ray.placement import landing
 
     lines = [f"cost estimate (counted FLOPs at {MFU:.0%} MFU of each GPU type's dense bf16 peak; '<=' where "
@@ -180,11 +187,13 @@ def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> 
             continue
         bound = "" if one.exact else "<= "
         bounded = bounded or not one.exact
-        hours = trials * one.gpu_hours(gpu)
+        shared = BENCHMARKS[cfg.data.benchmark].evaluation == "tofu"  # per-question values: evaluated once
+        hours = one.cell_gpu_hours(trials, gpu, shared)
         total_h += hours
-        text = (f"  cell {cell.name}: {trials} trials x {bound}{one.gpu_hours(gpu):.2f} GPU-h on {gpu}{assumed} = "
-                f"{bound}{hours:.1f} GPU-h ({one.tokens_per_sequence:.0f} tokens/sequence, training "
-                f"{one.train_flops / one.flops:.0%} of the FLOPs)")
+        text = (f"  cell {cell.name}: {trials} trials x {bound}{one.gpu_hours(gpu):.2f} GPU-h on {gpu}{assumed}"
+                f"{', the original evaluated once' if shared else ''} = {bound}{hours:.1f} GPU-h "
+                f"({one.tokens_per_sequence:.0f} tokens/sequence, training {one.train_flops / one.flops:.0%} of a "
+                "trial's FLOPs)")
         if prices is not None and node is not None and node.name in prices:
             usd = hours * prices[node.name] / max(node.resources.get("GPU", 1), 1)
             total_usd += usd

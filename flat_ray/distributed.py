@@ -32,3 +32,12 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     x = t.to(collective_device())
     dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return x.cpu()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (so all ranks take the same branch before a collective)."""
+    if not initialized():
+        return flag
+    x = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    dist.broadcast(x, src=0)
+    return bool(x.item())

@@ -24,8 +24,13 @@ def test_flat_trial_by_hand():
     # each of 3 evaluations: per question the answer, the paraphrase and 5 perturbed answers scored, then the prompt
     # and 10 new tokens generated, 2 N per token
     per_eval = (4 * 7 * 20 + 4 * (20 + 10)) + (6 * 7 * 20 + 6 * (20 + 10))
-    assert got.eval_flops == 3 * per_eval * 2 * 1000
-    assert got.gpu_hours("A100") == pytest.approx((got.train_flops + got.eval_flops) / (312e12 * MFU) / 3600)
+    assert got.original_flops == per_eval * 2 * 1000 and got.eval_flops == 2 * per_eval * 2 * 1000
+    total = got.train_flops + 3 * per_eval * 2 * 1000
+    assert got.gpu_hours("A100") == pytest.approx(total / (312e12 * MFU) / 3600)
+    # a cell of 4 trials that shares its original's evaluation pays for it once
+    shared = 4 * (got.train_flops + 2 * per_eval * 2 * 1000) + per_eval * 2 * 1000
+    assert got.cell_gpu_hours(4, "A100", True) == pytest.approx(shared / (312e12 * MFU) / 3600)
+    assert got.cell_gpu_hours(4, "A100", False) == pytest.approx(4 * got.gpu_hours("A100"))
     with pytest.raises(FlatRayError, match="no peak FLOP/s known for GPU type V100; known: H100"):
         got.gpu_hours("V100")
 
@@ -44,7 +49,7 @@ def test_recomputation_reference_models_and_interim_evaluations():
     cheap = trial_cost(load_config(None, [*BASE, "optim.epochs=3", "eval.interim_examples=1"]), 1000, 10, 20, True,
                        {"forget": 4})
     # 4 questions before and after the last epoch, 1 after epochs 1 and 2
-    assert cheap.eval_flops == (4 + 1 + 1 + 4) * (7 * 20 + 30) * 2 * 1000
+    assert cheap.original_flops + cheap.eval_flops == (4 + 1 + 1 + 4) * (7 * 20 + 30) * 2 * 1000
 
 
 def test_tofu_without_its_data_here_is_an_upper_bound_at_max_length():
@@ -59,7 +64,7 @@ def test_tofu_without_its_data_here_is_an_upper_bound_at_max_length():
     assert got.train_flops == trial_cost(cfg, n, 200, 500, False, {}).train_flops
     expected = trial_cost(cfg, n, 200, 500, False, {"forget": 200, "retain": 300, "real_authors": 100,
                                                     "world_facts": 117})
-    assert got.eval_flops == expected.eval_flops
+    assert (got.eval_flops, got.original_flops) == (expected.eval_flops, expected.original_flops)
     assert estimate(load_config(None, ["model.name_or_path=tiny"])) is None  # no size known for it
 
 
@@ -79,7 +84,7 @@ def test_prices_per_node_type_and_bad_tables(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     (line,) = [x for x in out.splitlines() if x.startswith("  cell phi-1.5-tofu_forget01-flat: 8 trials")]
-    assert "GPU-h on A10G" in line and "at $16.288/h per gpu_a10g_x8 node" in line
+    assert "GPU-h on A10G, the original evaluated once = <= " in line and "at $16.288/h per gpu_a10g_x8 node" in line
     hours = float(line.split(" = <= ")[1].split(" GPU-h")[0])
     dollars = float(line.split(", <= $")[1].split(" at ")[0].replace(",", ""))
     assert dollars == pytest.approx(hours * 16.288 / 8, abs=1)  # a node's price shared by its 8 GPUs

@@ -28,15 +28,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from flat_ray import tracking
 from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, load_split
-from flat_ray.distributed import all_reduce
+from flat_ray.distributed import all_reduce, broadcast_flag
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
 from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
+from flat_ray.eval import original
 from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
-from flat_ray.eval.tofu import read_reference
+from flat_ray.eval.tofu import read_reference, summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
@@ -260,16 +261,13 @@ class _Job:
         if cfg.eval.interim_examples and 0 < epoch < cfg.optim.epochs:  # between the first and the last: cheaper
             rows = {split: part[:cfg.eval.interim_examples] for split, part in rows.items()}
         started = time.perf_counter()
-        model = self._eval_model()
-        try:
-            with ds.eager(model):
-                summary = suite_for(cfg).run(model, self.tokenizer, self.profile, rows, cfg, rank=self.rank,
-                                             world_size=self.world, device=self.engine.device,
-                                             reference_tr=self.reference_tr, progress=progress)
-        finally:
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        cache = self.payload.get("original_cache") if epoch == 0 else None
+        summary = self._cached_original(cache) if cache else None
+        if summary is None:
+            summary = self._run_suite(rows, progress)
+            if cache and self.rank == 0 and PER_QUESTION in summary:
+                original.save(cache, summary[PER_QUESTION], {"run": self.tracker.run_id})
+                self.tracker.set_tags({"original_eval": "evaluated"})
         metrics = {k: v for k, v in summary.items() if isinstance(v, float)}  # metric-registry names
         if cfg.eval.save_logs and self.rank == 0 and PER_QUESTION in summary:
             self.save_eval_logs(epoch, summary[PER_QUESTION])
@@ -282,6 +280,31 @@ class _Job:
             log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
         return metrics
+
+    def _run_suite(self, rows: dict[str, list[dict]], progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+        model = self._eval_model()
+        try:
+            with ds.eager(model):
+                return suite_for(self.cfg).run(model, self.tokenizer, self.profile, rows, self.cfg, rank=self.rank,
+                                               world_size=self.world, device=self.engine.device,
+                                               reference_tr=self.reference_tr, progress=progress)
+        finally:
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _cached_original(self, cache: str) -> dict[str, Any] | None:
+        """A sweep trial's epoch-0 evaluation from its cell's cached values of the original (flat_ray.eval.original),
+        scored with this run's truth-ratio variant and reference; None (on every rank alike) when there are none."""
+        values = original.load(cache) if self.rank == 0 else None
+        found = broadcast_flag(values is not None)
+        if not found:
+            return None
+        if values is None:
+            values = original.load(cache)
+        self.tracker.set_tags({"original_eval": "cached"})
+        summary = summarize(values, truth_ratio=self.cfg.eval.truth_ratio, reference_tr=self.reference_tr)
+        return {**summary, PER_QUESTION: values}
 
     def save_eval_logs(self, epoch: int, values: Any) -> None:
         """``eval.save_logs``: this evaluation's per-question results in TOFU's and open-unlearning's formats, in the

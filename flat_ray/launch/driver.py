@@ -408,13 +408,14 @@ def _checkpoint_config(cfg: RunConfig, CheckpointConfig: type) -> Any:  # noqa: 
 def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str | None = None,
                  tags: dict[str, str] | None = None, callbacks: list | None = None,
                  console: bool = False, stopping: Callable[[], bool] | None = None,
-                 placed_by_sweep: bool = False) -> TrainResult:
+                 placed_by_sweep: bool = False, original_cache: str | None = None) -> TrainResult:
     """Run one job to the end and return its summary. ``resume`` continues the Ray run of that name from its
     latest checkpoint (same MLflow run); ``resume_from`` starts a new run from a checkpoint directory. A sweep
     trial passes extra MLflow ``tags`` (its parent run), Ray Train ``callbacks`` (reporting to Tune) and
     ``stopping`` (true once the sweep has stopped it: a run cut off then is KILLED, not FAILED);
     ``console`` shows rank 0's progress on this process's terminal. A sweep's trial (``placed_by_sweep``) skips
-    what its sweep did once for all trials: the cluster check and fetching the weights."""
+    what its sweep did once for all trials: the cluster check and fetching the weights; its epoch-0 evaluation
+    comes from (or goes to) its cell's ``original_cache`` (flat_ray.eval.original)."""
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
     preflight(cfg, uri)
@@ -430,7 +431,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
                "storage_dir": str(storage / name),
                "mlflow": {"uri": uri, "run_id": tracker.run_id},
                # Ray Train V2 dropped resume_from_checkpoint: a starting checkpoint travels in the config
-               "restore_from": str(Path(resume_from).resolve()) if resume_from else None}
+               "restore_from": str(Path(resume_from).resolve()) if resume_from else None,
+               "original_cache": original_cache}
     log.info("run %s: %d workers, ZeRO-%d, MLflow run %s", name, cfg.launch.num_workers, cfg.deepspeed.stage, tracker.run_id)
     fit_started = time.monotonic()
     failure = _fit(cfg, name, storage, payload, callbacks, RunConsole(name) if console else None)

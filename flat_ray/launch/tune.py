@@ -35,6 +35,7 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.envinfo import package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
+from flat_ray.eval import original
 from flat_ray.eval.metrics import rank_value
 from flat_ray.eval.run import auto_reference
 from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints, score_key
@@ -153,11 +154,36 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         return
     metric = cfg.launch.checkpoint_metric
     best = _best_kept(train_dir, metric) if resume else None  # a resumed trial's best epoch may be behind it
+    cache = _original_turn(cfg, payload, trial)
     try:
         run_training(cfg, resume=resume, tags=tags, callbacks=[best_epoch_reporter(metric, best)],
-                     stopping=_stopping(), placed_by_sweep=True)
+                     stopping=_stopping(), placed_by_sweep=True, original_cache=cache)
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
+
+
+def _original_turn(cfg, payload: dict[str, Any], trial: str) -> str | None:
+    """Where this trial's cell keeps its evaluation of the original (per-question suites only), after waiting while
+    another trial of the cell evaluates it (flat_ray.eval.original)."""
+    from flat_ray.data import BENCHMARKS
+
+    if not cfg.eval.enabled or BENCHMARKS[cfg.data.benchmark].evaluation != "tofu":
+        return None
+    cache = original.cache_dir(payload["originals"], cfg)
+    root = storage_root(cfg)
+
+    def ended(holder: str) -> bool:
+        state = root / holder / STATE_FILE
+        if not state.is_file():
+            return False
+        saved = json.loads(state.read_text())
+        try:
+            return tracking.run_data(saved["mlflow_uri"], saved["run_id"]).info.status != "RUNNING"
+        except Exception:  # noqa: BLE001 - MLflow away for a moment: ask again at the next poll
+            return False
+
+    original.claim(cache, trial, ended, poll_s=5.0, stop=_stopping())
+    return str(cache)
 
 
 def best_epoch_reporter(metric: str | None, best: dict[str, Any] | None = None):
@@ -488,7 +514,8 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
     mode = space.modes[0] if len(space.objective) == 1 else None
     payload = {"sweep": name, "cell": cell.name, "labels": cell.labels, "base": space.base,
                "constants": cell.constants, "parent_run_id": parent_run_id,
-               "trials_dir": str(sweep_dir / "trials")}
+               "trials_dir": str(sweep_dir / "trials"), "originals": str(sweep_dir / "originals" / cell.name)}
+    original.release_claims(payload["originals"])  # no trial of this cell runs yet
     trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), TRIAL_FN_RESOURCES)
     path = storage / cell.name
     if tune.Tuner.can_restore(str(path)):

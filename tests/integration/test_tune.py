@@ -171,6 +171,11 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "KILLED"]
     stopped = children[2]
     assert stopped.data.tags["stopped_early"] == "true" and "model_dir" not in stopped.data.tags
+    # the cell's original evaluated once: the first two trials start together, one evaluates it while the other
+    # waits, and the other two read its values; all three log the same numbers as their epoch-0 evaluation
+    assert sorted(r.data.tags.get("original_eval") for r in children) == ["cached", "cached", "evaluated"]
+    for key in ("eval/forget_prob", "eval/model_utility", "eval/retain_truth_ratio", "eval/unlearn_score"):
+        assert len({dict(tracking.metric_history(uri, r.info.run_id, key))[0] for r in children}) == 1, key
     rung = [dict(tracking.metric_history(uri, r.info.run_id, "eval/forget_prob"))[1] for r in children]
     assert rung[2] > max(rung[:2])  # what ASHA compared after epoch 1
     from flat_ray.pipeline import dry_run
@@ -306,6 +311,12 @@ def test_the_demo_sweep_killed_and_interrupted_ends_with_the_report(ray_local, d
     assert exported.info.run_name == max(best_epoch, key=best_epoch.get)
     assert Path(exported.data.tags["model_dir"], "config.json").is_file()
     assert parent.data.tags[f"best_model.{cell}"] == exported.data.tags["model_dir"]
+    # the original evaluated once for the cell (by the first trial; the others read its values), every trial's
+    # epoch-0 numbers the same, forget quality included
+    assert [by_name[f"{cell}-0000{i}"].data.tags.get("original_eval") for i in range(4)] == [
+        "evaluated", "cached", "cached", "cached"]
+    for key in ("eval/forget_quality", "eval/model_utility", "eval/tofu_score"):
+        assert len({dict(tracking.metric_history(uri, r.info.run_id, key))[0] for r in children}) == 1, key
     # consistent parameters across trials: the MLflow compare view lines them up
     assert len({frozenset(r.data.params) for r in children}) == 1
     assert {r.data.params["method.divergence"] for r in children} == {"total_variation", "kl", "jensen_shannon",

@@ -1,0 +1,107 @@
+"""A sweep cell's model before unlearning, evaluated once (docs/sweeps.md, "The original, evaluated once").
+
+Every trial of a cell starts from the same original and evaluates it before training with the same settings. The
+first trial to get there evaluates it and keeps the per-question values (TOFU's eval-log layout) in
+``<sweep>/originals/<cell>/<key>``, where the key is a hash of everything that shapes that evaluation (the model,
+tokenizer and prompt, the data, the evaluation settings, the precision). Every other trial of the cell, and a
+trial restarted from scratch, reads them and logs the same numbers as its epoch-0 evaluation: its metrics come
+from the values with its own truth-ratio variant and reference, so they are what it would have computed. Only
+per-question suites (TOFU-style benchmarks) are kept; the others evaluate every time.
+
+While one trial evaluates, the others of the cell wait for it before asking Ray for their workers (``claim``), so
+a cell whose trials start together still evaluates its original once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flat_ray.config import RunConfig
+from flat_ray.eval.tofu import LOG_FILES, SplitValues, read_log_dir, write_log_dir
+
+DONE = "complete.json"  # written last: the values are all there
+# settings that do not change what evaluating the original gives
+_IGNORED = {"eval": ("reference", "truth_ratio", "every_epochs", "interim_examples", "save_logs", "enabled"),
+            "model": ("gradient_checkpointing",)}
+
+
+def key(cfg: RunConfig) -> str:
+    """A hash of what shapes the evaluation of the original."""
+    parts: dict[str, Any] = {"deepspeed.precision": cfg.deepspeed.precision}
+    for section in ("model", "data", "eval"):
+        values = dataclasses.asdict(getattr(cfg, section))
+        parts[section] = {k: v for k, v in values.items() if k not in _IGNORED.get(section, ())}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_dir(cell_dir: str | Path, cfg: RunConfig) -> Path:
+    return Path(cell_dir) / key(cfg)
+
+
+def load(folder: str | Path) -> dict[str, SplitValues] | None:
+    """The cached per-question values, or None while they are not complete."""
+    folder = Path(folder)
+    if not (folder / DONE).is_file():
+        return None
+    return read_log_dir(folder)
+
+
+def save(folder: str | Path, values: Mapping[str, SplitValues], meta: Mapping[str, Any]) -> bool:
+    """Keep the values (written aside, then moved into place); False when another trial's are there already."""
+    folder = Path(folder)
+    if (folder / DONE).is_file():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    write_log_dir(partial, values, {}, meta)
+    (partial / DONE).write_text(json.dumps({**meta, "splits": [s for s in values if s in LOG_FILES]}))
+    try:
+        partial.rename(folder)
+    except OSError:  # another trial's copy got there first
+        shutil.rmtree(partial, ignore_errors=True)
+        return False
+    return True
+
+
+def claim(folder: str | Path, trial: str, ended: Callable[[str], bool], poll_s: float = 2.0,
+          stop: Callable[[], bool] = lambda: False) -> bool:
+    """Before a trial starts: True when it is to evaluate the original (no complete values yet, and its claim
+    holds), False once another trial's values are complete (or the sweep stops this trial while it waits). It
+    waits while another trial holds the claim and that trial has not ended (``ended(trial)``: its run finished,
+    failed or was stopped) without leaving them."""
+    folder = Path(folder)
+    claim_file = folder.with_name(f"{folder.name}.claim")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    while not (folder / DONE).is_file() and not stop():
+        try:
+            fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = claim_file.read_text().strip()
+            except FileNotFoundError:
+                continue
+            if holder == trial:
+                return True
+            if holder and ended(holder) and not (folder / DONE).is_file():
+                claim_file.unlink(missing_ok=True)  # it ended without the values: the next trial takes over
+                continue
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(trial)
+        return True
+    return False
+
+
+def release_claims(cell_dir: str | Path) -> None:
+    """At a cell's start (no trial of it runs yet): claims left by an interrupted sweep are void."""
+    for claim_file in Path(cell_dir).glob("*.claim"):
+        claim_file.unlink(missing_ok=True)

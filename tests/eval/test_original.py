@@ -1,0 +1,66 @@
+"""A cell's original evaluated once: the cache key, the values kept and read back, and the claim that makes the
+other trials of a cell wait for the one evaluating it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from flat_ray.config import load_config
+from flat_ray.eval import original
+from flat_ray.eval.tofu import SplitValues, summarize
+
+
+def test_the_key_follows_what_shapes_the_evaluation_and_nothing_else():
+    base = load_config(None, [])
+    same = ["optim.lr=1e-3", "method.divergence=kl", "eval.truth_ratio=geometric", "eval.interim_examples=null",
+            "eval.every_epochs=2", "model.gradient_checkpointing=true", "eval.save_logs=true"]
+    for override in same:
+        assert original.key(load_config(None, [override])) == original.key(base), override
+    for override in ("eval.max_examples=3", "eval.max_new_tokens=5", "data.max_length=64", "data.split=forget05",
+                     "deepspeed.precision=bf16", "model.name_or_path=demo", "eval.batch_size=2"):
+        assert original.key(load_config(None, [override])) != original.key(base), override
+
+
+def _values(seed: int) -> dict[str, SplitValues]:
+    rng = np.random.default_rng(seed)
+    return {s: SplitValues(rng.random(4), rng.random(4), rng.random((4, 3)), rng.random(4), [["q", "g", "t"]] * 4)
+            for s in ("forget", "retain", "real_authors", "world_facts")}
+
+
+def test_values_kept_once_and_read_back_give_the_same_summary(tmp_path):
+    folder = tmp_path / "cell" / "k"
+    assert original.load(folder) is None
+    values = _values(0)
+    assert original.save(folder, values, {"run": "a"}) is True
+    assert original.save(folder, _values(1), {"run": "b"}) is False  # the first copy stays
+    back = original.load(folder)
+    reference = np.array([0.5, 1.5, 2.0, 0.7])
+    assert summarize(back, reference_tr=reference) == summarize(values, reference_tr=reference)
+    assert not list((tmp_path / "cell").glob("*.partial-*"))
+
+
+def test_a_trial_waits_for_the_one_evaluating_and_takes_over_from_one_that_ended(tmp_path):
+    folder = tmp_path / "cell" / "k"
+    ended: set[str] = set()
+    assert original.claim(folder, "t0", ended.__contains__, poll_s=0.01) is True  # first: it evaluates
+    assert original.claim(folder, "t0", ended.__contains__, poll_s=0.01) is True  # t0 again (a resumed start)
+    got: dict[str, bool] = {}
+    waiter = threading.Thread(target=lambda: got.update(t1=original.claim(folder, "t1", ended.__contains__, 0.01)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # t0 holds the claim and has not ended
+    original.save(folder, _values(0), {})
+    waiter.join(5)
+    assert got == {"t1": False}  # the values are there: t1 reads them
+    # a holder that ended without leaving values: the next trial takes over
+    other = tmp_path / "cell" / "k2"
+    assert original.claim(other, "t2", ended.__contains__, 0.01) is True
+    ended.add("t2")
+    assert original.claim(other, "t3", ended.__contains__, 0.01) is True
+    # a stopped trial stops waiting; claims left by an interrupted sweep are void at the cell's start
+    assert original.claim(other, "t4", ended.__contains__, 0.01, stop=lambda: True) is False
+    original.release_claims(tmp_path / "cell")
+    assert not list((tmp_path / "cell").glob("*.claim"))
