@@ -343,7 +343,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     lines = [f"# Sweep {state['name']} (space {state['space']})", "",
              f"Objective: {', '.join(state['objective'])} ({', '.join(state['modes'])}); each row is the best "
              f"finished trial of its method by {objective}, at its best epoch (the one its cell would export; "
-             "epoch 0 is the model before unlearning). MLflow parent run {state['parent_run_id']} in "
+             f"epoch 0 is the model before unlearning). MLflow parent run {state['parent_run_id']} in "
              f"{state['mlflow_uri']}.", ""]
     tables: dict[str, list[dict[str, Any]]] = {}
     files: list[Path] = []

@@ -105,6 +105,8 @@ report: {forget: [forget_prob], utility: [retain_prob], pareto: [forget_prob, re
     assert not list((tmp_path / "flat_ray_work").rglob(f"{bad.info.run_name}/model"))  # nothing exported
     report = (sweep / "report" / "report.md").read_text()
     assert "## Trials that did not finish" in report and "1 diverged" in report
+    assert f"at its best epoch (the one its cell would export; epoch 0 is the model before unlearning). MLflow " \
+           f"parent run {state['parent_run_id']} in {uri}." in report
     (line,) = [x for x in report.splitlines() if x.startswith(f"| {bad.info.run_name} |")]
     assert "| diverged |" in line and f"at step {step}" in line and "lower optim.lr" in line
 
