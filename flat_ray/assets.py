@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from flat_ray.config import RunConfig, load_config
+from flat_ray.config import RECIPES, RunConfig, load_config
 from flat_ray.data import BENCHMARKS, BUILTIN_TEMPLATES
 from flat_ray.data.demo import demo_texts
 from flat_ray.models import DEMO_ORIGINAL, TINY, TinySpec, cached_tiny_model
@@ -65,14 +65,42 @@ def demo_retain_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(ft, data=dataclasses.replace(ft.data, split=ft.data.split.replace("full", retain, 1)))
 
 
-def _recipe_path(ft: RunConfig, kind: str) -> Path:
+def recipe_retain_config(cfg: RunConfig) -> RunConfig:
+    """``eval.retain_recipe``: the fine-tuning config that made the original (its base model, epochs, lr, batch),
+    on the forget split's complement, with ``cfg``'s data (benchmark, data_dir, sequence length), engine, workers
+    and paths. It evaluates once, at its end, with ``cfg``'s evaluation settings and writes those per-question logs
+    (the forget-quality reference)."""
+    recipe = cfg.eval.retain_recipe
+    base = (load_config(None, [], presets=["finetune", recipe]) if recipe in RECIPES
+            else load_config(recipe, [], presets=["finetune"]))
+    retain = BENCHMARKS[cfg.data.benchmark].retain_of[cfg.data.split]  # check_inputs has refused any other split
+    data = dataclasses.replace(cfg.data, split=retain)
+    b = base.launch
+    launch = dataclasses.replace(cfg.launch, checkpoint_every_epochs=b.checkpoint_every_epochs,
+                                 keep_checkpoints=0, checkpoint_metric=None, export="last")
+    epochs = base.optim.epochs
+    evaluation = dataclasses.replace(cfg.eval, reference=None, retain_recipe=None, save_logs=True,
+                                     every_epochs=epochs, interim_examples=None)
+    return dataclasses.replace(base, data=data, eval=evaluation, deepspeed=cfg.deepspeed, launch=launch,
+                               paths=cfg.paths, tracking=dataclasses.replace(cfg.tracking, run_name=None,
+                                                                             log_model_max_mb=0))
+
+
+def recipe_retain_path(cfg: RunConfig) -> Path:
+    """Where the retain model built from ``eval.retain_recipe`` for ``cfg``'s forget split is cached."""
+    return _recipe_path(recipe_retain_config(cfg), "retain", prefix="recipe")
+
+
+def _recipe_path(ft: RunConfig, kind: str, prefix: str = "demo") -> Path:
     """A fine-tuned demo model's cache folder, named by a hash of everything that shapes it (the tiny model, the
     fine-tuning recipe and its data split, workers, ZeRO stage), so a change of any of them rebuilds it."""
     recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
     recipe["world_size"] = ft.launch.num_workers
     recipe["tiny"] = tiny_model_path(ft).name
+    if prefix != "demo":  # what the built model is evaluated with is part of what is cached
+        recipe["eval"] = ft.to_dict()["eval"]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    return workdir(ft) / "models" / f"demo-{kind}-{digest}"
+    return workdir(ft) / "models" / f"{prefix}-{kind}-{digest}"
 
 
 def demo_original_path(cfg: RunConfig) -> Path:

@@ -231,6 +231,13 @@ class EvalConfig:
                                  "TOFU_EVAL.json / TOFU_SUMMARY.json, to <output_dir>/eval_logs/epoch<N> and to the "
                                  "run's MLflow artifacts (eval_logs/epoch<N>); either can be another run's "
                                  "eval.reference. `flat-ray eval` always writes both.")
+    retain_recipe: str | None = doc(None, "With eval.reference=auto for a model other than the demo: the "
+                                          "fine-tuning recipe that made the original, as a `flat-ray finetune` "
+                                          "config file (its model.name_or_path the base model; epochs, lr, batch, "
+                                          "weight decay) or a shipped one (tofu_finetune_llama2-7b, "
+                                          "tofu_finetune_phi-1.5: TOFU's). The retain model is that recipe run on "
+                                          "the forget split's complement (retain90/95/99), built once and cached "
+                                          "by the recipe's hash.")
     reference: str | None = doc(None, "Forget-quality reference: a directory or file of TOFU-format eval logs "
                                       "(eval_log_forget.json; flat-ray eval writes them), open-unlearning's "
                                       "TOFU_EVAL.json (or a directory holding it), or 'auto' (model.name_or_path=demo: the demo's retain model, "
@@ -525,7 +532,9 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-PRESETS = ("demo", "finetune", "demo_finetune")
+PRESETS = ("demo", "finetune", "demo_finetune", "tofu_finetune_llama2-7b", "tofu_finetune_phi-1.5")
+# eval.retain_recipe may name one of these instead of a file
+RECIPES = ("tofu_finetune_llama2-7b", "tofu_finetune_phi-1.5")
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -570,10 +579,18 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
             bench.locate(d.data_dir, cfg.retain_split())
     if cfg.eval.reference == AUTO_REFERENCE:
         retain = BENCHMARKS[d.benchmark].retain_of.get(d.split)
-        if cfg.model.name_or_path != DEMO_ORIGINAL or d.benchmark != "demo" or retain is None:
-            raise FlatRayError("eval.reference=auto builds a retain model only for the demo (model.name_or_path=demo, "
-                               f"data.benchmark=demo, data.split one of {', '.join(BENCHMARKS['demo'].retain_of)}); "
-                               "for other models give TOFU-format eval logs or an open-unlearning result JSON")
+        if retain is None:
+            known = ", ".join(BENCHMARKS[d.benchmark].retain_of) or "none"
+            raise FlatRayError(f"eval.reference=auto needs a forget split with a retain complement; {d.benchmark} "
+                               f"has them for: {known}")
+        recipe = cfg.eval.retain_recipe
+        if not recipe and (cfg.model.name_or_path != DEMO_ORIGINAL or d.benchmark != "demo"):
+            raise FlatRayError("eval.reference=auto for a model other than the demo needs eval.retain_recipe: the "
+                               "fine-tuning config that made the original (its base model, epochs, lr, batch), "
+                               "or give retain-model eval logs as eval.reference")
+        if recipe and recipe not in RECIPES and not Path(recipe).expanduser().is_file():
+            raise FlatRayError(f"eval.retain_recipe {recipe!r} does not exist; give a `flat-ray finetune` config file "
+                               f"or one of the shipped recipes: {', '.join(RECIPES)}")
     elif reference and cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
         raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
                            "an open-unlearning result JSON")

@@ -31,7 +31,8 @@ MFU = 0.35
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "A10G": 70.0}
 DEFAULT_GPU = "H100"
 # published sizes (questions) where the data is not on this machine: TOFU's forget splits and evaluation splits
-KNOWN_SIZES = {("tofu", "forget01"): 40, ("tofu", "forget05"): 200, ("tofu", "forget10"): 400}
+KNOWN_SIZES = {("tofu", "forget01"): 40, ("tofu", "forget05"): 200, ("tofu", "forget10"): 400,
+               ("tofu", "retain99"): 3960, ("tofu", "retain95"): 3800, ("tofu", "retain90"): 3600}
 TOFU_EVAL = {"retain": 400, "real_authors": 100, "world_facts": 117}
 PERTURBED = {"forget": 5, "retain": 5, "real_authors": 3, "world_facts": 3}  # TOFU's perturbed answers per question
 
@@ -118,8 +119,10 @@ def _local_rows(cfg: RunConfig) -> tuple[list[dict], dict[str, int]]:
             evals = {}
         return rows, evals
     if cfg.data.benchmark == "tofu":
-        size = KNOWN_SIZES.get(("tofu", cfg.data.split), 0)
-        return [], {"forget": size, **TOFU_EVAL}
+        from flat_ray.eval.runner import eval_split_names
+
+        forget = eval_split_names("tofu", cfg.data.split)["forget"].removesuffix("_perturbed")
+        return [], {"forget": KNOWN_SIZES.get(("tofu", forget), 0), **TOFU_EVAL}
     return [], {}
 
 
@@ -199,6 +202,30 @@ def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> 
             total_usd += usd
             text += f", {bound}${usd:,.0f} at ${prices[node.name]:g}/h per {node.name} node"
         lines.append(text)
+    built: set[str] = set()
+    for cell in space.cells:  # retain models built from a recipe (eval.retain_recipe): once per model and split
+        cfg = cell.config
+        if cfg.eval.reference != "auto" or not cfg.eval.retain_recipe or not cfg.launch.gpus_per_worker:
+            continue
+        from flat_ray.assets import recipe_retain_config, recipe_retain_path
+
+        key = str(recipe_retain_path(cfg))
+        if key in built:
+            continue
+        built.add(key)
+        ft = recipe_retain_config(cfg)
+        one = estimate(ft)
+        node = landing(cfg, cluster) if cluster else None
+        gpu = (node.accelerator if node else None) or cfg.launch.accelerator_type or DEFAULT_GPU
+        if one is None or gpu not in PEAK_TFLOPS:
+            lines.append(f"  retain model of cell {cell.name} ({ft.model.name_or_path} on {ft.data.split}): ? GPU-hours")
+            unknown = True
+            continue
+        bound = "" if one.exact else "<= "
+        bounded = bounded or not one.exact
+        total_h += one.gpu_hours(gpu)
+        lines.append(f"  retain model of cell {cell.name} ({ft.model.name_or_path} fine-tuned on {ft.data.split} by "
+                     f"{cfg.eval.retain_recipe}, built once): {bound}{one.gpu_hours(gpu):.1f} GPU-h on {gpu}")
     mark = "<= " if bounded else ""
     lines.append(f"  total: {mark}{total_h:.1f} GPU-h" + (f", {mark}${total_usd:,.0f}" if prices else "")
                  + (" (cells marked ? not counted)" if unknown else ""))

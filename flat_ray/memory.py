@@ -71,6 +71,7 @@ KNOWN: dict[str, Arch] = {
     "locuslab/tofu_ft_llama2-7b": Arch(32000, 4096, 32, 11008, 32, 32),
     "meta-llama/Llama-2-7b-hf": Arch(32000, 4096, 32, 11008, 32, 32),
     "meta-llama/Llama-2-7b-chat-hf": Arch(32000, 4096, 32, 11008, 32, 32),
+    "NousResearch/Llama-2-7b-chat-hf": Arch(32000, 4096, 32, 11008, 32, 32),  # TOFU's base (hf_key)
     "muse-bench/MUSE-news_target": Arch(32000, 4096, 32, 11008, 32, 32),
     "locuslab/tofu_ft_phi-1.5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),
     "microsoft/phi-1_5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),

@@ -604,6 +604,12 @@ def reference_source(cfg: RunConfig) -> str:
     ref = cfg.eval.reference
     if not ref:
         return "none (no forget quality)"
+    if ref == AUTO_REFERENCE and cfg.eval.retain_recipe:
+        from flat_ray.assets import recipe_retain_config
+
+        ft = recipe_retain_config(cfg)
+        return (f"built: {ft.model.name_or_path} fine-tuned on {ft.data.split} by {cfg.eval.retain_recipe}, once, "
+                "before the cell's trials (GPU-hours in the cost estimate)")
     if ref == AUTO_REFERENCE:
         return "built: the demo's retain model, fine-tuned once on the forget split's complement and cached"
     path = Path(ref).expanduser()

@@ -114,3 +114,17 @@ def test_with_the_data_and_tokenizer_here_the_tokens_are_counted(tiny_model_dir)
     counts = [min(len(tok(profile.prompt(r["question"], tok) + " " + r["answer"])["input_ids"]), 64) for r in rows]
     assert got.exact and got.tokens_per_sequence == pytest.approx(sum(counts) / len(counts))
     assert got.tokens_per_sequence < 64  # the bound would have said 64
+
+
+def test_a_retain_model_built_by_a_recipe_is_counted_once_per_model_and_split(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--space", "tofu_baselines", "--dry-run", "--gpu-memory", str(ROOT / "cluster.yaml"),
+              "eval.reference=auto", "eval.retain_recipe=tofu_finetune_llama2-7b"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    built = [x for x in out.splitlines() if x.startswith("  retain model of cell")]
+    # seven method cells, two engine settings (NPO and DPO offload their weights): two retain models
+    assert len(built) == 2 and all("NousResearch/Llama-2-7b-chat-hf fine-tuned on retain95 by "
+                                   "tofu_finetune_llama2-7b, built once): <= " in x for x in built)
+    assert "built: NousResearch/Llama-2-7b-chat-hf fine-tuned on retain95 by tofu_finetune_llama2-7b" in out

@@ -5,6 +5,7 @@ MLflow. Each suite writes its own logs (TOFU-format per-question logs, or ``summ
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shutil
 import tempfile
@@ -16,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from flat_ray import tracking
-from flat_ray.assets import FineTune, demo_retain_path, ensure_demo_retain, resolve_model_path, workdir
+from flat_ray.assets import (
+    FineTune,
+    demo_retain_path,
+    ensure_demo_retain,
+    recipe_retain_config,
+    recipe_retain_path,
+    resolve_model_path,
+    workdir,
+)
 from flat_ray.config import AUTO_REFERENCE, RunConfig, check_inputs
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
@@ -24,6 +33,8 @@ from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
+
+log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ARTIFACT_DIR = "tofu_eval"
@@ -69,6 +80,8 @@ def auto_reference(cfg: RunConfig, finetune: FineTune | None) -> RunConfig:
     if finetune is None:
         raise FlatRayError("eval.reference=auto needs the demo's retain model, which only a training run, a sweep "
                            "or flat-ray eval builds")
+    if cfg.eval.retain_recipe:
+        return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reference=str(recipe_reference(cfg, finetune))))
     model_dir = ensure_demo_retain(cfg, finetune)
     e, logs = cfg.eval, auto_reference_logs(cfg)
     if not (logs / LOG_FILES["forget"]).is_file():
@@ -83,6 +96,29 @@ def auto_reference(cfg: RunConfig, finetune: FineTune | None) -> RunConfig:
         evaluate_model(ref_cfg, max_examples=e.max_examples, out_dir=str(tmp))
         tmp.rename(logs)
     return dataclasses.replace(cfg, eval=dataclasses.replace(e, reference=str(logs)))
+
+
+def recipe_reference(cfg: RunConfig, finetune: FineTune) -> Path:
+    """``eval.retain_recipe``: the retain model fine-tuned once by that recipe on the forget split's complement (a
+    Ray Train run, on the cluster), evaluated at its end with ``cfg``'s evaluation settings; returns the folder of
+    those per-question logs, cached beside the model."""
+    target = recipe_retain_path(cfg)
+    logs = target / "reference"
+    if (logs / LOG_FILES["forget"]).is_file():
+        return logs
+    ft = recipe_retain_config(cfg)
+    log.info("building the retain model: %s fine-tuned on %s by %s", ft.model.name_or_path, ft.data.split,
+             cfg.eval.retain_recipe)
+    model_dir = Path(finetune(dataclasses.replace(ft, tracking=dataclasses.replace(ft.tracking,
+                                                                                     run_name=target.name))))
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp / "model")
+    shutil.copytree(model_dir.parent / "eval_logs" / f"epoch{ft.optim.epochs}", tmp / "reference")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return logs
 
 
 def model_location(cfg: RunConfig, finetune: FineTune | None = None) -> str:

@@ -34,9 +34,12 @@ EVAL_SPLITS = {
 
 
 def eval_split_names(benchmark: str, split: str) -> dict[str, str]:
-    """Benchmark split of each evaluation split. When ``split`` is not a forget split (fine-tuning on ``full`` or
-    ``retain90``), the forget evaluation uses the benchmark's default forget split."""
-    forget = split if split.startswith("forget") else BENCHMARKS[benchmark].default_split
+    """Benchmark split of each evaluation split. When ``split`` is not a forget split, the forget evaluation uses
+    the forget split it is the complement of (``retain95`` -> ``forget05``: how a retain model is evaluated as
+    the reference of that split), else (``full``) the benchmark's default forget split."""
+    bench = BENCHMARKS[benchmark]
+    complement = next((f for f, r in bench.retain_of.items() if split == r or split.startswith(f"{r}_")), None)
+    forget = split if split.startswith("forget") else complement or bench.default_split
     return {name: pattern.format(forget=forget) for name, pattern in EVAL_SPLITS.items()}
 
 
