@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import hmean, ks_2samp
 
-from flat_ray.eval.tofu import OPEN_UNLEARNING_EVAL, SplitValues
+from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, SplitValues, read_log_dir
 from flat_ray.fileio import atomic_write_text
 
 EVAL_FILE = OPEN_UNLEARNING_EVAL
@@ -159,3 +159,11 @@ def read(path: str | Path) -> dict[str, SplitValues]:
         found[split] = SplitValues(gt, para, pert, np.asarray([rouge[i]["rougeL_recall"] for i in order], dtype=float),
                                    texts)
     return found
+
+
+def read_logs(directory: str | Path) -> dict[str, SplitValues]:
+    """A folder's per-question values: TOFU's eval logs where it has them, else open-unlearning's file."""
+    d = Path(directory)
+    if not any((d / f).is_file() for f in LOG_FILES.values()) and (d / EVAL_FILE).is_file():
+        return read(d / EVAL_FILE)
+    return read_log_dir(d)

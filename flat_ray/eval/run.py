@@ -29,8 +29,9 @@ from flat_ray.assets import (
 from flat_ray.config import AUTO_REFERENCE, RunConfig, check_inputs
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
+from flat_ray.eval.open_unlearning import read_logs
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import LOG_FILES, read_log_dir, read_reference, summarize
+from flat_ray.eval.tofu import LOG_FILES, read_reference, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 
@@ -190,6 +191,6 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
 def summary_from_logs(logs: str, reference: str | None, truth_ratio: str) -> dict[str, Any]:
     """Recompute the TOFU summary from a directory of TOFU-format eval logs (published, or flat-ray's)."""
     ref_tr, source = read_reference(Path(reference)) if reference else (None, "none")
-    summary = summarize(read_log_dir(logs), truth_ratio=truth_ratio, reference_tr=ref_tr)
+    summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=ref_tr)
     summary["forget_quality_reference"] = source
     return summary

@@ -147,10 +147,6 @@ def read_log_dir(directory: str | Path) -> dict[str, SplitValues]:
     if not d.is_dir():
         raise FlatRayError(f"eval-log directory {str(d)!r} does not exist")
     found = {name: read_log(d / f) for name, f in LOG_FILES.items() if (d / f).is_file()}
-    if not found and (d / OPEN_UNLEARNING_EVAL).is_file():
-        from flat_ray.eval import open_unlearning
-
-        found = open_unlearning.read(d / OPEN_UNLEARNING_EVAL)
     if not found:
         raise FlatRayError(f"no TOFU eval logs in {d}; expected some of: {', '.join(LOG_FILES.values())} or "
                            f"open-unlearning's {OPEN_UNLEARNING_EVAL}")
