@@ -101,6 +101,19 @@ def claim(folder: str | Path, trial: str, ended: Callable[[str], bool], poll_s: 
     return False
 
 
+def release(folder: str | Path, trial: str) -> None:
+    """After ``trial``'s run, whichever way it ended: its claim, if it still holds one without complete values,
+    passes to the next trial at once."""
+    folder = Path(folder)
+    claim_file = folder.with_name(f"{folder.name}.claim")
+    try:
+        holder = claim_file.read_text().strip()
+    except FileNotFoundError:
+        return
+    if holder == trial and not (folder / DONE).is_file():
+        claim_file.unlink(missing_ok=True)
+
+
 def release_claims(cell_dir: str | Path) -> None:
     """At a cell's start (no trial of it runs yet): claims left by an interrupted sweep are void."""
     for claim_file in Path(cell_dir).glob("*.claim"):

@@ -160,6 +160,12 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
                      stopping=_stopping(), placed_by_sweep=True, original_cache=cache)
     except Diverged as exc:  # a too-large lr is a result of the search, not a broken sweep
         logging.getLogger("flat_ray.tune").warning("%s", exc)
+    finally:  # a run that failed before evaluating the original hands the evaluation to the next trial
+        if cache:
+            original.release(cache, trial)
+
+
+CLAIM_WITHOUT_RUN_S = 600  # a claiming trial with no run after this long died before opening it
 
 
 def _original_turn(cfg, payload: dict[str, Any], trial: str) -> str | None:
@@ -174,8 +180,9 @@ def _original_turn(cfg, payload: dict[str, Any], trial: str) -> str | None:
 
     def ended(holder: str) -> bool:
         state = root / holder / STATE_FILE
-        if not state.is_file():
-            return False
+        if not state.is_file():  # a run writes it within seconds of starting: a claim this old lost its trial
+            claimed = cache.with_name(f"{cache.name}.claim")
+            return claimed.is_file() and time.time() - claimed.stat().st_mtime > CLAIM_WITHOUT_RUN_S
         saved = json.loads(state.read_text())
         try:
             return tracking.run_data(saved["mlflow_uri"], saved["run_id"]).info.status != "RUNNING"

@@ -60,6 +60,16 @@ def test_a_trial_waits_for_the_one_evaluating_and_takes_over_from_one_that_ended
     assert original.claim(other, "t2", ended.__contains__, 0.01) is True
     ended.add("t2")
     assert original.claim(other, "t3", ended.__contains__, 0.01) is True
+    # a run that failed before evaluating hands its claim on at once; one that left its values keeps it
+    third = tmp_path / "cell" / "k3"
+    assert original.claim(third, "t5", ended.__contains__, 0.01) is True
+    original.release(third, "t6")  # not the holder: nothing happens
+    assert original.claim(third, "t7", ended.__contains__, 0.01, stop=lambda: True) is False
+    original.release(third, "t5")
+    assert original.claim(third, "t7", ended.__contains__, 0.01) is True
+    original.save(folder, _values(0), {})
+    original.release(folder, "t0")
+    assert (tmp_path / "cell" / "k.claim").is_file()
     # a stopped trial stops waiting; claims left by an interrupted sweep are void at the cell's start
     assert original.claim(other, "t4", ended.__contains__, 0.01, stop=lambda: True) is False
     original.release_claims(tmp_path / "cell")
