@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from flat_ray.config import RunConfig
 from flat_ray.errors import FlatRayError
@@ -150,7 +151,7 @@ def read_prices(path: str, node_types: list) -> dict[str, float]:
     import yaml
 
     try:
-        raw = yaml.safe_load(open(path, encoding="utf-8"))
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise FlatRayError(f"--prices {path}: cannot read it ({exc.__class__.__name__}); give a YAML mapping of node "
                            "type to price per node-hour") from None
