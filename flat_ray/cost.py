@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flat_ray.config import RunConfig
 from flat_ray.errors import FlatRayError
@@ -166,10 +167,19 @@ def read_prices(path: str, node_types: list) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items()}
 
 
+def _gpu_type(cfg: RunConfig, cluster: list | None) -> tuple[Any, str, str]:
+    """The node type a cell lands on (None without a cluster file), its GPU type and " (assumed)" when that is
+    the default rather than known."""
+    from flat_ray.placement import landing
+
+    node = landing(cfg, cluster) if cluster else None
+    known = (node.accelerator if node else None) or cfg.launch.accelerator_type
+    return node, known or DEFAULT_GPU, "" if known else " (assumed)"
+
+
 def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> list[str]:
     """The dry run's cost block: per cell its trials, GPU type, GPU-hours (and price), then the total."""
     from flat_ray.data import BENCHMARKS
-    from flat_ray.placement import landing
 
     lines = [f"cost estimate (counted FLOPs at {MFU:.0%} MFU of each GPU type's dense bf16 peak; '<=' where "
              "sequences are counted at data.max_length; docs/sweeps.md, Cost):"]
@@ -181,9 +191,7 @@ def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> 
             lines.append(f"  cell {cell.name}: CPU trials, no GPU-hours")
             continue
         one = estimate(cfg)
-        node = landing(cfg, cluster) if cluster else None
-        gpu = (node.accelerator if node else None) or cfg.launch.accelerator_type or DEFAULT_GPU
-        assumed = "" if (node and node.accelerator) or cfg.launch.accelerator_type else " (assumed)"
+        node, gpu, assumed = _gpu_type(cfg, cluster)
         if one is None or gpu not in PEAK_TFLOPS:
             why = "model size unknown here" if one is None else f"no peak known for {gpu}"
             lines.append(f"  cell {cell.name}: {trials} trials, ? GPU-hours ({why})")
@@ -216,8 +224,7 @@ def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> 
         built.add(key)
         ft = recipe_retain_config(cfg)
         one = estimate(ft)
-        node = landing(cfg, cluster) if cluster else None
-        gpu = (node.accelerator if node else None) or cfg.launch.accelerator_type or DEFAULT_GPU
+        _, gpu, _ = _gpu_type(cfg, cluster)
         if one is None or gpu not in PEAK_TFLOPS:
             lines.append(f"  retain model of cell {cell.name} ({ft.model.name_or_path} on {ft.data.split}): ? GPU-hours")
             unknown = True

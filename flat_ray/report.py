@@ -110,16 +110,17 @@ def _status(run) -> str:
     return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped early"}.get(run.info.status, "running")
 
 
-def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
-    """The sweep's state and its trials, each with one result: its best epoch by the sweep's first objective."""
+def collect(sweep_dir: Path, cell: str | None = None) -> tuple[dict[str, Any], list[Trial]]:
+    """The sweep's state and its trials (of one ``cell`` only, when given), each with one result: its best epoch
+    by the sweep's first objective."""
     state = json.loads((sweep_dir / SWEEP_FILE).read_text())
     uri = state["mlflow_uri"]
     trials = []
     for run in tracking.child_runs(uri, state["parent_run_id"]):
         tags, params = run.data.tags, run.data.params
-        history = {k[5:]: dict(tracking.metric_history(uri, run.info.run_id, k))
-                   for k in run.data.metrics if k.startswith("eval/")}
-        epoch, final = trial_result(history, params, state["objective"][0])
+        if cell is not None and tags.get("flat_ray.cell") != cell:
+            continue
+        history, epoch, final, last = run_result(uri, run, state["objective"][0])
         trials.append(Trial(
             name=tags.get("flat_ray.trial", run.info.run_name), run_id=run.info.run_id, status=_status(run),
             model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
@@ -128,8 +129,18 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[Trial]]:
             loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),
             why=tags.get("diverged_reason", ""), reference=_param_path(params.get("eval.reference")),
             truth_ratio=params.get("eval.truth_ratio", DEFAULT_TRUTH_RATIO), cell=tags.get("flat_ray.cell", ""),
-            epoch=epoch, last_epoch=max((e for h in history.values() for e in h), default=None)))
+            epoch=epoch, last_epoch=last))
     return state, trials
+
+
+def run_result(uri: str, run: Any, metric: str) -> tuple[dict[str, dict[int, float]], int | None, dict[str, float],
+                                                          int | None]:
+    """A trial's MLflow run read back: its evaluations (metric -> {epoch: value}), its result (the epoch and every
+    metric there, :func:`trial_result`) and the last epoch it evaluated."""
+    history = {k[5:]: dict(tracking.metric_history(uri, run.info.run_id, k))
+               for k in run.data.metrics if k.startswith("eval/")}
+    epoch, final = trial_result(history, run.data.params, metric)
+    return history, epoch, final, max((e for h in history.values() for e in h), default=None)
 
 
 def trial_result(history: dict[str, dict[int, float]], params: dict[str, str],

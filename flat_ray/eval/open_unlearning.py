@@ -42,7 +42,6 @@ from scipy.stats import hmean, ks_2samp
 from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, SplitValues, read_log_dir
 from flat_ray.fileio import atomic_write_text
 
-EVAL_FILE = OPEN_UNLEARNING_EVAL
 SUMMARY_FILE = "TOFU_SUMMARY.json"
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
 TRUTH_RATIO_KEY = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "real_authors": "ra_Truth_Ratio",
@@ -127,10 +126,10 @@ def write(directory: str | Path, splits: Mapping[str, SplitValues],
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     logs = eval_logs(splits, reference_scores)
-    atomic_write_text(d / EVAL_FILE, json.dumps(logs, indent=1))
+    atomic_write_text(d / OPEN_UNLEARNING_EVAL, json.dumps(logs, indent=1))
     summary = {k: v["agg_value"] for k, v in logs.items() if v.get("agg_value") is not None}
     atomic_write_text(d / SUMMARY_FILE, json.dumps(summary, indent=4))
-    return d / EVAL_FILE
+    return d / OPEN_UNLEARNING_EVAL
 
 
 def read(path: str | Path) -> dict[str, SplitValues]:
@@ -164,6 +163,6 @@ def read(path: str | Path) -> dict[str, SplitValues]:
 def read_logs(directory: str | Path) -> dict[str, SplitValues]:
     """A folder's per-question values: TOFU's eval logs where it has them, else open-unlearning's file."""
     d = Path(directory)
-    if not any((d / f).is_file() for f in LOG_FILES.values()) and (d / EVAL_FILE).is_file():
-        return read(d / EVAL_FILE)
+    if not any((d / f).is_file() for f in LOG_FILES.values()) and (d / OPEN_UNLEARNING_EVAL).is_file():
+        return read(d / OPEN_UNLEARNING_EVAL)
     return read_log_dir(d)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -38,7 +37,7 @@ from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval import original
 from flat_ray.eval.metrics import rank_value
 from flat_ray.eval.run import auto_reference
-from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints, score_key
+from flat_ray.export import choose, drop_checkpoints, export_run, kept_checkpoints
 from flat_ray.fileio import atomic_write_text
 from flat_ray.launch.driver import (
     STATE_FILE,
@@ -50,7 +49,7 @@ from flat_ray.launch.driver import (
     storage_root,
 )
 from flat_ray.models import DEMO_ORIGINAL, fetch_weights
-from flat_ray.report import SWEEP_FILE, collect, trial_result, write_report
+from flat_ray.report import SWEEP_FILE, collect, run_result, write_report
 from flat_ray.storage import Place
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
@@ -221,10 +220,10 @@ def best_epoch_reporter(metric: str | None, best: dict[str, Any] | None = None):
 
 def _best_kept(train_dir: Place, metric: str | None) -> dict[str, Any] | None:
     """The best kept checkpoint's reported metrics (epoch counted from 1), for a trial resumed after it."""
-    kept = [k for k in kept_checkpoints(train_dir) if metric and score_key(k, metric) > -math.inf]
-    if not kept:
+    try:
+        best = choose(kept_checkpoints(train_dir), "best", metric)
+    except FlatRayError:  # no metric, or no kept checkpoint with it
         return None
-    best = choose(kept, "best", metric)
     return {**best.metrics, "epoch": best.epoch}
 
 
@@ -235,10 +234,8 @@ def _finished_result(train_dir: Place, cfg) -> dict[str, Any] | None:
     run = tracking.run_data(state["mlflow_uri"], state["run_id"])
     if run.info.status != "FINISHED":
         return None
-    history = {k.removeprefix("eval/"): dict(tracking.metric_history(state["mlflow_uri"], state["run_id"], k))
-               for k in run.data.metrics if k.startswith("eval/")}
-    epoch, metrics = trial_result(history, run.data.params, cfg.launch.checkpoint_metric)
-    return {**metrics, "epoch": epoch or 0, "trained_epochs": max((e for h in history.values() for e in h), default=0)}
+    _, epoch, metrics, last = run_result(state["mlflow_uri"], run, cfg.launch.checkpoint_metric)
+    return {**metrics, "epoch": epoch or 0, "trained_epochs": last or 0}
 
 
 def _stopping() -> Callable[[], bool]:
@@ -564,7 +561,7 @@ def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, u
     """At the end of a cell: export its best finished trial at its best epoch (``export: best_trial``), the result
     the report shows for it, then delete the trials' checkpoints down to ``launch.keep_checkpoints``."""
     metric = cell.config.launch.checkpoint_metric
-    trials = [t for t in collect(sweep_dir)[1] if t.cell == cell.name]
+    trials = collect(sweep_dir, cell.name)[1]
     done = [t for t in trials if t.status == "finished" and t.epoch and metric in t.final]
     if space.export == "best_trial" and metric is not None and done:
         best = max(done, key=lambda t: rank_value(metric, t.final[metric]))  # the first of equals, as the report
