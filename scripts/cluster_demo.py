@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -315,6 +316,7 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         problems.append(f"the autoscaler did not add 2 worker nodes (live nodes over time: {seen})")
     if code != 0 or "sweep cluster-demo: 2 trials, 0 errored" not in out:
         problems.append(f"flat-ray tune exited {code}:\n{out[-3000:]}")
+        problems += failed_trials(out)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cluster-demo")
     runs = client.search_runs([exp.experiment_id]) if exp else []
@@ -345,6 +347,13 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         problems.append(f"placement: {placed or 'not recorded'}")
     problems += check_files(root, [t.info.run_name for t in trials])
     return problems
+
+
+def failed_trials(out: str) -> list[str]:
+    """The end of each failed trial's error.txt, which the sweep's console line names."""
+    found = re.findall(r"trial (\S+) FAILED: see (\S+error\.txt)", out)
+    return [f"{trial} failed:\n{Path(path).read_text()[-4000:] if Path(path).is_file() else path + ' is gone'}"
+            for trial, path in found]
 
 
 def check_files(root: Path, trials: list[str]) -> list[str]:

@@ -127,3 +127,32 @@ def _until(check, timeout: float = 30) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_sweep_trial_that_starts_while_the_server_is_away_waits_for_it(server, ray_local, tiny_model_dir, tmp_path):
+    """`flat-ray train` fails at once when its MLflow server does not answer (the probe above); a sweep's trial does
+    not probe (its sweep did): one that starts during an outage (CI saw a trial start while cluster_demo's server was
+    away and fail in its first second) opens its run through MLflow's retries once the server is back, and trains."""
+    from flat_ray.config import load_config
+    from flat_ray.launch import driver
+    from tests.runs import tiny_overrides
+
+    cfg = load_config(None, [*tiny_overrides(tiny_model_dir, tmp_path), "optim.epochs=1", "eval.enabled=false",
+                             "launch.num_workers=1", f"tracking.mlflow_uri={server.uri}", "tracking.run_name=late"])
+    server.stop()
+    try:
+        with pytest.raises(FlatRayError, match="is unreachable"):
+            driver.preflight(cfg, server.uri)  # what `flat-ray train` checks first
+        back = threading.Timer(3.0, server.start)
+        back.start()
+        started = time.monotonic()
+        result = driver.run_training(cfg, placed_by_sweep=True)
+        back.join()
+    finally:
+        if server.proc.poll() is not None:
+            server.start()
+    assert time.monotonic() - started > 3.0
+    run = tracking.run_data(server.uri, result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "late"
+    steps = [s for s, _ in tracking.metric_history(server.uri, result.run_id, "train/loss")]
+    assert steps and steps == list(range(1, len(steps) + 1))

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,10 @@ def storage_root(cfg: RunConfig) -> Place:
 
 
 # ------------------------------------------------------------------------------------------------- preflight
-def preflight(cfg: RunConfig, uri: str) -> None:
-    """Everything that can be checked without starting Ray or writing anything."""
+def preflight(cfg: RunConfig, uri: str | None) -> None:
+    """Everything that can be checked without starting Ray or writing anything; with ``uri``, also that its MLflow
+    server answers at once (None: a sweep's trial, whose sweep checked that; a trial that starts while the server is
+    away for a moment waits for it through MLflow's own retries instead of failing)."""
     name = cfg.model.name_or_path
     if name not in (TINY, DEMO_ORIGINAL):
         local = Path(name).expanduser()
@@ -90,7 +92,8 @@ def preflight(cfg: RunConfig, uri: str) -> None:
         suite_for(cfg).rows(cfg, 1)
         if cfg.eval.reference and cfg.eval.reference != AUTO_REFERENCE:  # auto: built after these checks
             read_reference(cfg.eval.reference)
-    tracking.check_reachable(uri)
+    if uri:
+        tracking.check_reachable(uri)
     storage = storage_root(cfg)
     if storage.local:
         check_writable(storage.local, "the storage path (launch.storage_path)")
@@ -343,32 +346,41 @@ def _fit(cfg: RunConfig, name: str, storage: Place, payload: dict[str, Any], cal
     return None
 
 
-def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
+def release_orphaned_placement_groups(wait_s: float = 0.0, *, cell_done: bool = False) -> int:
     """Remove the placement groups of this Ray job that an actor created and outlived: what a Ray Train run leaves
     behind when its controller dies while starting a worker group (Ray Train's own cleaner misses a group created
     but not yet registered with it; seen when Tune stops a trial). Such a group is tied to the job's driver, so in
     a sweep it holds its CPUs/GPUs until the sweep ends: on a cluster sized for one trial at a time, every later
-    trial waits for workers forever. Groups of live actors, of the driver itself (Tune's) and detached ones are
-    left alone. With ``wait_s``, waits that long for actor-created groups whose creator is still alive (a stopped
-    controller still dying) and removes them as their creator dies. Returns how many it removed."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
+    trial waits for workers forever. Groups of the driver itself (Tune's) and detached ones are left alone, and so
+    are those of live actors (a running trial's controller), except with ``cell_done``: when a cell's trials have
+    all ended, a group whose creator is still alive after ``wait_s`` (a stopped controller that has not died yet;
+    CI once saw one outlive a 5 s wait) goes too. With ``wait_s``, waits that long for creators still alive and
+    removes each group as its creator dies. Returns how many it removed."""
     deadline, removed = time.monotonic() + wait_s, 0
     while True:
         groups = _actor_created_groups()
-        for group_id, creator_dead in groups:
-            if creator_dead:
-                try:
-                    remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
-                    removed += 1
-                except Exception as exc:  # noqa: BLE001 - removed meanwhile (Ray Train's cleaner): nothing to do
-                    log.debug("placement group %s not removed: %s", group_id.hex(), exc)
+        removed += _remove(group_id for group_id, creator_dead in groups if creator_dead)
         if all(dead for _, dead in groups) or time.monotonic() >= deadline:
             break
         time.sleep(0.25)
+    if cell_done:
+        removed += _remove(group_id for group_id, _ in _actor_created_groups())
     if removed:
         log.warning("released %d placement group(s) left behind by stopped Ray Train runs", removed)
+    return removed
+
+
+def _remove(group_ids: Iterable[bytes]) -> int:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for group_id in group_ids:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
+            removed += 1
+        except Exception as exc:  # noqa: BLE001 - removed meanwhile (Ray Train's cleaner): nothing to do
+            log.debug("placement group %s not removed: %s", group_id.hex(), exc)
     return removed
 
 
@@ -414,11 +426,11 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     trial passes extra MLflow ``tags`` (its parent run), Ray Train ``callbacks`` (reporting to Tune) and
     ``stopping`` (true once the sweep has stopped it: a run cut off then is KILLED, not FAILED);
     ``console`` shows rank 0's progress on this process's terminal. A sweep's trial (``placed_by_sweep``) skips
-    what its sweep did once for all trials: the cluster check and fetching the weights; its epoch-0 evaluation
-    comes from (or goes to) its cell's ``original_cache`` (flat_ray.eval.original)."""
+    what its sweep did once for all trials: the cluster check, probing the MLflow server and fetching the weights;
+    its epoch-0 evaluation comes from (or goes to) its cell's ``original_cache`` (flat_ray.eval.original)."""
     started = time.monotonic()
     cfg, uri, storage, name, state = _prepare(cfg, resume)
-    preflight(cfg, uri)
+    preflight(cfg, None if placed_by_sweep else uri)
     if placed_by_sweep:
         connect_ray(cfg.launch.address)
     else:  # before the demo's original is built or weights are fetched

@@ -543,7 +543,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
     with _CtrlC() as ctrl_c:
         results = tuner.fit()
     # what a trial stopped at the end left behind would hold its resources for as long as this driver lives
-    release_orphaned_placement_groups(wait_s=ORPHAN_WAIT_S)
+    release_orphaned_placement_groups(wait_s=ORPHAN_WAIT_S, cell_done=True)
     states = _trial_states(results)
     expected = space.num_samples if space.algorithm == "optuna" else cell.trials(space.num_samples)
     # Tune ends the running trials on Ctrl-C (TERMINATED, like finished ones) but saves them as unfinished

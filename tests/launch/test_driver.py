@@ -92,7 +92,8 @@ def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_l
     """What a Ray Train controller that died while starting its worker group leaves behind (a placement group it
     created, which Ray keeps for as long as the job's driver lives; CI once saw one hold a CPU through the rest of
     the suite, so the demo sweep's workers never started) is released; the groups of a live actor and of the driver
-    itself are not. With ``wait_s`` the release waits for a creator that is still dying."""
+    itself are not. With ``wait_s`` the release waits for a creator that is still dying; at the end of a cell
+    (``cell_done``) it then releases what a creator still alive holds."""
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -110,6 +111,7 @@ def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_l
     ray.get(own.ready())
     live, dying = Creator.remote(), Creator.remote()
     kept, left = ray.get(live.create.remote()), ray.get(dying.create.remote())
+    made = [own, kept, left]
     try:
         assert driver.release_orphaned_placement_groups() == 0  # every creator alive
         ray.kill(dying)
@@ -124,7 +126,15 @@ def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_l
         ray.kill(live)  # still dying when the release starts: waited for
         assert driver.release_orphaned_placement_groups(wait_s=30) == 1 and state(kept) == "REMOVED"
         assert state(own) == "CREATED"
+        # at the end of a cell every trial has ended: a creator still alive after the wait (a stopped controller
+        # slow to die) loses its group too; the driver's own group stays
+        late = Creator.remote()
+        stuck = ray.get(late.create.remote())
+        made.append(stuck)
+        started = time.monotonic()
+        assert driver.release_orphaned_placement_groups(wait_s=1.0, cell_done=True) == 1
+        assert time.monotonic() - started >= 1.0 and state(stuck) == "REMOVED" and state(own) == "CREATED"
     finally:
-        for group in (own, kept, left):
+        for group in made:
             if state(group) != "REMOVED":
                 remove_placement_group(group)
