@@ -143,6 +143,8 @@ def _memory_plan(cfg, model_path: str, gpu_gib: float | None) -> None:
         click.echo(f"memory plan: the architecture of {model_path} is unknown here (no config.json)")
         return
     size = f"{arch.params / 1e9:.2f} B" if arch.params >= 1e8 else f"{arch.params / 1e6:.2f} M"
+    if cfg.model.lora_rank:
+        size += f" frozen, LoRA rank {cfg.model.lora_rank}: {arch.adapter_params(cfg.model.lora_rank) / 1e6:.2f} M training"
     click.echo(f"memory plan per GPU ({size} parameters, {cfg.launch.num_workers} ranks, ZeRO-"
                f"{cfg.deepspeed.stage}, bf16 unless deepspeed.precision says otherwise):")
     for line in plan(cfg, arch).lines():
@@ -457,8 +459,11 @@ def report(sweep: str, workdir: str | None) -> None:
 @click.option("--epoch", default="best", show_default=True, metavar="best|last|N",
               help="Which kept checkpoint: the best by the run's launch.checkpoint_metric, the last, or epoch N.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default <output_dir>/model-epochN).")
-def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None) -> None:
-    """Write a Hugging Face model from one of a run's kept checkpoints, and record it on the run's MLflow run.
+@click.option("--adapter", is_flag=True, help="A LoRA run: write the adapter alone (PEFT's layout, tens of MB; "
+                                              "default <output_dir>/adapter-epochN) instead of the merged model.")
+def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None, adapter: bool) -> None:
+    """Write a Hugging Face model from one of a run's kept checkpoints, and record it on the run's MLflow run. A
+    LoRA run's model is its base model with the adapter merged (the adapter alone in its adapter/ folder).
 
     RUN_NAME is looked up in the storage path that paths.workdir= or launch.storage_path= give (as for
     `train --resume`); RUN_DIR is the run's own storage folder (a sweep trial's: <storage>/<sweep>/train/<trial>).
@@ -478,7 +483,7 @@ def export_cmd(run: str, args: tuple[str, ...], epoch: str, out: str | None) -> 
         from flat_ray.launch.driver import storage_root
 
         run_dir = storage_root(_load(args)) / run
-    done = export_run(run_dir, epoch, Path(out) if out else None)
+    done = export_run(run_dir, epoch, Path(out) if out else None, adapter)
     click.echo(f"exported epoch {done.epoch} of {run_dir.name} to {done.model_dir} (MLflow run {done.run_id}; "
                f"{'uploaded as its model artifact' if done.uploaded else 'its path is the model_dir tag'})")
 

@@ -67,8 +67,25 @@ class ModelConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each layer's activations in the backward pass instead of "
                                               "keeping them: far less activation memory for about a third more "
                                               "compute (see the memory plan of --dry-run).")
+    lora_rank: int = doc(0, "LoRA (through PEFT): the rank of the low-rank adapters trained in place of the weights; "
+                            "0 trains every weight. With LoRA the base weights stay frozen, checkpoints hold the "
+                            "adapter and its optimizer state, and NPO's/DPO's reference is the model with its adapter "
+                            "switched off (no second model). TOFU's forget_lora config uses 8.")
+    lora_alpha: float = doc(32.0, "LoRA scaling numerator: the adapter's update is multiplied by "
+                                  "lora_alpha / lora_rank (TOFU: 32).")
+    lora_dropout: float = doc(0.05, "Dropout on the adapters' input during training (TOFU: 0.05).")
+    lora_target_modules: str = doc("all-linear", "Comma-separated names of the linear modules that get adapters "
+                                                 "(e.g. q_proj,v_proj), or 'all-linear': every linear layer but "
+                                                 "the output head, as TOFU's LoRA runs do.")
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise FlatRayError(f"model.lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        _positive("model.lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise FlatRayError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules.strip(" ,"):
+            raise FlatRayError("model.lora_target_modules must name at least one module, or be 'all-linear'")
         if not self.name_or_path:
             raise FlatRayError("model.name_or_path must not be empty; give a hub id, a local directory or 'tiny'")
         if self.tokenizer == "":

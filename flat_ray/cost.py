@@ -72,7 +72,9 @@ def trial_cost(cfg: RunConfig, params: int, examples: int, tokens: float, exact:
 
     method = METHODS[cfg.method.name]
     knobs = vars(cfg.method)
-    per_token = 6 * params + (2 * params if cfg.model.gradient_checkpointing else 0)
+    # forward 2N, backward 2N for the activations' gradients and 2N for the weights' (none with LoRA, whose
+    # frozen base weights get no gradient: 4N); gradient checkpointing recomputes the forward
+    per_token = (4 if cfg.model.lora_rank else 6) * params + (2 * params if cfg.model.gradient_checkpointing else 0)
     trained = examples * len(method.splits(knobs)) * tokens * cfg.optim.epochs
     reference = examples * len(method.reference_keys) * tokens * cfg.optim.epochs
     train = trained * per_token + reference * 2 * params

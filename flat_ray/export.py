@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flat_ray import tracking
+from flat_ray import lora, tracking
 from flat_ray.config import RunConfig, load_config
 from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify_listing
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint
@@ -92,34 +92,57 @@ def choose(kept: list[Kept], epoch: str, metric: str | None) -> Kept:
     return next(k for k in kept if k.epoch == int(epoch))
 
 
-def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path) -> Path:
-    """The checkpoint's whole model as a Hugging Face directory at ``out_dir``, moved into place once written."""
+def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path, adapter_only: bool = False) -> Path:
+    """The checkpoint's whole model as a Hugging Face directory at ``out_dir``, moved into place once written. A
+    LoRA run's checkpoint holds its adapter: the model is the base model (``model_path``) with the adapter merged,
+    and the adapter alone goes to its ``adapter`` folder, or is all that is written with ``adapter_only``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from flat_ray.engine import ds
     from flat_ray.models import load_model_and_tokenizer
 
+    if adapter_only and not lora.enabled(cfg):
+        raise FlatRayError("--adapter exports a LoRA run's adapter, and this run trained every weight "
+                           "(model.lora_rank=0); export the whole model without --adapter")
     load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
     _, tokenizer = load_model_and_tokenizer(model_path, load_model=False, tokenizer=cfg.model.tokenizer, **load)
     dtype = getattr(torch, kept.dtype)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="flat-ray-export-") as tmp_dir:  # a cloud checkpoint is fetched first
         local = kept.path.download(Path(tmp_dir) / "checkpoint")
         state = ds.consolidated_state_dict(local / "ds")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise FlatRayError(f"checkpoint {kept.path} does not fit model {model_path}: missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]}")
-    model.tie_weights()
     tmp = out_dir.with_name(f".{out_dir.name}-partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if lora.enabled(cfg):
+        adapter = {k: v.to(dtype) for k, v in state.items() if lora.is_adapter_key(k)}
+        config = lora.adapter_config(cfg, adapter, model_path)
+        lora.save_adapter(tmp if adapter_only else tmp / "adapter", adapter, config)
+    if not adapter_only:
+        model = _model_with(state, cfg, model_path, dtype, kept.path)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _model_with(state: dict[str, Any], cfg: RunConfig, model_path: str, dtype: Any, source: Place) -> Any:
+    """The model with a checkpoint's weights: all of them, or (LoRA) the base model's with the adapter merged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
+    if lora.enabled(cfg):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **load)
+        adapter = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
+        state = lora.merge(model.state_dict(), adapter, lora.scaling(cfg))
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise FlatRayError(f"checkpoint {source} does not fit model {model_path}: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    return model
 
 
 def folder_mb(path: Path) -> float:
@@ -127,10 +150,11 @@ def folder_mb(path: Path) -> float:
 
 
 def record_model(tracker: tracking.NullTracker, cfg: RunConfig, model_dir: Path, epoch: int | None = None) -> bool:
-    """Tag where the run's latest export is (``model_dir``, and ``model_epoch`` for one from a checkpoint) and
-    upload it as an artifact named like its folder when it is at most ``tracking.log_model_max_mb``; returns
-    whether it was uploaded."""
-    tracker.set_tags({"model_dir": str(model_dir), **({"model_epoch": epoch} if epoch is not None else {})})
+    """Tag where the run's latest export is (``model_dir``, and ``model_epoch`` for one from a checkpoint; an
+    adapter alone: ``adapter_dir`` and ``adapter_epoch``) and upload it as an artifact named like its folder when it
+    is at most ``tracking.log_model_max_mb``; returns whether it was uploaded."""
+    kind = "adapter" if (model_dir / lora.ADAPTER_CONFIG).is_file() else "model"
+    tracker.set_tags({f"{kind}_dir": str(model_dir), **({f"{kind}_epoch": epoch} if epoch is not None else {})})
     if folder_mb(model_dir) > cfg.tracking.log_model_max_mb:
         return False
     tracker.log_artifact(model_dir, model_dir.name)
@@ -150,18 +174,20 @@ def run_state(run_dir: Place) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def export_run(run_dir: Place, epoch: str = "best", out_dir: Path | None = None) -> Exported:
+def export_run(run_dir: Place, epoch: str = "best", out_dir: Path | None = None, adapter_only: bool = False
+               ) -> Exported:
     """Export the chosen epoch of the run in ``run_dir`` (its storage folder) and record it on its MLflow run.
-    ``out_dir`` defaults to ``<output_dir>/model-epoch<N>``."""
+    ``out_dir`` defaults to ``<output_dir>/model-epoch<N>`` (``adapter-epoch<N>`` with ``adapter_only``)."""
     state = run_state(run_dir)
     output_dir = Path(state["output_dir"])
     cfg = load_config(output_dir / "config.yaml")
     kept = choose(kept_checkpoints(run_dir), epoch, cfg.launch.checkpoint_metric)
-    out = Path(out_dir).expanduser().resolve() if out_dir else output_dir / f"model-epoch{kept.epoch}"
+    default = f"{'adapter' if adapter_only else 'model'}-epoch{kept.epoch}"
+    out = Path(out_dir).expanduser().resolve() if out_dir else output_dir / default
     out.parent.mkdir(parents=True, exist_ok=True)
     model_path = state.get("model_path") or tracking.run_data(state["mlflow_uri"], state["run_id"]).data.params[
         "resolved.model_path"]
-    write_model(kept, cfg, model_path, out)
+    write_model(kept, cfg, model_path, out, adapter_only)
     uploaded = record_model(tracking.Tracker(state["mlflow_uri"], state["run_id"]), cfg, out, kept.epoch)
     return Exported(kept.epoch, out, state["run_id"], uploaded)
 

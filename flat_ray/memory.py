@@ -30,6 +30,7 @@ from flat_ray.losses import METHODS
 GIB = 2**30
 CONTEXT_BYTES = 1.0 * GIB  # CUDA context, NCCL buffers, allocator slack
 LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
+HINT_LORA_RANK = 8  # TOFU's LoRA rank
 BYTES_PER_ACTIVATION = 34  # per token, hidden unit and layer in 16-bit with a fused attention kernel (no s^2 term)
 
 
@@ -53,6 +54,14 @@ class Arch:
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return embeddings + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+
+    def adapter_params(self, rank: int) -> int:
+        """LoRA parameters at ``rank`` on every linear layer but the head (A: rank x in, B: out x rank): an upper
+        bound for a narrower target list."""
+        kv = self.hidden // self.heads * self.kv_heads
+        attention = 2 * (self.hidden + self.hidden) + 2 * (self.hidden + kv)  # q, o; k, v
+        mlp = (3 if self.gated_mlp else 2) * (self.hidden + self.intermediate)
+        return self.layers * rank * (attention + mlp)
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> Arch:
@@ -114,14 +123,14 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
     (what ``deepspeed.precision=auto`` means on a GPU is bf16)."""
     n = world_size or cfg.launch.num_workers
     ds, o = cfg.deepspeed, cfg.optim
-    p = arch.params
+    p, t = arch.params, trainable(cfg, arch)  # with LoRA the frozen base weights take no gradient or optimizer state
     w = 4 if (ds.precision if ds.precision != "auto" else precision) == "fp32" else 2
     stage = ds.stage
     parts = {
-        "weights": 0.0 if ds.offload_params else p * w / (n if stage == 3 else 1),
-        "gradients": p * w / (n if stage >= 2 else 1),
+        "weights": 0.0 if ds.offload_params else (p + (t if cfg.model.lora_rank else 0)) * w / (n if stage == 3 else 1),
+        "gradients": t * w / (n if stage >= 2 else 1),
         # AdamW: m and v in fp32, plus an fp32 master copy of 16-bit weights
-        "optimizer": 0.0 if ds.offload_optimizer else p * (8 + (4 if w == 2 else 0)) / (n if stage >= 1 else 1),
+        "optimizer": 0.0 if ds.offload_optimizer else t * (8 + (4 if w == 2 else 0)) / (n if stage >= 1 else 1),
         "gathered (ZeRO-3)": min(p, LIVE_PARAMETERS) * w if stage == 3 else 0.0,
     }
     splits = METHODS[cfg.method.name].splits(vars(cfg.method))
@@ -133,7 +142,7 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
     else:
         parts["activations"] = arch.layers * per_layer
     parts["logits"] = 2 * tokens * arch.vocab * w  # the logits and their gradient
-    if METHODS[cfg.method.name].needs_reference:
+    if METHODS[cfg.method.name].needs_reference and not cfg.model.lora_rank:  # LoRA: the adapter switched off
         # a second engine with the same ZeRO settings: sharded under ZeRO-3, in CPU memory with parameter offload
         parts["reference model"] = 0.0 if ds.offload_params else p * w / (n if stage == 3 else 1)
     kv_dim = arch.hidden * arch.kv_heads // arch.heads
@@ -143,6 +152,11 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
     resident = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered (ZeRO-3)", "CUDA context"))
     resident += parts.get("reference model", 0.0)
     return Plan(parts, resident + parts["activations"] + parts["logits"], resident + parts["eval KV cache"])
+
+
+def trainable(cfg: RunConfig, arch: Arch) -> int:
+    """The parameters that train: every one, or with LoRA the adapters'."""
+    return arch.adapter_params(cfg.model.lora_rank) if cfg.model.lora_rank else arch.params
 
 
 # ------------------------------------------------------------------------------------------- host memory
@@ -165,9 +179,10 @@ def host_plan(cfg: RunConfig, arch: Arch | None, world_size: int | None = None, 
     if arch is not None:
         p = arch.params
         w = 4 if (ds.precision if ds.precision != "auto" else precision) == "fp32" else 2
-        offloaded = {"offloaded optimizer": OFFLOAD_STATE_BYTES * p / n if ds.offload_optimizer else 0.0,
+        offloaded = {"offloaded optimizer": OFFLOAD_STATE_BYTES * trainable(cfg, arch) / n if ds.offload_optimizer
+                     else 0.0,
                      "offloaded parameters": p * w / n if ds.offload_params else 0.0}
-        if METHODS[cfg.method.name].needs_reference and ds.offload_params:
+        if METHODS[cfg.method.name].needs_reference and ds.offload_params and not cfg.model.lora_rank:
             offloaded["offloaded reference"] = p * w / n
         parts.update(offloaded)
         parts["pinned buffers"] = (OFFLOAD_BUFFER_FACTOR - 1) * sum(offloaded.values())
@@ -199,6 +214,12 @@ def fit_hint(cfg: RunConfig, arch: Arch, gpu_bytes: float, world_size: int | Non
         knobs.append(knob)
         if plan(trial, arch, world_size).peak <= gpu_bytes:
             return f"set {', '.join(knobs)}"
+    if not cfg.model.lora_rank:  # the adapters train in place of the weights: a different method, so the last resort
+        adapted = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_rank=HINT_LORA_RANK))
+        hint = fit_hint(adapted, arch, gpu_bytes, world_size)
+        if hint is None or hint.startswith("set "):
+            more = f", {hint.removeprefix('set ')}" if hint else ""
+            return f"set model.lora_rank={HINT_LORA_RANK}{more} (LoRA: the base weights stay frozen)"
     return "it does not fit even with every memory knob; use more workers or GPUs with more memory"
 
 

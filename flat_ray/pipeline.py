@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flat_ray import lora
 from flat_ray.assets import resolve_model_path
 from flat_ray.config import RunConfig
 from flat_ray.data import (
@@ -84,18 +85,27 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     method = METHODS[cfg.method.name]
     torch.manual_seed(cfg.optim.seed)
     prep = prepare(cfg)
-    # a reference-model method gets a second, frozen load of the same weights, as in training
-    reference = load_model_and_tokenizer(prep.model_path, trust_remote_code=cfg.model.trust_remote_code,
-                                         revision=cfg.model.revision)[0].eval() if method.needs_reference else None
+    parameters = count_parameters(prep.model)  # the model's own (LoRA's adapters go into it in place)
+    model = lora.apply(prep.model, cfg) if lora.enabled(cfg) else prep.model
+    # a reference-model method gets a second, frozen load of the same weights, as in training (with LoRA: the
+    # model with its adapter switched off)
+    if not method.needs_reference:
+        reference = None
+    elif lora.enabled(cfg):
+        reference = lora.AdapterOff(model)
+    else:
+        reference = load_model_and_tokenizer(prep.model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                             revision=cfg.model.revision)[0].eval()
     n = len(prep.dataset)
     batch = prep.collator([prep.dataset[i] for i in range(min(cfg.optim.micro_batch_size, n))])
-    prep.model.eval()
+    model.eval()
     with torch.no_grad():
-        out = method_loss(prep.model, batch, method, vars(cfg.method), reference)
+        out = method_loss(model, batch, method, vars(cfg.method), reference)
     micro = micro_batches_per_epoch(n, cfg.optim.micro_batch_size, cfg.launch.num_workers)
     return {
         "model": prep.model_path,
-        "parameters": count_parameters(prep.model),
+        "parameters": parameters,
+        "trainable_parameters": lora.counts(model)[0],
         "benchmark": f"{cfg.data.benchmark}/{cfg.data.split} ({BENCHMARKS[cfg.data.benchmark].description})",
         "forget_examples": n,
         "template_source": cfg.data.template_source,

@@ -123,7 +123,8 @@ def collect(sweep_dir: Path, cell: str | None = None) -> tuple[dict[str, Any], l
         history, epoch, final, last = run_result(uri, run, state["objective"][0])
         trials.append(Trial(
             name=tags.get("flat_ray.trial", run.info.run_name), run_id=run.info.run_id, status=_status(run),
-            model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"), method=tags.get("method", "?"),
+            model=tags.get("flat_ray.model") or tags.get("model", "?"), benchmark=tags.get("benchmark", "?"),
+            method=tags.get("method", "?") + ("+lora" if params.get("model.lora_rank", "0") != "0" else ""),
             divergence=tags.get("divergence", "-"), lr=float(params.get("optim.lr", "nan")), final=final,
             before={k: h[0] for k, h in history.items() if 0 in h},
             loss=tracking.metric_history(uri, run.info.run_id, "train/loss"),

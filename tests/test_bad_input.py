@@ -99,6 +99,12 @@ MISTAKES = [
          "GiB: set"),
     case("train-gpu-memory-not-a-size", ["train", "--gpu-memory", "lots", *RUN_PATHS],
          "--gpu-memory 'lots' is neither a number of GiB nor a cluster YAML file"),
+    case("train-lora-target-the-model-lacks", ["train", "model.name_or_path={tiny}", "model.lora_rank=8",
+                                               "model.lora_target_modules=q_proj,c_attn", *RUN_PATHS],
+         "model.lora_target_modules names c_attn, which this model does not have; its linear modules: down_proj, "
+         "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"),
+    case("train-lora-rank-negative", ["train", "model.lora_rank=-8", *RUN_PATHS],
+         "model.lora_rank must be >= 0 (0: no LoRA), got -8"),
     case("train-override-without-key", ["train", "=1e-5", *RUN_PATHS], "must look like section.key=value"),
     case("train-override-without-value", ["train", "optim.lr", *RUN_PATHS],
          "an override needs a value: optim.lr=VALUE"),

@@ -116,3 +116,9 @@ def test_no_function_in_the_package_or_cli_is_over_80_lines():
             for path in _modules().values() for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80]
     assert long == []
+
+
+def test_one_module_imports_each_of_deepspeed_mlflow_and_peft():
+    owners = {lib: sorted(m for m, path in _modules().items() if lib in _third_party(path))
+              for lib in ("deepspeed", "mlflow", "peft")}
+    assert owners == {"deepspeed": ["flat_ray.engine.ds"], "mlflow": ["flat_ray.tracking"], "peft": ["flat_ray.lora"]}

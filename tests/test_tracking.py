@@ -140,15 +140,17 @@ def test_a_sweep_trial_that_starts_while_the_server_is_away_waits_for_it(server,
     cfg = load_config(None, [*tiny_overrides(tiny_model_dir, tmp_path), "optim.epochs=1", "eval.enabled=false",
                              "launch.num_workers=1", f"tracking.mlflow_uri={server.uri}", "tracking.run_name=late"])
     server.stop()
+    back = threading.Timer(3.0, server.start)
     try:
         with pytest.raises(FlatRayError, match="is unreachable"):
             driver.preflight(cfg, server.uri)  # what `flat-ray train` checks first
-        back = threading.Timer(3.0, server.start)
         back.start()
         started = time.monotonic()
         result = driver.run_training(cfg, placed_by_sweep=True)
-        back.join()
     finally:
+        back.cancel()  # a timer that has not fired yet never will: the server is started once, here
+        if back.ident is not None:
+            back.join()
         if server.proc.poll() is not None:
             server.start()
     assert time.monotonic() - started > 3.0

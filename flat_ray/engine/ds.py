@@ -18,6 +18,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from flat_ray import lora
 from flat_ray.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,10 @@ def build_reference(model, ds_config: dict[str, Any]):
 
 
 def save_checkpoint(engine, directory: str | Path, client_state: dict[str, Any]) -> None:
-    """Every rank writes its own shard (DeepSpeed's file names carry the rank)."""
-    engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state)
+    """Every rank writes its own shard (DeepSpeed's file names carry the rank). Frozen parameters (a LoRA run's
+    base weights, which every start loads from the model anyway) are left out: such a checkpoint is the adapter
+    and its optimizer state."""
+    engine.save_checkpoint(str(directory), tag=TAG, client_state=client_state, exclude_frozen_parameters=True)
 
 
 def consolidated_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -169,7 +172,10 @@ def _consolidate(root: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(engine, directory: str | Path) -> dict[str, Any]:
-    _, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+    """The trainable parameters and optimizer state; a checkpoint without frozen parameters loads into a model
+    that has some (LoRA), any other mismatch fails."""
+    strict = all(p.requires_grad for p in engine.module.parameters())
+    _, client_state = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=strict)
     if client_state is None:
         raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
     return client_state
@@ -197,30 +203,45 @@ def full_bytes(engine) -> int:
 
 def full_copy(engine) -> torch.nn.Module:
     """A plain, unpartitioned copy of a ZeRO-3 engine's model on this rank's device for evaluation: parameters
-    gathered once, one tensor at a time, instead of at every forward. All ranks must call this; each then holds
-    the whole model (check :func:`full_bytes` against the room first)."""
+    gathered once, one tensor at a time, instead of at every forward; a LoRA model's copy is its base model with
+    the adapter merged. All ranks must call this; each then holds the whole model (check :func:`full_bytes`
+    against the room first)."""
     module = engine.module
+    scale = lora.scale_of(module)
+    base = module.get_base_model() if scale is not None else module
     dtype = next(module.parameters()).dtype
     with torch.device(engine.device):  # a plain constructor: transformers partitions only in from_pretrained
-        copy = type(module)(module.config).to(dtype)
-    params = dict(copy.named_parameters())
+        copy = type(base)(base.config).to(dtype)
+    params, adapter = dict(copy.named_parameters()), {}
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            params[name].data.copy_(param.data)
+            if lora.is_adapter_key(name):
+                adapter[name] = param.data.detach().clone()
+            else:
+                params[lora.base_name(name)].data.copy_(param.data)
+    if adapter:
+        for name, weight in lora.merged_weights({k: p.data for k, p in params.items()}, adapter, scale).items():
+            params[name].data.copy_(weight)
     buffers = dict(copy.named_buffers())
     for name, buf in module.named_buffers():
-        if name in buffers:
-            buffers[name].copy_(buf)
+        if lora.base_name(name) in buffers:
+            buffers[lora.base_name(name)].copy_(buf)
     return copy.eval()
 
 
 def export_hf(engine, tokenizer, out_dir: str | Path, rank: int) -> Path | None:
-    """Consolidated Hugging Face directory (safetensors + config + tokenizer), written by rank 0."""
+    """Consolidated Hugging Face directory (safetensors + config + tokenizer), written by rank 0; a LoRA model's is
+    its base model with the adapter merged, with the adapter alone in its ``adapter`` folder (PEFT's layout)."""
     state = gathered_state_dict(engine, rank)
     if rank != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    module, scale = engine.module, lora.scale_of(engine.module)
+    if scale is not None:
+        base, adapter = lora.split_state(state)
+        lora.save_adapter(out / "adapter", adapter, module.peft_config[lora.ADAPTER])
+        state, module = lora.merge(base, adapter, scale), module.get_base_model()
+    module.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

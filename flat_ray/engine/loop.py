@@ -25,7 +25,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from flat_ray import tracking
+from flat_ray import lora, tracking
 from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce, broadcast_flag
@@ -215,23 +215,36 @@ class _Job:
         cfg, path = self.cfg, self.payload["model_path"]
         warmup = warmup_steps(self.total_steps, cfg.optim.warmup_ratio)
         ds_config = ds.build_config(cfg, self.world)
-        load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
-        model = ds.load_model(path, ds_config, **load)
+        loads = []  # every load of the model's weights on this rank
+
+        def load_weights():
+            loads.append(path)
+            return ds.load_model(path, ds_config, trust_remote_code=cfg.model.trust_remote_code,
+                                 revision=cfg.model.revision)
+
+        model = load_weights()
         if cfg.model.gradient_checkpointing:  # recompute layers in backward (training mode only; eval is unchanged)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora.enabled(cfg):  # adapters train, the base weights are frozen (no gradients, no optimizer state)
+            model = lora.apply(model, cfg)
+        trainable, total = lora.counts(model)
         self.engine = ds.build_engine(model, ds_config,
                                       lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.optim.schedule))
         if cfg.deepspeed.compile:
             ds.compile_engine(self.engine)
+        # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights):
+        # with LoRA the trained model with its adapter switched off, else a second load of the model
+        if self.method.needs_reference:
+            self.ref_model = (lora.AdapterOff(self.engine) if lora.enabled(cfg) else
+                              ds.build_reference(load_weights(), ds_config))
         # what the workers really run with (the driver may sit on a CPU-only head)
         self.tracker.log_params({"resolved.deepspeed_version": ds.version(), "resolved.precision": ds.precision(cfg),
                                  # names only: which cache/offline variables this worker has (from its node or the
                                  # driver, envinfo.FORWARDED_ENV)
                                  "resolved.worker_env": ",".join(sorted(forwarded_env())) or "-",
-                                 "resolved.threads_per_worker": torch.get_num_threads()})
-        # FLAT and the reference-free baselines hold one model; NPO/DPO also a frozen reference (the start weights)
-        if self.method.needs_reference:
-            self.ref_model = ds.build_reference(ds.load_model(path, ds_config, **load), ds_config)
+                                 "resolved.threads_per_worker": torch.get_num_threads(),
+                                 "resolved.trainable_params": trainable, "resolved.params": total,
+                                 "resolved.model_loads": len(loads)})
 
     def restore(self, restore_dir: str) -> int:
         """Continue from a checkpoint; returns the first epoch still to train."""

@@ -25,6 +25,7 @@ from flat_ray.config import RunConfig
 from flat_ray.data import Collator, load_split
 from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss, to_device
+from flat_ray.errors import FlatRayError
 from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
@@ -37,6 +38,8 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
     """Train ``model_path`` as ``cfg`` would on ``world_size`` ranks (default ``cfg.launch.num_workers``);
     returns the evaluation suite's float metrics ``{"before": ..., "after": ...}`` (``before`` empty without
     ``evaluate_before``: replays of one model at several learning rates share it)."""
+    if cfg.model.lora_rank:
+        raise FlatRayError("the replica trains every weight; run a LoRA config (model.lora_rank > 0) with flat-ray train")
     world = world_size or cfg.launch.num_workers
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
                                                 tokenizer=cfg.model.tokenizer)

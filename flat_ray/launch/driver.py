@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flat_ray import tracking
+from flat_ray import lora, tracking
 from flat_ray.assets import FineTune, resolve_model_path, workdir
 from flat_ray.config import AUTO_REFERENCE, RunConfig, load_config
 from flat_ray.console import RunConsole, verbose
@@ -80,6 +80,7 @@ def preflight(cfg: RunConfig, uri: str | None) -> None:
                                                 revision=cfg.model.revision, load_model=False,
                                                 tokenizer=cfg.model.tokenizer)
         profile_for(cfg, name, tokenizer).prompt("?", tokenizer)
+        lora.check_model(name, cfg)  # target modules the model lacks fail here, not on a GPU node
     elif cfg.model.tokenizer:
         load_tokenizer(cfg.model.tokenizer, cfg.model.trust_remote_code)
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
@@ -224,6 +225,8 @@ def _worker_error(exc: BaseException) -> str:
 def describe(cfg: RunConfig, result: str = "") -> str:
     """One paragraph saying what a run is (MLflow's run description, ``mlflow.note.content``)."""
     detail = f" with the {_divergence(cfg)} divergence" if _divergence(cfg) else ""
+    if cfg.model.lora_rank:
+        detail += f", LoRA rank {cfg.model.lora_rank} on {cfg.model.lora_target_modules}"
     text = (f"{cfg.method.name}{detail} on {cfg.data.benchmark}/{cfg.data.split}, model {cfg.model.name_or_path}: "
             f"lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, micro-batch {cfg.optim.micro_batch_size} x "
             f"{cfg.optim.grad_accum_steps} accumulation x {cfg.launch.num_workers} workers, DeepSpeed ZeRO-"

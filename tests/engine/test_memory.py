@@ -97,7 +97,7 @@ def test_runs_that_cannot_fit_are_refused_with_the_knob():
     check_fits([("run", _cfg("launch.gpus_per_worker=0"))], 0.5)  # a CPU run is not a GPU's business
 
 
-@pytest.mark.parametrize("name", ["tofu", "tofu_baselines", "muse"])
+@pytest.mark.parametrize("name", ["tofu", "tofu_lora", "tofu_baselines", "muse"])
 def test_shipped_gpu_spaces_fit_the_clusters_gpus(name, capsys):
     from cli.main import main
 
@@ -112,6 +112,9 @@ def test_shipped_gpu_spaces_fit_the_clusters_gpus(name, capsys):
     # every cell fits the GPUs of the node type it lands on (A10G: the smallest GPU), its host memory included
     assert rows and all(row[-2] == "yes" and row[-1].startswith("gpu_") for row in rows), out
     assert sum(" -> gpu_" in line for line in lines) == len(rows), out
+    if name == "tofu_lora":  # LoRA: a 7B trial on one worker with one 24 GB A10G (workers, cpus/trial, gpus/trial)
+        llama = [row for row in rows if row[0].startswith("llama2-7b")]
+        assert llama and all(row[-9:-6] == ["1", "8.01", "1"] and float(row[-3]) <= 24 for row in llama), out
 
 
 def test_train_dry_run_prints_the_plan_and_what_would_make_it_fit(tmp_path, capsys):

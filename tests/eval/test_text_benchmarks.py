@@ -288,6 +288,7 @@ def test_npo_on_muse_news_trains_under_zero3_and_logs_per_epoch_muse_metrics(ray
     assert len(retain) == steps and all(np.isfinite(v) and v > 0 for _, v in retain)
     run = tracking.run_data(result.mlflow_uri, result.run_id)
     assert run.data.tags["method"] == "npo" and run.data.params["method.name"] == "npo"
+    assert run.data.params["resolved.model_loads"] == "2"  # its frozen reference is a second load (LoRA's is not)
     assert run.data.params["model.gradient_checkpointing"] == "True"
 
 

@@ -63,6 +63,10 @@ def test_export_writes_a_kept_epoch_of_a_finished_run(zero3, tmp_path, capsys):
     capsys.readouterr()
     code, _, err = run_main(["export", "zero3", work, "--epoch", "1"], capsys)
     assert code == 2 and err.strip() == "flat-ray: error: --epoch 1: choose best, last or a kept epoch (2, 4)"
+    code, _, err = run_main(["export", "zero3", work, "--adapter"], capsys)
+    assert code == 2 and err.strip() == ("flat-ray: error: --adapter exports a LoRA run's adapter, and this run trained "
+                                         "every weight (model.lora_rank=0); export the whole model without --adapter")
+    assert not list(res.model_dir.parent.glob("*adapter*"))
 
 
 def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_model_dir):
