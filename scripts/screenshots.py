@@ -1,4 +1,4 @@
-"""Screenshots of a sweep in MLflow's UI for the README (not run by CI).
+"""Screenshots of a sweep in MLflow's UI for docs/demo.md (not run by CI).
 
 Starts MLflow's tracking server (bound to 127.0.0.1) over a sweep's store, opens the experiment's runs table, the sweep's
 parent run and one trial in headless Chromium (Debian's ``chromium``, driven by Playwright), and saves PNGs.
