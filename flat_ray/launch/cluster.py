@@ -1,5 +1,6 @@
-"""The Ray cluster a run or sweep is joined to: its node types, whether a trial can ever be placed there, and the
-line a run shows while Ray and the autoscaler find room for it.
+"""The Ray cluster a run or sweep is joined to: connecting to it, its node types, whether a trial can ever be placed
+there, what a sweep needs on more than one node, the line a run shows while Ray and the autoscaler find room for it,
+and the placement groups that stopped Ray Train runs leave behind.
 
 A run never compares what it wants with what the cluster has *now*: on a cluster whose GPU nodes scale from zero
 that is nothing, and a run that refused to start would never show the autoscaler its demand. It is refused only
@@ -10,9 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from flat_ray.assets import workdir
 from flat_ray.config import RunConfig
+from flat_ray.console import verbose
+from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import FlatRayError
 from flat_ray.placement import (
     NodeType,
@@ -22,6 +29,8 @@ from flat_ray.placement import (
     max_trials,
     node_types_from_yaml,
 )
+from flat_ray.storage import Place
+from flat_ray.sweep import Space
 
 log = logging.getLogger(__name__)
 UNBOUNDED = 1000  # an autoscaler node type without a max_workers limit
@@ -112,3 +121,145 @@ def check_cell(cfg: RunConfig, cell: str) -> tuple[int, int]:
     at its largest (the same where it cannot grow)."""
     types, _ = _holdable(cfg, f"cell {cell}: one trial")
     return max_trials(cfg, _alive_nodes()), max_trials(cfg, types)
+
+
+# ------------------------------------------------------------------------------------------- connecting
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray sized to the machine. The workers' own output (Ray Train, DeepSpeed,
+    transformers) stays in Ray's log files (``<session dir>/logs``, printed at start) unless ``flat-ray
+    --verbose``; flat-ray's own progress reaches the console through :mod:`flat_ray.launch.relay`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    loud = verbose()
+    kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
+    if address:  # a joined cluster's nodes start workers with their own environment: pass the cache/offline ones
+        forwarded = forwarded_env()
+        ctx = ray.init(address=address, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}), **kwargs)
+    else:
+        ctx = ray.init(num_cpus=os.cpu_count(), **kwargs)
+    if not loud:  # an errored trial's traceback: the sweep names its error.txt instead
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    session = getattr(ctx, "address_info", {}).get("session_dir")  # a ray:// client context has none
+    log.info("Ray %s; worker logs in %s%s", "cluster " + address if address else "started locally",
+             f"{session}/logs" if session else "the cluster's Ray session folder",
+             "" if loud else " (flat-ray --verbose shows them here)")
+
+
+def start_ray(cfg: RunConfig, name: str) -> None:
+    """Join (or start) Ray; refuse a run that no node can ever hold, and say so when it waits for room."""
+    connect_ray(cfg.launch.address)
+    check_run(cfg, name)
+
+
+def release_orphaned_placement_groups(wait_s: float = 0.0, *, cell_done: bool = False) -> int:
+    """Remove the placement groups of this Ray job that an actor created and outlived: what a Ray Train run leaves
+    behind when its controller dies while starting a worker group (Ray Train's own cleaner misses a group created
+    but not yet registered with it; seen when Tune stops a trial). Such a group is tied to the job's driver, so in
+    a sweep it holds its CPUs/GPUs until the sweep ends: on a cluster sized for one trial at a time, every later
+    trial waits for workers forever. Groups of the driver itself (Tune's) and detached ones are left alone, and so
+    are those of live actors (a running trial's controller), except with ``cell_done``: when a cell's trials have
+    all ended, a group whose creator is still alive after ``wait_s`` (a stopped controller that has not died yet;
+    CI once saw one outlive a 5 s wait) goes too. With ``wait_s``, waits that long for creators still alive and
+    removes each group as its creator dies. Returns how many it removed."""
+    deadline, removed = time.monotonic() + wait_s, 0
+    while True:
+        groups = _actor_created_groups()
+        removed += _remove(group_id for group_id, creator_dead in groups if creator_dead)
+        if all(dead for _, dead in groups) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    if cell_done:
+        removed += _remove(group_id for group_id, _ in _actor_created_groups())
+    if removed:
+        log.warning("released %d placement group(s) left behind by stopped Ray Train runs", removed)
+    return removed
+
+
+def _remove(group_ids: Iterable[bytes]) -> int:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for group_id in group_ids:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
+            removed += 1
+        except Exception as exc:  # noqa: BLE001 - removed meanwhile (Ray Train's cleaner): nothing to do
+            log.debug("placement group %s not removed: %s", group_id.hex(), exc)
+    return removed
+
+
+def _actor_created_groups() -> list[tuple[bytes, bool]]:
+    """(id, creator dead) of every placement group of this job that is not removed or detached and that an actor
+    created. Read from the GCS table (Ray's state API does not say who created a group); empty where that table
+    cannot be read (another Ray version's internals, a Ray Client driver)."""
+    import ray
+
+    try:
+        from ray._private.state import state
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+        table = state._connect_and_get_accessor().get_placement_group_table()
+    except Exception as exc:  # noqa: BLE001 - another Ray version, a Ray Client driver: release nothing, break nothing
+        log.debug("placement groups not inspected: %s", exc)
+        return []
+    job = ray.get_runtime_context().get_job_id()
+    groups = [PlacementGroupTableData.FromString(raw) for raw in table]
+    return [(g.placement_group_id, g.creator_actor_dead) for g in groups
+            if g.state != PlacementGroupTableData.REMOVED and not g.is_detached and g.creator_job_id.hex() == job
+            and not ray.ActorID(g.creator_actor_id).is_nil()]
+
+
+
+def connect_for_sweep(address: str | None) -> None:
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    # Tune's console tables (even at verbose=0 the new output engine prints a configuration box); flat-ray
+    # shows its own trial table and the report instead
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    connect_ray(address)
+
+
+def _device(path: Path) -> int:
+    """The filesystem ``path`` is (or would be created) on."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.stat().st_dev
+
+
+def check_sweep(space: Space, address: str | None, storage: Place | None, uri: str) -> dict[str, int]:
+    """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
+
+    A cell whose trial no node type can ever hold is refused (one line naming the node types and the request).
+    Otherwise it runs as many trials at once as fit the cluster at its largest: the autoscaler's node types at
+    their max_workers where the autoscaler has told Ray its node types, else the nodes alive now. Tune starts what
+    fits now; the other trials wait, and the autoscaler sees their demand (a cluster whose GPU nodes scale from
+    zero has no room for any trial when the sweep starts). Trials that wait for nodes the autoscaler will add run
+    on other nodes, so they need the multi-node storage and MLflow as well, and the work folder (sweep state, trial
+    outputs, exports), which the head reads back, on the storage path's filesystem (with cloud storage that cannot
+    be checked: the work folder must be a shared mount)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    out, waiting = {}, []
+    for cell in space.cells:
+        now, most = check_cell(cell.config, cell.name)  # refuses a trial that no node type can ever hold
+        if now < most:  # some of its trials run on nodes the autoscaler has yet to add
+            waiting.append(cell.name)
+        out[cell.name] = most
+    where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
+             f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
+    if where and storage is None:
+        raise FlatRayError(f"{where}: pass --storage-path on shared storage (an NFS mount) so every node sees the "
+                           "checkpoints")
+    if where and uri.startswith("sqlite:"):
+        raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
+                           "(the server cluster.yaml starts)")
+    work = workdir(space.cells[0].config)
+    if where and storage.local and _device(work) != _device(storage.local):
+        raise FlatRayError(f"{where}: the work folder {work} (sweep state, trial outputs, exports) is not on the "
+                           f"filesystem of --storage-path {storage}, so the head would not see what the trials "
+                           f"write; set paths.workdir on the shared mount (e.g. paths.workdir={storage / 'work'})")
+    return out

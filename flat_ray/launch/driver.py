@@ -6,44 +6,48 @@ fine-tuning). Everything a user can get wrong is checked before Ray starts or an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flat_ray import lora, tracking
 from flat_ray.assets import FineTune, resolve_model_path, workdir
-from flat_ray.config import AUTO_REFERENCE, RunConfig, load_config
-from flat_ray.console import RunConsole, verbose
+from flat_ray.config import AUTO_REFERENCE, RunConfig
+from flat_ray.console import RunConsole
 from flat_ray.data import load_split, make_template_source
-from flat_ray.envinfo import forwarded_env, package_versions
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.run import auto_reference
 from flat_ray.eval.tofu import read_reference
 from flat_ray.export import (
-    RUN_STATE,
     choose,
     drop_checkpoints,
     kept_checkpoints,
-    known_runs,
     record_model,
     write_model,
 )
-from flat_ray.fileio import atomic_write_text, check_writable
+from flat_ray.fileio import check_writable
+from flat_ray.launch.cluster import connect_ray, release_orphaned_placement_groups, start_ray
+from flat_ray.launch.records import (
+    describe,
+    history_at,
+    open_run,
+    prepare_run,
+    result_sentence,
+    storage_root,
+)
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
 from flat_ray.pipeline import profile_for
-from flat_ray.placement import ACCELERATOR_PREFIX, host_bytes_per_worker, worker_bundle
+from flat_ray.placement import ACCELERATOR_PREFIX, worker_bundle
 from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
-STATE_FILE = RUN_STATE  # next to Ray's own files: which MLflow run, output dir and model a Ray run belongs to
 
 
 @dataclass
@@ -55,12 +59,6 @@ class TrainResult:
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def storage_root(cfg: RunConfig) -> Place:
-    """Where the run's Ray state goes: ``launch.storage_path`` (a folder, a shared mount or cloud storage), else
-    ``<workdir>/ray_results``."""
-    return Place.of(cfg.launch.storage_path or workdir(cfg) / "ray_results")
 
 
 # ------------------------------------------------------------------------------------------------- preflight
@@ -131,38 +129,6 @@ def check_bucket(storage: Place) -> None:
                            "it); create it or fix launch.storage_path / --storage-path")
 
 
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` or start a local Ray sized to the machine. The workers' own output (Ray Train, DeepSpeed,
-    transformers) stays in Ray's log files (``<session dir>/logs``, printed at start) unless ``flat-ray
-    --verbose``; flat-ray's own progress reaches the console through :mod:`flat_ray.launch.relay`."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    loud = verbose()
-    kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
-    if address:  # a joined cluster's nodes start workers with their own environment: pass the cache/offline ones
-        forwarded = forwarded_env()
-        ctx = ray.init(address=address, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}), **kwargs)
-    else:
-        ctx = ray.init(num_cpus=os.cpu_count(), **kwargs)
-    if not loud:  # an errored trial's traceback: the sweep names its error.txt instead
-        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    session = getattr(ctx, "address_info", {}).get("session_dir")  # a ray:// client context has none
-    log.info("Ray %s; worker logs in %s%s", "cluster " + address if address else "started locally",
-             f"{session}/logs" if session else "the cluster's Ray session folder",
-             "" if loud else " (flat-ray --verbose shows them here)")
-
-
-def _start_ray(cfg: RunConfig, name: str) -> None:
-    """Join (or start) Ray; refuse a run that no node can ever hold, and say so when it waits for room."""
-    from flat_ray.launch.cluster import check_run
-
-    connect_ray(cfg.launch.address)
-    check_run(cfg, name)
-
-
 # ----------------------------------------------------------------------------------------------- demo models
 def finetuner(console: bool = False) -> FineTune:
     """How the launch layer fine-tunes (the demo's original model): a Ray Train run of the config."""
@@ -170,47 +136,6 @@ def finetuner(console: bool = False) -> FineTune:
 
 
 # --------------------------------------------------------------------------------------------------- running
-def _divergence(cfg: RunConfig) -> str | None:
-    """The run's f-divergence when its method has one (FLAT), else None."""
-    return cfg.method.divergence if "divergence" in METHODS[cfg.method.name].knobs else None
-
-
-def _run_name(cfg: RunConfig) -> str:
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    knob = f"-{_divergence(cfg)}" if _divergence(cfg) else ""
-    return f"{cfg.method.name}{knob}-lr{cfg.optim.lr:g}-{stamp}"
-
-
-def _params(cfg: RunConfig, model_path: str) -> dict[str, Any]:
-    """Every config field and what it resolved to here; DeepSpeed's version and the precision are logged by
-    rank 0, where the run really happens."""
-    params: dict[str, Any] = dict(cfg.flat())
-    params.update({
-        "resolved.model_path": model_path,
-        "resolved.world_size": cfg.launch.num_workers,
-        "resolved.deepspeed_stage": cfg.deepspeed.stage,
-        "resolved.seed": cfg.optim.seed,
-        "resolved.git_sha": tracking.git_sha() or "unknown",
-        "resolved.effective_batch": cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.launch.num_workers,
-        # what each worker asked Ray for beyond the config's CPUs and GPUs
-        "resolved.host_memory_per_worker_gib": round(host_bytes_per_worker(cfg, model_path) / 2**30, 2),
-        "resolved.placement_strategy": cfg.launch.strategy(),
-    })
-    params.update({f"version.{k}": v for k, v in package_versions().items()})
-    return params
-
-
-def _history_at(uri: str, run_id: str, keys: list[str], first: bool) -> dict[str, float]:
-    out = {}
-    for key in keys:
-        hist = tracking.metric_history(uri, run_id, key)
-        if hist:
-            out[key] = hist[0][1] if first else hist[-1][1]
-    return out
-
-
 def _worker_error(exc: BaseException) -> str:
     """The line that says what went wrong in a worker: flat_ray's own message if it raised one, else the last
     ``SomethingError: message`` line of the worker's traceback (Ray's headers name no cause)."""
@@ -220,92 +145,6 @@ def _worker_error(exc: BaseException) -> str:
         return ours.group(1).strip()[:400]
     causes = re.findall(r"^\s*([\w.]*(?:Error|Exception|Interrupt)\b:? .+)$", text, flags=re.M)
     return (causes[-1] if causes else type(exc).__name__).strip()[:300]
-
-
-def describe(cfg: RunConfig, result: str = "") -> str:
-    """One paragraph saying what a run is (MLflow's run description, ``mlflow.note.content``)."""
-    detail = f" with the {_divergence(cfg)} divergence" if _divergence(cfg) else ""
-    if cfg.model.lora_rank:
-        detail += f", LoRA rank {cfg.model.lora_rank} on {cfg.model.lora_target_modules}"
-    text = (f"{cfg.method.name}{detail} on {cfg.data.benchmark}/{cfg.data.split}, model {cfg.model.name_or_path}: "
-            f"lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, micro-batch {cfg.optim.micro_batch_size} x "
-            f"{cfg.optim.grad_accum_steps} accumulation x {cfg.launch.num_workers} workers, DeepSpeed ZeRO-"
-            f"{cfg.deepspeed.stage}, seed {cfg.optim.seed}.")
-    return text + (f" Result: {result}." if result else "")
-
-
-def _result_sentence(before: dict[str, float], after: dict[str, float]) -> str:
-    keys = [k for k in ("forget_prob", "retain_prob", "model_utility", "forget_quality") if f"eval/{k}" in after]
-    return ", ".join(f"{k} {before[f'eval/{k}']:.4g} -> {after[f'eval/{k}']:.4g}" if f"eval/{k}" in before
-                     else f"{k} {after[f'eval/{k}']:.4g}" for k in keys)
-
-
-def _prepare(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Place, str, dict[str, str]]:
-    """The config to run (a resumed run's own), its MLflow URI, storage, name and saved state."""
-    uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
-    storage = storage_root(cfg)
-    name = resume or _run_name(cfg)
-    state_path = storage / name / STATE_FILE
-    if resume and not state_path.is_file():
-        raise FlatRayError(f"no run named {resume!r} under {storage}; runs there: "
-                           f"{', '.join(known_runs(storage)) or 'none'}")
-    if not resume and (storage / name).exists():
-        raise FlatRayError(f"a run named {name!r} already exists under {storage}; pass --resume {name} to continue it "
-                           "or choose another tracking.run_name")
-    state: dict[str, str] = {}
-    if resume:
-        state = json.loads(state_path.read_text())
-        # a resumed run continues with the config it started with, whatever the command line says now
-        cfg = load_config(Path(state["output_dir"]) / "config.yaml")
-        uri = state["mlflow_uri"]
-        if tracking.run_data(uri, state["run_id"]).info.status == "FINISHED":  # its checkpoints may be gone
-            raise FlatRayError(f"run {resume!r} has already finished (MLflow run {state['run_id']}); its model is "
-                               f"in {Path(state['output_dir']) / 'model'}")
-    return cfg, uri, storage, name, state
-
-
-def _open_run(cfg: RunConfig, uri: str, storage: Place, name: str, state: dict[str, str], model_path: str,
-              tags: dict[str, str] | None) -> tuple[tracking.Tracker, Path]:
-    """Reopen a resumed run's MLflow run, or start a new one with its params, tags, dataset and config. The state
-    file that lets a resume find the run is written as soon as the run exists, before anything else is logged: a
-    driver killed from then on is resumed into the same run, never into a second one."""
-    if state:
-        tracker = tracking.reopen_run(uri, state["run_id"])
-        tracker.set_tags({"resumed": "true"})
-        output_dir = Path(state["output_dir"])
-        # the driver may have died anywhere in logging them (params but no dataset yet): logging them again is a
-        # no-op for what is there (same params, a dataset input MLflow dedups by digest, the same config file)
-        _log_inputs(tracker, cfg, model_path, output_dir)
-        return tracker, output_dir
-    output_dir = Path(cfg.paths.output_dir).expanduser().resolve() if cfg.paths.output_dir else workdir(cfg) / "runs" / name
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())  # what a resume reads back
-    tags = {"model": cfg.model.name_or_path, "benchmark": f"{cfg.data.benchmark}/{cfg.data.split}",
-            "method": cfg.method.name,
-            "divergence": _divergence(cfg) or "-",
-            "flat_ray.ray_run": name, "mlflow.note.content": describe(cfg),
-            **tracking.standard_tags("flat-ray " + ("finetune" if cfg.method.name == "sft" else "train")),
-            **(tags or {})}
-    tracker = tracking.start_run(uri, cfg.tracking.experiment, name, workdir(cfg) / "mlartifacts", tags)
-    (storage / name).mkdir()
-    (storage / name / STATE_FILE).write_text(json.dumps({"run_id": tracker.run_id, "mlflow_uri": uri,
-                                                         "output_dir": str(output_dir), "model_path": model_path}))
-    _log_inputs(tracker, cfg, model_path, output_dir)
-    return tracker, output_dir
-
-
-def _log_inputs(tracker: tracking.Tracker, cfg: RunConfig, model_path: str, output_dir: Path) -> None:
-    """The run's params, its training split as a dataset and its config file."""
-    tracker.log_params(_params(cfg, model_path))
-    log_split(tracker, cfg)
-    tracker.log_artifact(output_dir / "config.yaml")
-
-
-def log_split(tracker: tracking.Tracker, cfg: RunConfig) -> None:
-    """The run's training split as an MLflow dataset input."""
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
-    tracker.log_dataset(f"{cfg.data.benchmark}/{cfg.data.split}", rows,
-                        {"benchmark": cfg.data.benchmark, "split": cfg.data.split, "data_dir": cfg.data.data_dir or "-"})
 
 
 def _fit(cfg: RunConfig, name: str, storage: Place, payload: dict[str, Any], callbacks: list | None,
@@ -349,65 +188,6 @@ def _fit(cfg: RunConfig, name: str, storage: Place, payload: dict[str, Any], cal
     return None
 
 
-def release_orphaned_placement_groups(wait_s: float = 0.0, *, cell_done: bool = False) -> int:
-    """Remove the placement groups of this Ray job that an actor created and outlived: what a Ray Train run leaves
-    behind when its controller dies while starting a worker group (Ray Train's own cleaner misses a group created
-    but not yet registered with it; seen when Tune stops a trial). Such a group is tied to the job's driver, so in
-    a sweep it holds its CPUs/GPUs until the sweep ends: on a cluster sized for one trial at a time, every later
-    trial waits for workers forever. Groups of the driver itself (Tune's) and detached ones are left alone, and so
-    are those of live actors (a running trial's controller), except with ``cell_done``: when a cell's trials have
-    all ended, a group whose creator is still alive after ``wait_s`` (a stopped controller that has not died yet;
-    CI once saw one outlive a 5 s wait) goes too. With ``wait_s``, waits that long for creators still alive and
-    removes each group as its creator dies. Returns how many it removed."""
-    deadline, removed = time.monotonic() + wait_s, 0
-    while True:
-        groups = _actor_created_groups()
-        removed += _remove(group_id for group_id, creator_dead in groups if creator_dead)
-        if all(dead for _, dead in groups) or time.monotonic() >= deadline:
-            break
-        time.sleep(0.25)
-    if cell_done:
-        removed += _remove(group_id for group_id, _ in _actor_created_groups())
-    if removed:
-        log.warning("released %d placement group(s) left behind by stopped Ray Train runs", removed)
-    return removed
-
-
-def _remove(group_ids: Iterable[bytes]) -> int:
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    removed = 0
-    for group_id in group_ids:
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
-            removed += 1
-        except Exception as exc:  # noqa: BLE001 - removed meanwhile (Ray Train's cleaner): nothing to do
-            log.debug("placement group %s not removed: %s", group_id.hex(), exc)
-    return removed
-
-
-def _actor_created_groups() -> list[tuple[bytes, bool]]:
-    """(id, creator dead) of every placement group of this job that is not removed or detached and that an actor
-    created. Read from the GCS table (Ray's state API does not say who created a group); empty where that table
-    cannot be read (another Ray version's internals, a Ray Client driver)."""
-    import ray
-
-    try:
-        from ray._private.state import state
-        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
-
-        table = state._connect_and_get_accessor().get_placement_group_table()
-    except Exception as exc:  # noqa: BLE001 - another Ray version, a Ray Client driver: release nothing, break nothing
-        log.debug("placement groups not inspected: %s", exc)
-        return []
-    job = ray.get_runtime_context().get_job_id()
-    groups = [PlacementGroupTableData.FromString(raw) for raw in table]
-    return [(g.placement_group_id, g.creator_actor_dead) for g in groups
-            if g.state != PlacementGroupTableData.REMOVED and not g.is_detached and g.creator_job_id.hex() == job
-            and not ray.ActorID(g.creator_actor_id).is_nil()]
-
-
 def _checkpoint_config(cfg: RunConfig, CheckpointConfig: type) -> Any:  # noqa: N803 - Ray's class, imported late
     """Ray Train keeps the latest checkpoint and, with ``launch.checkpoint_metric``, the best ones by the score
     the workers report with each checkpoint (``checkpoint_score``: that metric, NaN where the epoch was not
@@ -432,16 +212,19 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     what its sweep did once for all trials: the cluster check, probing the MLflow server and fetching the weights;
     its epoch-0 evaluation comes from (or goes to) its cell's ``original_cache`` (flat_ray.eval.original)."""
     started = time.monotonic()
-    cfg, uri, storage, name, state = _prepare(cfg, resume)
+    cfg, uri, storage, name, state = prepare_run(cfg, resume)
     preflight(cfg, None if placed_by_sweep else uri)
     if placed_by_sweep:
         connect_ray(cfg.launch.address)
     else:  # before the demo's original is built or weights are fetched
-        _start_ray(cfg, name)
+        start_ray(cfg, name)
         fetch_weights(cfg)
+    # what an earlier run of this Ray job left behind (a controller that died while starting its worker group: a
+    # stopped trial, a worker-group start that timed out) would keep this run's workers waiting forever
+    release_orphaned_placement_groups()
     model_path = resolve_model_path(cfg, finetuner(console))
     cfg = auto_reference(cfg, finetuner(console))
-    tracker, output_dir = _open_run(cfg, uri, storage, name, state, model_path, tags)
+    tracker, output_dir = open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
                "storage_dir": str(storage / name),
                "mlflow": {"uri": uri, "run_id": tracker.run_id},
@@ -495,8 +278,8 @@ def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, o
         record_model(tracker, cfg, model_dir)
     keys = [f"eval/{m}" for m in METRICS]
     result = TrainResult(name, tracker.run_id, uri, model_dir,
-                         before=_history_at(uri, tracker.run_id, keys, first=True),
-                         after=_history_at(uri, tracker.run_id, keys, first=False),
+                         before=history_at(uri, tracker.run_id, keys, first=True),
+                         after=history_at(uri, tracker.run_id, keys, first=False),
                          seconds=time.monotonic() - started)
     from flat_ray.report import run_curves
 
@@ -506,5 +289,5 @@ def _summarize(cfg: RunConfig, tracker: tracking.Tracker, name: str, uri: str, o
             tracker.log_figure(figure, "plots/training_curves.png")
     except Exception as exc:  # noqa: BLE001 - a figure never fails a finished run
         log.warning("run %s: could not log its training curves (%s)", name, str(exc).splitlines()[0][:200])
-    tracker.set_tags({"mlflow.note.content": describe(cfg, _result_sentence(result.before, result.after))})
+    tracker.set_tags({"mlflow.note.content": describe(cfg, result_sentence(result.before, result.after))})
     return result

@@ -22,7 +22,8 @@ from flat_ray.config import load_config
 from flat_ray.engine.checkpoint import verify, write_manifest
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint, RunFailed
 from flat_ray.fileio import atomic_write_text, check_writable
-from flat_ray.launch.driver import STATE_FILE, run_training
+from flat_ray.launch.driver import run_training
+from flat_ray.launch.records import STATE_FILE
 from tests.runs import ZERO3, tiny_overrides
 
 FLAT_RAY = str(Path(sys.executable).with_name("flat-ray"))

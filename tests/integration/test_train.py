@@ -16,7 +16,7 @@ from flat_ray import tracking
 from flat_ray.config import load_config
 from flat_ray.engine.checkpoint import verify
 from flat_ray.errors import FlatRayError
-from flat_ray.launch import driver
+from flat_ray.launch import driver, records
 from flat_ray.launch.driver import run_training, storage_root
 from tests.runs import ZERO3, registered
 from tests.test_cli import run_main
@@ -136,7 +136,7 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
         (0, pytest.approx(sum(mib(c) for c in kept), rel=1e-6))]
     # a finished run is never resumed (its checkpoints may be gone): one line naming its model
     with pytest.raises(FlatRayError, match=r"run 'zero3' has already finished \(MLflow run \w+\); its model is in"):
-        driver._prepare(cfg, "zero3")
+        records.prepare_run(cfg, "zero3")
     export = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "export_mb"))
     assert export == {12: pytest.approx(mib(res.model_dir), rel=1e-6)}
     total = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "written_mb"))

@@ -18,7 +18,7 @@ import pytest
 
 from cli.main import main
 from flat_ray import tracking
-from flat_ray.launch.driver import STATE_FILE
+from flat_ray.launch.records import STATE_FILE
 from tests.procs import kill_tree
 
 pytestmark = pytest.mark.slow
@@ -205,9 +205,9 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     assert tracking.run_data(uri, state["parent_run_id"]).data.params["sweep.algorithm"] == "optuna"
     # nothing of the stopped trial holds the suite's CPUs after the sweep (its Ray Train controller can die while
     # starting a worker group and leave that group to this process: CI once saw it stall the next sweep)
-    from flat_ray.launch import driver
+    from flat_ray.launch import cluster
 
-    assert driver._actor_created_groups() == []
+    assert cluster._actor_created_groups() == []
 
 
 NOISE = ("Token authentication", "core_worker.cc", "PreemptionWatcher", "Setting accelerator to CPU",

@@ -3,6 +3,8 @@ refused only when no node type can ever hold it (a real local Ray, node types wr
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 
@@ -45,3 +47,57 @@ def test_a_run_waits_for_the_autoscaler_and_one_no_node_type_holds_is_refused(ra
     with pytest.raises(SystemExit) as exc:
         main(["train", "launch.accelerator_type=H100", "model.name_or_path=tiny", f"paths.workdir={tmp_path}/wd"])
     assert exc.value.code == 2 and sorted(tmp_path.rglob("*")) == before
+
+
+def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_local):
+    """What a Ray Train controller that died while starting its worker group leaves behind (a placement group it
+    created, which Ray keeps for as long as the job's driver lives; CI once saw one hold a CPU through the rest of
+    the suite, so the demo sweep's workers never started) is released; the groups of a live actor and of the driver
+    itself are not. With ``wait_s`` the release waits for a creator that is still dying; at the end of a cell
+    (``cell_done``) it then releases what a creator still alive holds."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from flat_ray.launch import cluster
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def create(self):
+            group = placement_group([{"CPU": 0.05}])
+            ray.get(group.ready())
+            return group
+
+    def state(group) -> str:
+        return placement_group_table(group)["state"]
+
+    own = placement_group([{"CPU": 0.05}])  # the driver's own, like the ones Tune makes for its trials
+    ray.get(own.ready())
+    live, dying = Creator.remote(), Creator.remote()
+    kept, left = ray.get(live.create.remote()), ray.get(dying.create.remote())
+    made = [own, kept, left]
+    try:
+        assert cluster.release_orphaned_placement_groups() == 0  # every creator alive
+        ray.kill(dying)
+        time.sleep(1)
+        assert state(left) == "CREATED"  # Ray keeps it: a group an actor created lives as long as the job
+        deadline = time.monotonic() + 30
+        while state(left) != "REMOVED":  # released as soon as Ray knows its creator is dead
+            assert time.monotonic() < deadline, state(left)
+            cluster.release_orphaned_placement_groups()
+            time.sleep(0.2)
+        assert state(kept) == state(own) == "CREATED"
+        ray.kill(live)  # still dying when the release starts: waited for
+        assert cluster.release_orphaned_placement_groups(wait_s=30) == 1 and state(kept) == "REMOVED"
+        assert state(own) == "CREATED"
+        # at the end of a cell every trial has ended: a creator still alive after the wait (a stopped controller
+        # slow to die) loses its group too; the driver's own group stays
+        late = Creator.remote()
+        stuck = ray.get(late.create.remote())
+        made.append(stuck)
+        started = time.monotonic()
+        assert cluster.release_orphaned_placement_groups(wait_s=1.0, cell_done=True) == 1
+        assert time.monotonic() - started >= 1.0 and state(stuck) == "REMOVED" and state(own) == "CREATED"
+    finally:
+        for group in made:
+            if state(group) != "REMOVED":
+                remove_placement_group(group)

@@ -236,7 +236,7 @@ def test_concurrency_is_what_the_nodes_hold():
 def test_space_vocabulary_becomes_ray_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from flat_ray.launch.tune import domain
+    from flat_ray.launch.search import domain
     from flat_ray.sweep import Spec
 
     assert domain(Spec("grid", (1, 2))) == {"grid_search": [1, 2]}
@@ -252,7 +252,7 @@ def test_searchers_and_schedulers_follow_the_space(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    from flat_ray.launch.tune import SCHEDULER_BUILDERS, SEARCH_BUILDERS
+    from flat_ray.launch.search import SCHEDULER_BUILDERS, SEARCH_BUILDERS
     from flat_ray.sweep import SCHEDULERS, SEARCHERS
 
     # every name a space may use has a builder, and no builder hides behind an unlisted name
@@ -354,7 +354,7 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     as many as fit the cluster at its largest may be pending, so the autoscaler sees their whole demand. Those
     trials run on nodes yet to come, so shared storage, a server MLflow and the work folder on the storage's
     filesystem are required up front."""
-    from flat_ray.launch.tune import _check_cluster
+    from flat_ray.launch.cluster import check_sweep
     from flat_ray.storage import Place
 
     monkeypatch.chdir(tmp_path)  # the space's paths.workdir, flat_ray_work, is relative to here
@@ -363,27 +363,27 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
     space = load_space("tofu", check_files=False)  # each trial 2 x (8 CPU, 1 GPU) on one node; llama 2 x 78.3 GiB of host memory
     with pytest.raises(FlatRayError, match="cell llama2-7b-tofu_forget01-flat waits for nodes the autoscaler adds: "
                                            "pass --storage-path on shared storage"):
-        _check_cluster(space, "auto", None, "sqlite:///x.db")
+        check_sweep(space, "auto", None, "sqlite:///x.db")
     with pytest.raises(FlatRayError, match="waits for nodes the autoscaler adds but MLflow is a local SQLite file"):
-        _check_cluster(space, "auto", shared, "sqlite:///x.db")
+        check_sweep(space, "auto", shared, "sqlite:///x.db")
     # llama: 3 per A10G node (RAM binds) x 3 nodes + 4 per A100 node x 2; phi: 4 per node (GPUs bind) x 5 nodes
     want = {c.name: 17 if c.name.startswith("llama") else 20 for c in space.cells}
-    assert _check_cluster(space, "auto", shared, "http://head:5000") == want
+    assert check_sweep(space, "auto", shared, "http://head:5000") == want
     elsewhere = Place.of("/dev/shm/flat-ray-shared")  # another filesystem (tmpfs) than the work folder's
     if Path("/dev/shm").is_dir() and Path("/dev/shm").stat().st_dev != tmp_path.stat().st_dev:
         with pytest.raises(FlatRayError, match=rf"the work folder {tmp_path / 'flat_ray_work'} \(sweep state, trial "
                                                rf"outputs, exports\) is not on the filesystem of --storage-path "
                                                rf"{elsewhere}.*set paths.workdir on the shared mount"):
-            _check_cluster(space, "auto", elsewhere, "http://head:5000")
+            check_sweep(space, "auto", elsewhere, "http://head:5000")
     monkeypatch.delenv("FLAT_RAY_CLUSTER_CONFIG")  # this Ray alone: one node, 2 CPUs, no GPU, never grows
     with pytest.raises(FlatRayError, match=r"cell llama2-7b-tofu_forget01-flat: one trial asks for 2 workers x "
                                            r"\(CPU 8, GPU 1, memory 78.3 GiB\) on one node \(STRICT_PACK\) but no "
                                            r"node type can ever hold it: node [\d.]+ \(CPU 2, memory"):
-        _check_cluster(space, None, shared, "http://head:5000")
+        check_sweep(space, None, shared, "http://head:5000")
     demo = load_space("demo")  # fits here: a local sweep runs what fits, with no multi-node requirement
-    assert _check_cluster(demo, None, None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert check_sweep(demo, None, None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
     # joined to a cluster without an autoscaler (this Ray, 2 CPUs) where a trial fits: what fits, not every trial
-    assert _check_cluster(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert check_sweep(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
 def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_fits_its_largest_size(ray_local, tmp_path,
@@ -395,7 +395,7 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
     from ray.core.generated import autoscaler_pb2
     from ray.experimental import internal_kv
 
-    from flat_ray.launch.tune import _check_cluster
+    from flat_ray.launch.cluster import check_sweep
     from flat_ray.storage import Place
 
     monkeypatch.chdir(tmp_path)  # the work folder and the storage path on one filesystem
@@ -410,19 +410,19 @@ def test_on_a_cluster_whose_autoscaler_names_its_node_types_concurrency_is_what_
     internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
     try:
         tofu = load_space("tofu", check_files=False)  # each trial 2 x (8 CPU, 1 GPU) on one node: one per gpu node
-        assert _check_cluster(tofu, "auto", shared, "http://head:5000") == {c.name: 3 for c in tofu.cells}
+        assert check_sweep(tofu, "auto", shared, "http://head:5000") == {c.name: 3 for c in tofu.cells}
         demo = load_space("demo")  # 2 x (0.99 CPU, 2 GiB) anywhere: 8 + 3 x 16 workers make 28 trials, though
         with pytest.raises(FlatRayError, match="cell demo-demo_forget10-flat waits for nodes the autoscaler adds"):
-            _check_cluster(demo, "auto", None, "sqlite:///x.db")  # only 1 fits this Ray now
-        assert _check_cluster(demo, "auto", shared, "http://head:5000") == {c.name: 28 for c in demo.cells}
+            check_sweep(demo, "auto", None, "sqlite:///x.db")  # only 1 fits this Ray now
+        assert check_sweep(demo, "auto", shared, "http://head:5000") == {c.name: 28 for c in demo.cells}
         big = load_space("tofu", ["launch.num_workers=4"], check_files=False)  # 4 x (8 CPU, 1 GPU) on one node: never fits
         with pytest.raises(FlatRayError, match=r"one trial asks for 4 workers x \(CPU 8, GPU 1, memory 40.7 GiB\) "
                                                r"on one node \(STRICT_PACK\) but no node type can ever hold it: head "
                                                r"\(CPU 8, memory 16.0 GiB\); gpu \(CPU 16, GPU 2, memory 200.0 GiB\)"):
-            _check_cluster(big, "auto", shared, "http://head:5000")
+            check_sweep(big, "auto", shared, "http://head:5000")
     finally:
         internal_kv._internal_kv_del(key[1], namespace=key[0])
-    assert _check_cluster(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
+    assert check_sweep(demo, "auto", None, "sqlite:///x.db") == {c.name: 1 for c in demo.cells}
 
 
 def test_trial_functions_are_pinned_to_the_head_node(ray_local):
