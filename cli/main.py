@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
+from flat_ray.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
@@ -92,7 +92,7 @@ def _summary(result) -> None:
     """Before/after of every evaluated metric: the metric registry's forget metrics, then utility, then the
     objectives and diagnostics (registry order within each), then anything the registry does not know."""
     from flat_ray.console import format_value
-    from flat_ray.eval.metrics import METRICS
+    from flat_ray.metrics import METRICS
 
     keys = [k.removeprefix("eval/") for k in result.before if k.startswith("eval/") and k in result.after]
     roles = ("forget", "utility", "objective", "diagnostic")
@@ -121,58 +121,17 @@ def _browse(uri: str, run_id: str) -> None:
                    f"http://127.0.0.1:5000/{page}")
 
 
-def _gpu_gib(spec: str | None) -> float | None:
-    """``--gpu-memory``, else the memory of this machine's first GPU, else None (nothing to check against)."""
-    from flat_ray.memory import GIB
-    from flat_ray.placement import gpu_memory_gib
-
-    if spec:
-        return gpu_memory_gib(spec)
-    if _local_gpus():
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory / GIB
-    return None
-
-
-def _memory_plan(cfg, model_path: str, gpu_gib: float | None) -> None:
-    from flat_ray.memory import GIB, arch_for, fit_hint, host_plan, plan
-
-    arch = arch_for(model_path)
-    if arch is None:
-        click.echo(f"memory plan: the architecture of {model_path} is unknown here (no config.json)")
-        return
-    size = f"{arch.params / 1e9:.2f} B" if arch.params >= 1e8 else f"{arch.params / 1e6:.2f} M"
-    if cfg.model.lora_rank:
-        size += f" frozen, LoRA rank {cfg.model.lora_rank}: {arch.adapter_params(cfg.model.lora_rank) / 1e6:.2f} M training"
-    click.echo(f"memory plan per GPU ({size} parameters, {cfg.launch.num_workers} ranks, ZeRO-"
-               f"{cfg.deepspeed.stage}, bf16 unless deepspeed.precision says otherwise):")
-    for line in plan(cfg, arch).lines():
-        click.echo(line)
-    click.echo("host memory per rank (what each worker asks Ray for as its memory resource):")
-    for line in host_plan(cfg, arch).lines(("steady state", "while loading")):
-        click.echo(line)
-    if gpu_gib is not None:
-        hint = fit_hint(cfg, arch, gpu_gib * GIB)
-        click.echo(f"  fits in {gpu_gib:g} GiB" if hint is None else f"  does not fit in {gpu_gib:g} GiB: {hint}")
-
-
 def _run(args: tuple[str, ...], presets: list[str], dry_run: bool, resume: str | None, address: str | None,
          gpu_memory: str | None = None) -> None:
-    cfg = _load(args, presets, address)
-    gpu_gib = _gpu_gib(gpu_memory)
     from transformers.utils import logging as hf_logging
 
+    from flat_ray.dryrun import gpu_gib_of, run_lines
+
+    cfg = _load(args, presets, address)
+    gpu_gib = gpu_gib_of(gpu_memory)
     hf_logging.disable_progress_bar()
     if dry_run:
-        from flat_ray.pipeline import dry_run as run_dry
-
-        summary = run_dry(cfg)
-        width = max(map(len, summary))
-        for key, value in summary.items():
-            click.echo(f"{key:<{width}}  {value}")
-        _memory_plan(cfg, summary["model"], gpu_gib)
-        click.echo("dry run ok: no parameters were updated")
+        click.echo("\n".join(run_lines(cfg, gpu_gib)))
         return
     if gpu_gib is not None:
         from flat_ray.memory import check_fits
@@ -328,117 +287,33 @@ def tune(overrides, space, name, resume, dry_run, list_spaces, address, storage_
     Every trial is a `flat-ray train` run (Ray Train workers, DeepSpeed) nested under one MLflow parent run per
     sweep; the report table ends the sweep. KEY=VALUE overrides apply to every trial (e.g. optim.epochs=2).
     """
-    from flat_ray.sweep import format_table, load_space, shipped_spaces, trial_table
+    from transformers.utils import logging as hf_logging
+
+    from flat_ray.dryrun import gpu_gib_of, space_lines, sweep_lines
+    from flat_ray.memory import check_fits
+    from flat_ray.sweep_state import space_to_run
 
     if list_spaces:
-        for item in shipped_spaces():
-            sp = load_space(item, check_files=False)
-            click.echo(f"{item:<16}{sp.total_trials():>4} trials  {sp.description}")
+        click.echo("\n".join(space_lines()))
         return
     if resume and (name or overrides):
         raise click.UsageError("--resume continues a sweep with its own space and overrides; drop --name and KEY=VALUE")
     if dry_run:
-        import os
-
-        if resume:
-            from flat_ray.report import saved_space
-
-            sp = saved_space(resume, workdir)[0]
-        else:
-            sp = load_space(space, list(overrides), check_files=False)
-        from flat_ray.placement import this_machine
-        from flat_ray.sweep import reference_source
-
-        cpus, gpus, gpu_gib = os.cpu_count() or 1, _local_gpus(), _gpu_gib(gpu_memory)
-        cluster = _cluster_yaml_nodes(gpu_memory)
-        if prices and not cluster:
-            raise click.UsageError("--prices needs --gpu-memory CLUSTER.yaml (the node types the prices are for)")
-        from flat_ray.cost import cost_lines, read_prices
-
-        price_table = read_prices(prices, cluster) if prices else None
-        click.echo(f"space {sp.name} ({sp.path}): {sp.total_trials()} trials in {len(sp.cells)} cell(s); "
-                   f"search {sp.algorithm} (seed {sp.seed}), scheduler {sp.scheduler}, objective "
-                   f"{', '.join(f'{m} ({mo})' for m, mo in zip(sp.objective, sp.modes, strict=True))}")
-        click.echo(format_table(trial_table(sp, cluster or [this_machine(cpus, gpus)], gpu_gib, cluster)))
-        _misfits(sp, gpu_gib)
-        click.echo("forget-quality references:\n" + "\n".join(f"  cell {c.name}: {reference_source(c.config)}"
-                                                              for c in sp.cells))
-        if cluster:
-            _node_types(sp, cluster, gpu_memory)
-        click.echo("\n".join(cost_lines(sp, cluster, price_table)))
-        where = (f"the cluster of {gpu_memory} at its largest" if cluster else
-                 f"this machine ({cpus} CPUs, {gpus} GPUs)")
-        click.echo(f"concurrency computed for {where}; nothing was started")
+        click.echo("\n".join(sweep_lines(space_to_run(space, list(overrides), resume, workdir), gpu_memory, prices)))
         return
-    from transformers.utils import logging as hf_logging
-
     from flat_ray.launch.tune import run_sweep
 
     hf_logging.disable_progress_bar()
-    gpu_gib = _gpu_gib(gpu_memory)
-    if gpu_gib is not None:  # refuse before a GPU node is paid for
-        from flat_ray.memory import check_fits
-
-        if resume:
-            from flat_ray.report import saved_space
-
-            sp = saved_space(resume, workdir)[0]
-        else:
-            sp = load_space(space, list(overrides), check_files=False)  # the sweep checks the files itself
-        check_fits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib)
+    gpu_gib = gpu_gib_of(gpu_memory)
+    if gpu_gib is not None:  # refuse before a GPU node is paid for (the sweep checks the files itself)
+        check_fits([(f"cell {c.name}", c.config) for c in space_to_run(space, list(overrides), resume, workdir).cells],
+                   gpu_gib)
     result = run_sweep(space, list(overrides), name=name, resume=resume, address=address,
                        storage_path=storage_path, mlflow_uri=mlflow_uri, workdir_hint=workdir, echo=click.echo)
     click.echo(f"sweep {result.name}: {result.trials} trials, {result.errored} errored, {result.seconds:.0f} s")
     click.echo(f"report: {result.sweep_dir / 'report'}")
     _browse(result.mlflow_uri, result.parent_run_id)
-    if result.errored:
-        from flat_ray.errors import RunFailed
-
-        raise RunFailed(f"{result.errored} trial(s) failed (see the FAILED runs in MLflow experiment {result.name} and "
-                        f"the error.txt of each failed trial under Ray's results); `flat-ray tune --resume "
-                        f"{result.name}` retries them")
-
-
-def _misfits(sp, gpu_gib: float | None) -> None:
-    """Under the dry run's table: what would make each cell that does not fit in the GPUs fit."""
-    from flat_ray.memory import misfits
-
-    for line in misfits([(f"cell {c.name}", c.config) for c in sp.cells], gpu_gib) if gpu_gib is not None else []:
-        click.echo(line)
-
-
-def _cluster_yaml_nodes(spec: str | None) -> list | None:
-    """The node types of ``--gpu-memory CLUSTER.yaml`` (None for a number of GiB or no option)."""
-    from pathlib import Path
-
-    from flat_ray.placement import node_types_from_yaml
-
-    if not spec or not Path(spec).expanduser().is_file():
-        return None
-    return node_types_from_yaml(Path(spec).expanduser())
-
-
-def _node_types(sp, cluster: list, source: str) -> None:
-    """Under the dry run's table: each node type, and how many trials of each cell one node of it holds."""
-    from flat_ray.placement import landing, trials_per_node
-
-    click.echo(f"node types of {source} (Ray's memory resource: 70% of the RAM unless the YAML sets it):")
-    for node in cluster:
-        gpus = f", {node.gpu_gib:g} GiB per GPU" if node.gpu_gib else ""
-        click.echo(f"  {node.name}: {node.describe().split(' (', 1)[1][:-1]}{gpus}; up to {node.max_count} node(s)")
-    for cell in sp.cells:
-        node = landing(cell.config, cluster)
-        click.echo(f"  cell {cell.name} -> " + (f"{node.name}, {trials_per_node(cell.config, node)} trial(s) per node"
-                                               if node else "no node type can hold its trials"))
-
-
-def _local_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
+    result.raise_if_errored()
 
 
 @cli.command()
@@ -446,7 +321,8 @@ def _local_gpus() -> int:
 @click.option("--workdir", metavar="DIR", help="Where to look for the sweep by name (default flat_ray_work).")
 def report(sweep: str, workdir: str | None) -> None:
     """Write and print a sweep's report: per benchmark the best trial of each method, Pareto and loss plots."""
-    from flat_ray.report import find_sweep, write_report
+    from flat_ray.report import write_report
+    from flat_ray.sweep_state import find_sweep
 
     result = write_report(find_sweep(sweep, workdir))
     click.echo(result.text)

@@ -23,12 +23,12 @@ import yaml
 
 from flat_ray.data import BENCHMARKS, TEMPLATE_SOURCES
 from flat_ray.data.templates import read_template_file
-from flat_ray.engine.schedule import DECAYS
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS
-from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 from flat_ray.losses import DIVERGENCES, METHODS, NORMALIZATIONS
+from flat_ray.metrics import METRICS
 from flat_ray.models import AUTO_PROFILE, DEMO_ORIGINAL, PROFILES, TINY
+from flat_ray.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
+from flat_ray.schedule import DECAYS
 
 EXPORTS = ("last", "best", "none")
 PLACEMENT_STRATEGIES = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")

@@ -22,7 +22,7 @@ from flat_ray import lora, tracking
 from flat_ray.config import RunConfig, load_config
 from flat_ray.engine.checkpoint import ANY_MANIFEST, EPOCH_FILE, verify_listing
 from flat_ray.errors import FlatRayError, IncompleteCheckpoint
-from flat_ray.eval.metrics import rank_value
+from flat_ray.metrics import rank_value
 from flat_ray.storage import Place
 
 RUN_STATE = "flat_ray_run.json"  # in <storage>/<run>: which MLflow run, output folder and model a Ray run belongs to

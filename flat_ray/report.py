@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flat_ray import tracking
-from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS, add_derived, best_epoch
+from flat_ray import sweep_state, tracking
 from flat_ray.eval.open_unlearning import read_logs
-from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO
 from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, read_reference, summarize
-
-SWEEP_FILE = "sweep.json"
+from flat_ray.metrics import METRICS, add_derived, best_epoch
+from flat_ray.ratios import DEFAULT_TRUTH_RATIO
 
 
 @dataclass
@@ -76,31 +73,6 @@ class Report:
         return out
 
 
-def find_sweep(name_or_dir: str, workdir: str | None = None) -> Path:
-    """A sweep directory from its name (under ``<workdir>/sweeps``) or its path."""
-    p = Path(name_or_dir).expanduser()
-    if (p / SWEEP_FILE).is_file():
-        return p.resolve()
-    root = Path(workdir or "flat_ray_work").expanduser() / "sweeps"
-    if (root / name_or_dir / SWEEP_FILE).is_file():
-        return (root / name_or_dir).resolve()
-    known = sorted(d.name for d in root.glob("*") if (d / SWEEP_FILE).is_file()) if root.is_dir() else []
-    if p.is_dir():
-        raise FlatRayError(f"{str(p)!r} is not a sweep directory (it has no {SWEEP_FILE}); sweeps in {root}: "
-                           f"{', '.join(known) or 'none'} (or pass --workdir)")
-    raise FlatRayError(f"no sweep named {name_or_dir!r} in {root}; sweeps there: {', '.join(known) or 'none'} "
-                       "(or give the sweep directory, or --workdir)")
-
-
-def saved_space(name_or_dir: str, workdir: str | None = None):
-    """The space a sweep was started with (its saved copy and overrides), and the sweep's state."""
-    from flat_ray.sweep import load_space
-
-    sweep_dir = find_sweep(name_or_dir, workdir)
-    state = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    return load_space(str(sweep_dir / "space.yaml"), state["overrides"]), state
-
-
 def _status(run) -> str:
     tags = run.data.tags
     if tags.get("diverged") == "true":
@@ -113,7 +85,7 @@ def _status(run) -> str:
 def collect(sweep_dir: Path, cell: str | None = None) -> tuple[dict[str, Any], list[Trial]]:
     """The sweep's state and its trials (of one ``cell`` only, when given), each with one result: its best epoch
     by the sweep's first objective."""
-    state = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    state = sweep_state.read(sweep_dir)
     uri = state["mlflow_uri"]
     trials = []
     for run in tracking.child_runs(uri, state["parent_run_id"]):

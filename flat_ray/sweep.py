@@ -58,7 +58,7 @@ from flat_ray.config import (
 )
 from flat_ray.config import _build as build_config
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS
+from flat_ray.metrics import METRICS
 from flat_ray.registry import Registry
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -97,20 +96,3 @@ def test_a_zero0_checkpoint_consolidates_to_the_engines_weights(tiny_model_dir, 
     assert proc.returncode == 0 and proc.stdout.split()[-2] == "same", proc.stderr[-3000:]
 
 
-def test_a_trials_result_is_its_best_checkpointed_epoch_the_later_of_equals():
-    from flat_ray.eval.metrics import best_epoch
-    from flat_ray.report import trial_result
-
-    history = {"unlearn_score": {0: 0.9, 1: 0.3, 2: 0.6, 3: 0.6, 4: 0.2}, "forget_prob": {0: 0.9, 1: 0.5, 2: 0.4,
-                                                                                            3: 0.3, 4: 0.1}}
-    params = {"optim.epochs": "4", "launch.checkpoint_every_epochs": "1"}
-    # epoch 0 (the model before unlearning) is never a result; 2 and 3 tie: the later, as export's `choose`
-    assert trial_result(history, params, "unlearn_score") == (3, {"unlearn_score": 0.6, "forget_prob": 0.3})
-    assert trial_result(history, params, "forget_prob")[0] == 4  # lower is better
-    # checkpoints every 3rd epoch and the last: only 3 and 4 could be exported
-    assert trial_result(history, {**params, "launch.checkpoint_every_epochs": "3"}, "forget_prob")[0] == 4
-    assert trial_result({"unlearn_score": {1: 0.5, 2: 0.7, 3: 0.9, 4: 0.1}},
-                        {**params, "launch.checkpoint_every_epochs": "2"}, "unlearn_score")[0] == 2
-    # no value of the metric (evaluation without it): the last evaluation
-    assert trial_result({"forget_prob": {0: 0.9, 1: 0.5}}, params, "unlearn_score") == (1, {"forget_prob": 0.5})
-    assert best_epoch({1: math.nan, 2: 0.4}, "forget_prob") == 2 and best_epoch({}, "forget_prob") is None

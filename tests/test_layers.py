@@ -82,7 +82,7 @@ def test_layers_below_launch_never_import_it():
 
 # the layers DESIGN keeps free of the orchestration stack (what a loss, a metric or a config needs)
 PURE = ("flat_ray.losses", "flat_ray.data", "flat_ray.config", "flat_ray.sweep", "flat_ray.engine.step",
-        "flat_ray.engine.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.eval.metrics",
+        "flat_ray.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.metrics",
         "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console", "flat_ray.memory")
 STACK = ("ray", "deepspeed", "mlflow")
 
@@ -116,6 +116,13 @@ def test_no_function_in_the_package_or_cli_is_over_80_lines():
             for path in _modules().values() for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80]
     assert long == []
+
+
+def test_config_sits_below_engine_eval_pipeline_assets_and_launch():
+    """The config validates against name tables below it (metrics, ratios, schedule, the registries), so the
+    packages that read a config never sit in a circle with it."""
+    above = ("flat_ray.engine", "flat_ray.eval", "flat_ray.pipeline", "flat_ray.assets", "flat_ray.launch")
+    assert sorted(t for t in _imports(_modules())["flat_ray.config"] if t.startswith(above)) == []
 
 
 def test_one_module_imports_each_of_deepspeed_mlflow_and_peft():

@@ -111,21 +111,3 @@ def test_the_cost_of_a_lora_step_has_no_weight_gradients():
     assert adapted.train_flops / full.train_flops == pytest.approx(4 / 6)
 
 
-def test_a_sweep_reports_lora_trials_as_their_own_method(tmp_path):
-    """The report's method column (and every table grouped by it) says +lora for a LoRA trial, read back from the
-    trial's MLflow params, so a sweep comparing both never mixes them in one row."""
-    from flat_ray import tracking
-    from flat_ray.report import SWEEP_FILE, collect
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = tracking.start_run(uri, "s", "s", tmp_path / "art", {"flat_ray.role": "sweep"})
-    for name, rank in (("full", 0), ("adapted", 8)):
-        trial = tracking.start_run(uri, "s", name, tmp_path / "art", {
-            "mlflow.parentRunId": parent.run_id, "method": "flat", "divergence": "kl", "flat_ray.trial": name})
-        trial.log_params({"model.lora_rank": rank, "optim.lr": 1e-4, "optim.epochs": 1})
-        trial.log_metrics({"eval/forget_prob": 0.5}, step=1)
-        trial.close()
-    (tmp_path / SWEEP_FILE).write_text(json.dumps({"mlflow_uri": uri, "parent_run_id": parent.run_id,
-                                                   "objective": ["forget_prob"]}))
-    _, trials = collect(tmp_path)
-    assert {t.name: t.group for t in trials} == {"full": "flat/kl", "adapted": "flat+lora/kl"}

@@ -31,7 +31,6 @@ from flat_ray.data import Collator, load_split
 from flat_ray.distributed import all_reduce, broadcast_flag
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
-from flat_ray.engine.schedule import lr_multiplier, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
@@ -42,6 +41,7 @@ from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
+from flat_ray.schedule import lr_multiplier, optimizer_steps, warmup_steps
 
 log = logging.getLogger("flat_ray.train")
 

@@ -23,7 +23,6 @@ from torch.utils.data import DistributedSampler
 
 from flat_ray.config import RunConfig
 from flat_ray.data import Collator, load_split
-from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.suites import suite_for
@@ -31,6 +30,7 @@ from flat_ray.eval.tofu import read_reference
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
+from flat_ray.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 
 
 def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, device: str = "cpu",

@@ -2,7 +2,7 @@
 
 A benchmark names its suite (``Benchmark.evaluation``). A suite gives the bounded evaluation rows for a config and
 runs them on a model (every rank takes part; each returns the same gathered metrics, named as in
-:data:`flat_ray.eval.metrics.METRICS`). For ``flat-ray eval`` it also writes its own logs to a folder: TOFU's
+:data:`flat_ray.metrics.METRICS`). For ``flat-ray eval`` it also writes its own logs to a folder: TOFU's
 per-question eval-log layout for TOFU-style benchmarks, ``summary.json`` for the others. The training loop's
 per-epoch evaluation, the preflight checks and ``flat-ray eval`` all go through here.
 """
@@ -20,9 +20,9 @@ import numpy as np
 from flat_ray.config import RunConfig
 from flat_ray.data import BENCHMARKS
 from flat_ray.eval import hp, muse, open_unlearning
-from flat_ray.eval.metrics import add_derived
 from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
 from flat_ray.eval.tofu import SplitValues, summarize, write_log_dir
+from flat_ray.metrics import add_derived
 from flat_ray.registry import Registry
 
 PER_QUESTION = "per_question"  # a TOFU suite's summary also holds its per-question values (for eval.save_logs)

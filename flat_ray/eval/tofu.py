@@ -5,7 +5,7 @@ paraphrased answer, or the answer itself for real authors / world facts), ``aver
 per perturbed answer) and ``rougeL_recall`` of a greedy generation. Everything else is computed from those four,
 exactly as TOFU's ``aggregate_stat_eval.py`` does, so published logs and flat-ray's own results compare directly.
 
-Truth ratio, two variants (the registry of :mod:`flat_ray.eval.ratios`):
+Truth ratio, two variants (the registry of :mod:`flat_ray.ratios`):
 
 - ``arithmetic`` (default): R = mean_j P(perturbed_j) / P(ã), with P = exp(-L). With it, model utility of TOFU's
   published Llama-2-7b-chat logs is 0.585886 (full) and 0.575240 (retain90), the numbers TOFU reports; that is why
@@ -35,8 +35,8 @@ import numpy as np
 from scipy.stats import hmean, ks_2samp
 
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import add_derived
-from flat_ray.eval.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
+from flat_ray.metrics import add_derived
+from flat_ray.ratios import DEFAULT_TRUTH_RATIO, TRUTH_RATIOS
 
 # TOFU's eval-log file for each evaluation split
 LOG_FILES = {
@@ -101,7 +101,7 @@ def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_T
               reference_tr: np.ndarray | None = None) -> dict[str, Any]:
     """Per-split metrics, model utility (harmonic mean of the nine utility numbers, when all three utility
     splits are present), forget quality (when a reference distribution is given) and the derived scores of
-    :mod:`flat_ray.eval.metrics`."""
+    :mod:`flat_ray.metrics`."""
     out: dict[str, Any] = {"truth_ratio_variant": truth_ratio}
     utility = []
     for name, values in splits.items():

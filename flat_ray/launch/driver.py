@@ -21,7 +21,6 @@ from flat_ray.config import AUTO_REFERENCE, RunConfig
 from flat_ray.console import RunConsole
 from flat_ray.data import load_split, make_template_source
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
-from flat_ray.eval.metrics import METRICS
 from flat_ray.eval.run import auto_reference
 from flat_ray.eval.tofu import read_reference
 from flat_ray.export import (
@@ -42,6 +41,7 @@ from flat_ray.launch.records import (
     storage_root,
 )
 from flat_ray.losses import METHODS
+from flat_ray.metrics import METRICS
 from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
 from flat_ray.pipeline import profile_for
 from flat_ray.placement import ACCELERATOR_PREFIX, worker_bundle

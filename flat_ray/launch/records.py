@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flat_ray import tracking
+from flat_ray import sweep_state, tracking
 from flat_ray.assets import workdir
 from flat_ray.config import RunConfig, load_config
 from flat_ray.data import load_split
@@ -23,7 +23,7 @@ from flat_ray.export import RUN_STATE, known_runs
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.placement import host_bytes_per_worker
-from flat_ray.report import SWEEP_FILE, write_report
+from flat_ray.report import write_report
 from flat_ray.storage import Place
 from flat_ray.sweep import Space, space_summary
 
@@ -191,12 +191,12 @@ def open_parent(space: Space, name: str, sweep_dir: Path, storage: Place, uri: s
                                     {"flat_ray.role": "sweep", "flat_ray.sweep": name, "flat_ray.space": space.name,
                                      "mlflow.note.content": describe_sweep(space, name),
                                      **tracking.standard_tags("flat-ray tune")})
-        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({
+        sweep_state.write(sweep_dir, {
             "name": name, "space": space.name, "space_path": space.path, "overrides": space.overrides,
             "parent_run_id": parent.run_id, "mlflow_uri": uri, "storage": str(storage),
             "storage_path": str(storage.parent) if storage_path else None, "address": address,
             "objective": space.objective, "modes": space.modes, "report": space.report,
-            "cells": [c.name for c in space.cells]}, indent=2))
+            "cells": [c.name for c in space.cells]})
     log_parent_inputs(parent, space, sweep_dir)
     return parent
 

@@ -17,9 +17,9 @@ from ray import tune
 from flat_ray import tracking
 from flat_ray.errors import Diverged, FlatRayError
 from flat_ray.eval import original
-from flat_ray.eval.metrics import rank_value
 from flat_ray.export import choose, kept_checkpoints
 from flat_ray.launch.records import STATE_FILE, storage_root
+from flat_ray.metrics import rank_value
 from flat_ray.report import run_result
 from flat_ray.storage import Place
 from flat_ray.sweep import build_cell_config

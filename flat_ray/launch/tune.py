@@ -32,7 +32,6 @@ from flat_ray.assets import ensure_demo_original, workdir
 from flat_ray.console import SweepBoard
 from flat_ray.errors import FlatRayError, RunFailed
 from flat_ray.eval import original
-from flat_ray.eval.metrics import rank_value
 from flat_ray.eval.run import auto_reference
 from flat_ray.export import drop_checkpoints, export_run
 from flat_ray.launch.cluster import check_sweep, connect_for_sweep, release_orphaned_placement_groups
@@ -45,8 +44,9 @@ from flat_ray.launch.records import (
 )
 from flat_ray.launch.search import SCHEDULER_BUILDERS, SEARCH_BUILDERS, param_space
 from flat_ray.launch.trial import trial_fn
+from flat_ray.metrics import rank_value
 from flat_ray.models import DEMO_ORIGINAL, fetch_weights
-from flat_ray.report import SWEEP_FILE, collect
+from flat_ray.report import collect
 from flat_ray.storage import Place
 from flat_ray.sweep import (
     TRIAL_FN_CPU,
@@ -57,6 +57,7 @@ from flat_ray.sweep import (
     trial_table,
     with_constants,
 )
+from flat_ray.sweep_state import SWEEP_FILE, saved_space
 
 # The per-trial function (and with it Ray Train V2's controller, which runs on its node) stays on the head: a
 # placement group would otherwise prefer the node with the most free CPUs, a GPU node, whose loss would kill the
@@ -111,6 +112,12 @@ class SweepResult:
     trials: int
     errored: int
     seconds: float
+
+    def raise_if_errored(self) -> None:
+        if self.errored:
+            raise RunFailed(f"{self.errored} trial(s) failed (see the FAILED runs in MLflow experiment {self.name} and "
+                            f"the error.txt of each failed trial under Ray's results); `flat-ray tune --resume "
+                            f"{self.name}` retries them")
 
 
 def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Place) -> Cell:
@@ -188,8 +195,6 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     started = time.monotonic()
     state: dict[str, Any] = {}
     if resume:
-        from flat_ray.report import saved_space
-
         space, state = saved_space(resume, workdir_hint)
         name, address = state["name"], address or state.get("address")
         storage_path, mlflow_uri = state["storage_path"], state["mlflow_uri"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flat_ray.config import load_config
-from flat_ray.engine.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 from flat_ray.eval.runner import rouge_l_recall, shard
+from flat_ray.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 
 
 def test_schedule_warmup_then_decay():
@@ -81,7 +81,7 @@ def test_the_dry_runs_step_count_is_what_the_real_run_took(zero3):
     Optuna sweep's trials (1 rank, 2 epochs of 5 micro-batches: 3 steps, where counting per epoch would give 2 and
     rounding up 4) and 4 in the NPO run on MUSE-News (tests/eval/test_text_benchmarks.py)."""
     from flat_ray import tracking
-    from flat_ray.pipeline import dry_run
+    from flat_ray.dryrun import dry_run
 
     cfg, res = zero3
     logged = [step for step, _ in tracking.metric_history(res.mlflow_uri, res.run_id, "train/loss")]

@@ -16,7 +16,7 @@ from flat_ray.data import BENCHMARKS, load_split
 from flat_ray.data.text import chunk_rows, completion_rows, read_text_rows
 from flat_ray.errors import FlatRayError
 from flat_ray.eval import hp, muse
-from flat_ray.eval.metrics import METRICS, add_derived
+from flat_ray.metrics import METRICS, add_derived
 
 TOWNS = ["Harlow", "Brennick", "Ostend Vale", "Marrowby", "Quillton", "Fenwick Cross"]
 EVENTS = ["opened a new library", "approved a bridge repair", "held a harvest fair", "elected a new mayor",
@@ -264,8 +264,8 @@ def test_npo_on_muse_news_trains_under_zero3_and_logs_per_epoch_muse_metrics(ray
     from safetensors.torch import load_file
 
     from flat_ray import tracking
+    from flat_ray.dryrun import dry_run
     from flat_ray.launch.driver import run_training
-    from flat_ray.pipeline import dry_run
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=muse_news",
                              f"data.data_dir={muse_dir}", "data.chunk_tokens=48", "data.max_length=64",

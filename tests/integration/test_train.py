@@ -213,20 +213,6 @@ def test_train_refuses_bad_input_before_anything_is_written(args, message, tmp_p
     assert sorted(tmp_path.rglob("*")) == before  # no MLflow store, no Ray results, no model cache
 
 
-def test_demo_original_cache_key_follows_its_inputs(tmp_path):
-    from flat_ray.assets import demo_finetune_config, demo_original_path
-    from flat_ray.config import MethodConfig
-
-    a = load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"])
-    b = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])
-    c = load_config(None, [f"paths.workdir={tmp_path}", "optim.lr=1e-5"], presets=["demo"])
-    d = load_config(None, [f"paths.workdir={tmp_path}", "method.divergence=tv", "method.beta=0.5"], presets=["demo"])
-    assert demo_original_path(a) != demo_original_path(b)  # a different engine makes a different original
-    # neither the unlearning lr nor the unlearning method's knobs touch the original (it is fine-tuned, sft)
-    assert demo_original_path(a) == demo_original_path(c) == demo_original_path(d)
-    assert demo_finetune_config(a).method == MethodConfig(name="sft")  # not the demo preset's divergence
-
-
 def _meets_targets(before: dict, after: dict) -> bool:
     """The demo's promise (#14's targets for a faithful miniature of TOFU): unlearning raises forget quality at
     least 100-fold and keeps at least 85% of the model utility, and the forget answers lose at least a quarter of

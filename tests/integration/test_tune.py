@@ -180,7 +180,7 @@ resources: {num_workers: 1, deepspeed_stage: 2}
         assert len({dict(tracking.metric_history(uri, r.info.run_id, key))[0] for r in children}) == 1, key
     rung = [dict(tracking.metric_history(uri, r.info.run_id, "eval/forget_prob"))[1] for r in children]
     assert rung[2] > max(rung[:2])  # what ASHA compared after epoch 1
-    from flat_ray.pipeline import dry_run
+    from flat_ray.dryrun import dry_run
     from flat_ray.sweep import load_space
 
     steps = dry_run(load_space(str(space)).cells[0].config)["optimizer_steps"]

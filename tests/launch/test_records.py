@@ -53,8 +53,8 @@ def test_a_sweep_killed_while_opening_its_parent_run_is_resumed_into_it(tmp_path
     dies while logging the parent's inputs (after its params, before its datasets) is resumed into that parent run,
     which the resume completes (params, dataset, space, trial table); the experiment holds no second parent."""
     from flat_ray.launch import tune
-    from flat_ray.report import SWEEP_FILE, saved_space
     from flat_ray.sweep import load_space
+    from flat_ray.sweep_state import SWEEP_FILE, saved_space
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "space.yaml"

@@ -151,7 +151,7 @@ def test_retain_methods_need_retain_data_at_config_time(tmp_path):
 
 @pytest.mark.parametrize("name", ["flat", "grad_ascent", "grad_diff", "idk", "npo", "dpo", "simnpo", "npo:0"])
 def test_dry_run_builds_the_batch_each_method_needs(name, tiny_model_dir, tmp_path):
-    from flat_ray.pipeline import dry_run
+    from flat_ray.dryrun import dry_run
 
     name, _, weight = name.partition(":")
     cfg = load_config(None, [f"method.name={name}", f"model.name_or_path={tiny_model_dir}", "optim.micro_batch_size=2",

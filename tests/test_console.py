@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 from flat_ray.console import RunConsole, SweepBoard, metrics_table
-from flat_ray.report import front_points, html_report
 
 
 def test_metrics_table_puts_each_split_on_a_row_and_aligns_the_rest():
@@ -61,26 +60,6 @@ def test_sweep_board_off_a_terminal_prints_one_line_per_finished_or_failed_trial
     board.close()
     assert said == ["trial t1 done: lr=0.001 -> forget_prob=0.25 (best epoch 2)", "trial t2 FAILED: see /ray/t2/error.txt"]
     assert board.best == 0.25 and board.rows["t2"]["state"] == "FAILED (/ray/t2/error.txt)"
-
-
-def test_the_model_before_unlearning_is_on_the_front_when_nothing_beats_its_utility():
-    # forget_prob: lower is better; retain_prob: higher is better
-    trials = [(0.2, 0.7), (0.4, 0.9), (0.5, 0.8)]  # (0.5, 0.8) is dominated by (0.4, 0.9)
-    assert front_points(trials, (0.99, 0.99), "forget_prob", "retain_prob") == [(0.2, 0.7), (0.4, 0.9), (0.99, 0.99)]
-    assert front_points(trials, (0.99, 0.5), "forget_prob", "retain_prob") == [(0.2, 0.7), (0.4, 0.9)]
-
-
-def test_html_report_is_one_page_with_every_row_and_the_plots_inline(tmp_path):
-    png = tmp_path / "pareto_x.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    state = {"name": "s1", "space": "demo", "objective": ["unlearn_score"], "modes": ["max"], "parent_run_id": "abc"}
-    rows = [{"model": "demo", "method": "(before unlearning)", "lr": None, "unlearn_score": 0.01},
-            {"model": "demo", "method": "flat/kl", "lr": 6e-4, "unlearn_score": 0.75}]
-    page = html_report(state, {"demo/forget10": rows}, [], [png])
-    assert page.startswith("<!DOCTYPE html>") and "<h2>demo/forget10</h2>" in page
-    assert "<td>(before unlearning)</td>" in page and "<td>flat/kl</td><td>0.0006</td><td>0.7500</td>" in page
-    assert 'src="data:image/png;base64,iVBORw0KGgpmYWtl"' in page
-    assert "<code>abc</code>" in page
 
 
 def test_train_summary_without_evaluation_prints_no_empty_table_and_links_the_runs_table(capsys, tmp_path):

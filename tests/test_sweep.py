@@ -12,12 +12,12 @@ import pytest
 
 from cli.main import main
 from flat_ray.errors import FlatRayError
-from flat_ray.eval.metrics import METRICS, add_derived, fq_scaled
 from flat_ray.memory import GIB
+from flat_ray.metrics import METRICS, add_derived, fq_scaled
 from flat_ray.report import markdown, pareto_front
 from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_table
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_lora", "tofu_baselines", "muse", "hp"])

@@ -13,7 +13,7 @@ from flat_ray.errors import FlatRayError
 from flat_ray.memory import GIB, KNOWN, Arch, arch_for, check_fits, fit_hint, host_plan, plan
 from flat_ray.placement import gpu_memory_gib
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 LLAMA = KNOWN["locuslab/tofu_ft_llama2-7b"]
 
 
