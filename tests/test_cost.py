@@ -9,7 +9,7 @@ from flat_ray.config import load_config
 from flat_ray.cost import MFU, PEAK_TFLOPS, estimate, read_prices, trial_cost
 from flat_ray.errors import FlatRayError
 from flat_ray.placement import node_types_from_yaml
-from tests.launch.test_sweep import ROOT
+from tests.test_sweep import ROOT
 
 BASE = ["optim.epochs=2", "eval.every_epochs=1", "eval.interim_examples=null", "eval.max_new_tokens=10",
         "model.gradient_checkpointing=false"]
