@@ -62,9 +62,13 @@ def check_model(name_or_path: str, cfg: Any) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **load)
+    except OSError as exc:  # not on the hub, not cached offline
+        raise FlatRayError(f"model {name_or_path!r}: its config.json cannot be read to check "
+                           f"model.lora_target_modules ({str(exc).splitlines()[0][:200]})") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path, **load),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     targets(model, cfg.model.lora_target_modules)
 
 

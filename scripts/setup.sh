@@ -18,8 +18,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # DeepSpeed compiles its CPU collective op (a shared-memory all-reduce, used by every run on CPU workers) the first
 # time a run needs it: 20-80 s inside that run. Build it here, into torch's extension cache (~/.cache/torch_extensions),
-# so runs and tests start without the stall; once built, this check takes a few seconds.
-if ! .venv/bin/python -c "
+# so runs and tests start without the stall; once built, this check takes a few seconds. A build killed half-way
+# leaves torch's lock file behind and every later build would wait on it forever: a lock older than 10 minutes (a
+# build takes under 2) is stale and goes.
+find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -path "*deepspeed*" -mmin +10 -delete 2>/dev/null || true
+if ! timeout 900 .venv/bin/python -c "
 from deepspeed.accelerator import get_accelerator
 builder = get_accelerator().create_op_builder('ShareMemCommBuilder')
 builder is None or builder.load()
