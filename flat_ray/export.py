@@ -112,12 +112,12 @@ def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path, adap
         state = ds.consolidated_state_dict(local / "ds")
     tmp = out_dir.with_name(f".{out_dir.name}-partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora.enabled(cfg):
-        adapter = {k: v.to(dtype) for k, v in state.items() if lora.is_adapter_key(k)}
-        config = lora.adapter_config(cfg, adapter, model_path)
-        lora.save_adapter(tmp if adapter_only else tmp / "adapter", adapter, config)
+    adapter = {k: v for k, v in state.items() if lora.is_adapter_key(k)} if lora.enabled(cfg) else None
+    if adapter is not None:
+        saved = {k: v.to(dtype) for k, v in adapter.items()}
+        lora.save_adapter(tmp if adapter_only else tmp / "adapter", saved, lora.adapter_config(cfg, saved, model_path))
     if not adapter_only:
-        model = _model_with(state, cfg, model_path, dtype, kept.path)
+        model = _model_with(state, adapter, cfg, model_path, dtype, kept.path)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -125,14 +125,15 @@ def write_model(kept: Kept, cfg: RunConfig, model_path: str, out_dir: Path, adap
     return out_dir
 
 
-def _model_with(state: dict[str, Any], cfg: RunConfig, model_path: str, dtype: Any, source: Place) -> Any:
-    """The model with a checkpoint's weights: all of them, or (LoRA) the base model's with the adapter merged."""
+def _model_with(state: dict[str, Any], adapter: dict[str, Any] | None, cfg: RunConfig, model_path: str, dtype: Any,
+                source: Place) -> Any:
+    """The model with a checkpoint's weights: all of them, or with a LoRA ``adapter`` (its fp32 tensors) the base
+    model's with the adapter merged."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     load = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
-    if lora.enabled(cfg):
+    if adapter is not None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **load)
-        adapter = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
         state = lora.merge(model.state_dict(), adapter, lora.scaling(cfg))
     else:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, **load), dtype=dtype)
