@@ -52,13 +52,13 @@ from flat_ray.config import (
     _merge,
     all_keys,
     apply_overrides,
-    check_inputs,
     preset,
     read_yaml,
 )
 from flat_ray.config import _build as build_config
 from flat_ray.errors import FlatRayError
 from flat_ray.metrics import METRICS
+from flat_ray.preflight import check_inputs
 from flat_ray.registry import Registry
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

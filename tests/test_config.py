@@ -100,9 +100,10 @@ def test_changing_the_benchmark_resets_an_inherited_split():
 
 
 def test_files_are_checked_where_a_config_enters_never_when_a_worker_rebuilds_it(tmp_path):
-    """load_config checks the files a config names; the dataclasses (config_from_dict, as in a Ray worker on a
-    node that lacks the head's paths) only check values."""
-    from flat_ray.config import check_inputs, config_from_dict
+    """preflight.check_inputs checks the files a config names; config only checks values (load_config and
+    config_from_dict, as in a Ray worker on a node that lacks the head's paths, touch no file it names)."""
+    from flat_ray.config import config_from_dict
+    from flat_ray.preflight import check_inputs
 
     cfg = load_config(None, [], presets=["demo"])
     data = cfg.to_dict()
@@ -115,5 +116,6 @@ def test_files_are_checked_where_a_config_enters_never_when_a_worker_rebuilds_it
     (tmp_path / "head-only.jsonl").write_text('{"text": "I cannot say."}\n')
     with pytest.raises(FlatRayError, match="eval.reference .* does not exist"):
         check_inputs(rebuilt)
+    loaded = load_config(None, [f"eval.reference={tmp_path}/head-only-logs"], presets=["demo"])
     with pytest.raises(FlatRayError, match="eval.reference .* does not exist"):
-        load_config(None, [f"eval.reference={tmp_path}/head-only-logs"], presets=["demo"])
+        check_inputs(loaded)

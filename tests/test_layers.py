@@ -83,7 +83,8 @@ def test_layers_below_launch_never_import_it():
 # the layers DESIGN keeps free of the orchestration stack (what a loss, a metric or a config needs)
 PURE = ("flat_ray.losses", "flat_ray.data", "flat_ray.config", "flat_ray.sweep", "flat_ray.engine.step",
         "flat_ray.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.metrics",
-        "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console", "flat_ray.memory")
+        "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console", "flat_ray.memory",
+        "flat_ray.preflight")
 STACK = ("ray", "deepspeed", "mlflow")
 
 
@@ -121,8 +122,11 @@ def test_no_function_in_the_package_or_cli_is_over_80_lines():
 def test_config_sits_below_engine_eval_pipeline_assets_and_launch():
     """The config validates against name tables below it (metrics, ratios, schedule, the registries), so the
     packages that read a config never sit in a circle with it."""
-    above = ("flat_ray.engine", "flat_ray.eval", "flat_ray.pipeline", "flat_ray.assets", "flat_ray.launch")
-    assert sorted(t for t in _imports(_modules())["flat_ray.config"] if t.startswith(above)) == []
+    above = ("flat_ray.engine", "flat_ray.eval", "flat_ray.pipeline", "flat_ray.assets", "flat_ray.launch",
+             "flat_ray.preflight")
+    edges = _imports(_modules())
+    assert sorted(t for t in edges["flat_ray.config"] if t.startswith(above)) == []
+    assert edges["flat_ray.errors"] == set() and edges["flat_ray.registry"] == {"flat_ray.errors"}
 
 
 def test_one_module_imports_each_of_deepspeed_mlflow_and_peft():

@@ -26,7 +26,7 @@ from flat_ray.assets import (
     resolve_model_path,
     workdir,
 )
-from flat_ray.config import AUTO_REFERENCE, RunConfig, check_inputs
+from flat_ray.config import AUTO_REFERENCE, RunConfig
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.open_unlearning import read_logs
@@ -34,6 +34,7 @@ from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import LOG_FILES, read_reference, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
+from flat_ray.preflight import check_inputs
 
 log = logging.getLogger(__name__)
 

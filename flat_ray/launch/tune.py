@@ -70,16 +70,19 @@ ORPHAN_WAIT_S = 5.0
 log = logging.getLogger(__name__)
 
 
-_BOARD: SweepBoard | None = None  # the running sweep's board; Tune pickles its callbacks, so they look it up
-
-
 class _Board(tune.Callback):
-    """Feeds Tune's trial events to the running sweep's :class:`SweepBoard` (a live table on a terminal). It holds
-    no state: Tune saves its callbacks with the experiment (and a resume brings back that copy)."""
+    """Feeds Tune's trial events to the running sweep's :class:`SweepBoard` (a live table on a terminal). Tune
+    saves its callbacks with the experiment; the board is not saved with it (a terminal does not pickle), and a
+    resume attaches the running sweep's board to the copy Tune brings back (:func:`_attach`)."""
 
-    @staticmethod
-    def _board() -> SweepBoard | None:
-        return _BOARD
+    def __init__(self, board: SweepBoard | None = None):
+        self.board = board
+
+    def __getstate__(self) -> dict:
+        return {"board": None}
+
+    def _board(self) -> SweepBoard | None:
+        return self.board
 
     @staticmethod
     def _sampled(trial) -> str:
@@ -223,15 +226,13 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
     parent = open_parent(space, name, sweep_dir, storage, uri, table, address, storage_path, state)
     echo(f"sweep {name}: {space.total_trials()} trials in {len(space.cells)} cell(s), MLflow parent run "
          f"{parent.run_id}\n{table}")
-    global _BOARD
     with parent.system_metrics():
-        _BOARD = SweepBoard(space.objective, space.modes, echo)
+        board = SweepBoard(space.objective, space.modes, echo)
         try:
             errored = sum(_run_cell(space, cell, name, sweep_dir, storage, uri, parent.run_id,
-                                    concurrency[cell.name], echo) for cell in space.cells)
+                                    concurrency[cell.name], board) for cell in space.cells)
         finally:
-            _BOARD.close()
-            _BOARD = None
+            board.close()
     report = close_parent(parent, space, sweep_dir, started, errored)
     echo(report.text)
     return SweepResult(name, sweep_dir, parent.run_id, uri, space.total_trials(), errored,
@@ -239,7 +240,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
 
 
 def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,
-              concurrency: int, echo: Callable[[str], None] = log.info) -> int:
+              concurrency: int, board: SweepBoard) -> int:
     """One grid cell as one Tune experiment (restored when it has state); returns its number of errored trials."""
     metric = space.objective[0] if len(space.objective) == 1 else None
     mode = space.modes[0] if len(space.objective) == 1 else None
@@ -250,8 +251,8 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
     trainable = tune.with_resources(tune.with_parameters(trial_fn, payload=payload), TRIAL_FN_RESOURCES)
     path = storage / cell.name
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
-                                   param_space=param_space(cell) or None)
+        tuner = _attach(tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+                                           param_space=param_space(cell) or None), board)
     else:
         def trial_name(trial, cell_name=cell.name) -> str:
             return f"{cell_name}-{trial.trial_id.rsplit('_', 1)[-1]}"
@@ -266,7 +267,7 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
                 reuse_actors=space.scheduler == "fifo",
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=cell.name, storage_path=str(storage), verbose=0,
-                                      callbacks=[_Board()]))
+                                      callbacks=[_Board(board)]))
     with _CtrlC() as ctrl_c:
         results = tuner.fit()
     # what a trial stopped at the end left behind would hold its resources for as long as this driver lives
@@ -279,8 +280,19 @@ def _run_cell(space: Space, cell: Cell, name: str, sweep_dir: Path, storage: Pla
         raise RunFailed(f"sweep {name} was interrupted in cell {cell.name}; continue it with "
                         f"`flat-ray tune --resume {name}` (finished trials are kept)")
     close_stopped_trials(uri, parent_run_id, states)
-    _finish_outputs(space, cell, sweep_dir, storage, uri, parent_run_id, echo)
+    _finish_outputs(space, cell, sweep_dir, storage, uri, parent_run_id, board.echo)
     return sum(s == "ERROR" for s in states.values())
+
+
+def _attach(tuner: tune.Tuner, board: SweepBoard) -> tune.Tuner:
+    """Give the restored experiment's saved :class:`_Board` the running sweep's board. Tune's restore takes no
+    callbacks of its own and keeps the saved ones in its run config (no public accessor: this reads the one Tune
+    uses, and fails loudly should a Ray upgrade move it)."""
+    callbacks = [c for c in tuner._local_tuner.get_run_config().callbacks or [] if isinstance(c, _Board)]
+    if len(callbacks) != 1:
+        raise RuntimeError(f"the restored Tune experiment has {len(callbacks)} sweep boards, expected 1")
+    callbacks[0].board = board
+    return tuner
 
 
 def _finish_outputs(space: Space, cell: Cell, sweep_dir: Path, storage: Place, uri: str, parent_run_id: str,

@@ -17,6 +17,7 @@ from flat_ray.data.text import chunk_rows, completion_rows, read_text_rows
 from flat_ray.errors import FlatRayError
 from flat_ray.eval import hp, muse
 from flat_ray.metrics import METRICS, add_derived
+from flat_ray.preflight import check_inputs
 
 TOWNS = ["Harlow", "Brennick", "Ostend Vale", "Marrowby", "Quillton", "Fenwick Cross"]
 EVENTS = ["opened a new library", "approved a bridge repair", "held a harvest fair", "elected a new mayor",
@@ -77,11 +78,11 @@ def test_muse_splits_load_from_a_local_directory_in_musees_layout(muse_dir):
     cfg = load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "method.name=grad_diff"])
     assert cfg.data.split == "forget" and cfg.retain_split() == "retain1"
     with pytest.raises(FlatRayError, match="no knowmem/nothing.jsonl|unknown MUSE-News split 'nothing'"):
-        load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=nothing"])
+        check_inputs(load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=nothing"]))
     (muse_dir / "raw" / "retain2.jsonl").rename(muse_dir / "raw" / "retain2.bak")
     try:
         with pytest.raises(FlatRayError, match=r"no raw/retain2.jsonl or .json under data.data_dir"):
-            load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=retain2"])
+            check_inputs(load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "data.split=retain2"]))
     finally:
         (muse_dir / "raw" / "retain2.bak").rename(muse_dir / "raw" / "retain2.jsonl")
     _jsonl(muse_dir.parent / "bad" / "raw" / "forget.jsonl", [{"body": "no text field"}])
@@ -96,7 +97,7 @@ def test_hp_reads_user_text_and_never_downloads_the_book(book_dir, tmp_path):
     with pytest.raises(FlatRayError, match="benchmark hp needs data.data_dir"):
         load_split("hp", "forget", None)
     with pytest.raises(FlatRayError, match="no forget.txt, forget.jsonl or forget.json"):
-        load_config(None, ["data.benchmark=hp", f"data.data_dir={tmp_path}"])
+        check_inputs(load_config(None, ["data.benchmark=hp", f"data.data_dir={tmp_path}"]))
     (tmp_path / "forget.jsonl").write_text('{"text": "one passage"}\n')
     assert read_text_rows(tmp_path / "forget.jsonl") == [{"text": "one passage"}]
 

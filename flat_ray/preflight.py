@@ -1,0 +1,49 @@
+"""Input checks that touch files: the template file, the data splits under ``data.data_dir``, the reference logs
+and the retain recipe a config names exist and can be read. :mod:`flat_ray.config` only checks values (a Ray worker
+rebuilds a config on a node that may lack the head's paths); these run where a config enters: the CLI, a run's
+preflight, each sweep cell, ``flat-ray eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flat_ray.config import AUTO_REFERENCE, RECIPES, RunConfig
+from flat_ray.data import BENCHMARKS
+from flat_ray.data.templates import read_template_file
+from flat_ray.errors import FlatRayError
+from flat_ray.losses import METHODS
+from flat_ray.models import DEMO_ORIGINAL
+
+
+def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
+    """The files a config names exist and can be read: the template file, the data split (and the retain split
+    a method samples) under ``data.data_dir``, and ``eval.reference``. The dataclasses only check values; this
+    runs where a config enters (the CLI, a run's preflight, each sweep cell), never again inside a Ray worker.
+    ``reference=False`` (a sweep's dry run) leaves a missing ``eval.reference`` to be reported, not refused."""
+    d = cfg.data
+    if d.template_file and not Path(d.template_file).expanduser().is_file():
+        raise FlatRayError(f"data.template_file {d.template_file!r} does not exist")
+    if d.template_source == "file":  # an empty or malformed file fails here, not in a Ray worker
+        read_template_file(Path(d.template_file).expanduser())
+    if d.data_dir:
+        bench = BENCHMARKS[d.benchmark]
+        bench.locate(d.data_dir, d.split)  # names the splits that are there when this one is not
+        if "retain" in METHODS[cfg.method.name].splits(vars(cfg.method)):
+            bench.locate(d.data_dir, cfg.retain_split())
+    if cfg.eval.reference == AUTO_REFERENCE:
+        retain = BENCHMARKS[d.benchmark].retain_of.get(d.split)
+        if retain is None:
+            known = ", ".join(BENCHMARKS[d.benchmark].retain_of) or "none"
+            raise FlatRayError(f"eval.reference=auto needs a forget split with a retain complement; {d.benchmark} "
+                               f"has them for: {known}")
+        recipe = cfg.eval.retain_recipe
+        if not recipe and (cfg.model.name_or_path != DEMO_ORIGINAL or d.benchmark != "demo"):
+            raise FlatRayError("eval.reference=auto for a model other than the demo needs eval.retain_recipe: the "
+                               "fine-tuning config that made the original (its base model, epochs, lr, batch), "
+                               "or give retain-model eval logs as eval.reference")
+        if recipe and recipe not in RECIPES and not Path(recipe).expanduser().is_file():
+            raise FlatRayError(f"eval.retain_recipe {recipe!r} does not exist; give a `flat-ray finetune` config file "
+                               f"or one of the shipped recipes: {', '.join(RECIPES)}")
+    elif reference and cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
+        raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
+                           "an open-unlearning result JSON")
