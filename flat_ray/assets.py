@@ -20,6 +20,7 @@ from pathlib import Path
 from flat_ray.config import RECIPES, RunConfig, load_config
 from flat_ray.data import BENCHMARKS, BUILTIN_TEMPLATES
 from flat_ray.data.demo import demo_texts
+from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY, TinySpec, cached_tiny_model
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def recipe_retain_path(cfg: RunConfig) -> Path:
 def _recipe_path(ft: RunConfig, kind: str, prefix: str = "demo") -> Path:
     """A fine-tuned demo model's cache folder, named by a hash of everything that shapes it (the tiny model, the
     fine-tuning recipe and its data split, workers, ZeRO stage), so a change of any of them rebuilds it."""
-    recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "method", "optim", "deepspeed")}
+    recipe = {k: v for k, v in ft.to_dict().items() if k in ("model", "data", "optim", "deepspeed")}
+    # the method's name and the knobs it reads (a knob added for another method leaves the cache as it is)
+    recipe["method"] = {"name": ft.method.name, **{k: getattr(ft.method, k) for k in METHODS[ft.method.name].knobs}}
     recipe["world_size"] = ft.launch.num_workers
     recipe["tiny"] = tiny_model_path(ft).name
     if prefix != "demo":  # what the built model is evaluated with is part of what is cached

@@ -150,11 +150,21 @@ class MethodConfig:
     gamma: float = doc(0.0, "SimNPO's reward margin gamma, as in the SimNPO paper: -(2/beta) log sigmoid(-beta "
                             "logp/|y| - gamma); equals simnpo_beta * delta of the SimNPO code and open-unlearning "
                             "(0 on TOFU).")
-    retain_weight: float = doc(1.0, "Weight of the retain cross-entropy term of grad_diff, idk, npo, dpo and simnpo "
-                                    "(open-unlearning's alpha, 1 there too); 0 gives the forget-only forms and "
-                                    "needs no retain data.")
+    retain_weight: float | None = doc(None, "Weight of the retain cross-entropy term of grad_diff, idk, npo, dpo, "
+                                            "simnpo, wga, satimp and undial (open-unlearning's alpha); null means "
+                                            "the method's default, open-unlearning's: 1, and 0 for undial. 0 gives "
+                                            "the forget-only forms and needs no retain data.")
+    forget_weight: float | None = doc(None, "Weight of the forget term of wga, satimp and undial (open-unlearning's "
+                                            "gamma); null means the method's default: 1, and 0.1 for satimp.")
+    wga_beta: float = doc(1.0, "WGA's exponent: each forget token's ascent is weighted by p^wga_beta.")
+    satimp_beta1: float = doc(5.0, "SatImp's saturation exponent: forget-token weight p^beta1 (1-p)^beta2.")
+    satimp_beta2: float = doc(1.0, "SatImp's importance exponent: forget-token weight p^beta1 (1-p)^beta2.")
+    undial_beta: float = doc(10.0, "UNDIAL's strength: how far the gold token's logit is lowered in the "
+                                   "reference's distribution the model is distilled towards.")
+    ceu_ignore_first: int = doc(1, "CE-U: the first answer tokens of each forget example left out of the loss.")
     retain_split: str | None = doc(None, "Retain split sampled alongside forget batches by methods with a retain "
-                                         "term (grad_diff, idk, npo, dpo, simnpo; none at retain_weight=0); null "
+                                         "term (grad_diff, idk, npo, dpo, simnpo, wga, satimp, undial; none at "
+                                         "retain_weight=0); null "
                                          "means the benchmark's complement of data.split (e.g. forget10 -> "
                                          "retain90).")
 
@@ -164,9 +174,16 @@ class MethodConfig:
                 setattr(self, key, registry.canonical(getattr(self, key)))
             except FlatRayError as exc:
                 raise FlatRayError(f"method.{key}: {exc}") from None
+        for key, value in METHODS[self.name].defaults:  # the method's own default for a knob left null
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.retain_weight = 1.0 if self.retain_weight is None else self.retain_weight
+        self.forget_weight = 1.0 if self.forget_weight is None else self.forget_weight
         _positive("method.beta", self.beta)
         _positive("method.simnpo_beta", self.simnpo_beta)
-        _positive("method.retain_weight", self.retain_weight, allow_zero=True)
+        _positive("method.undial_beta", self.undial_beta)
+        for key in ("retain_weight", "forget_weight", "wga_beta", "satimp_beta1", "satimp_beta2", "ceu_ignore_first"):
+            _positive(f"method.{key}", getattr(self, key), allow_zero=True)
 
 
 SCHEDULES = tuple(DECAYS)  # the schedule module's decay table is the one list of names

@@ -142,16 +142,21 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
     else:
         parts["activations"] = arch.layers * per_layer
     parts["logits"] = 2 * tokens * arch.vocab * w  # the logits and their gradient
-    if METHODS[cfg.method.name].needs_reference and not cfg.model.lora_rank:  # LoRA: the adapter switched off
+    method = METHODS[cfg.method.name]
+    if method.needs_reference and not cfg.model.lora_rank:  # LoRA: the adapter switched off
         # a second engine with the same ZeRO settings: sharded under ZeRO-3, in CPU memory with parameter offload
         parts["reference model"] = 0.0 if ds.offload_params else p * w / (n if stage == 3 else 1)
+    if method.reference_output == "logits":  # UNDIAL: the reference's logits and the fp32 target built from them
+        parts["reference logits"] = (o.micro_batch_size * len(method.reference_keys) * cfg.data.max_length
+                                     * arch.vocab * (w + 4))
     kv_dim = arch.hidden * arch.kv_heads // arch.heads
     parts["eval KV cache"] = (2 * arch.layers * cfg.eval.batch_size * (cfg.data.max_length + cfg.eval.max_new_tokens)
                               * kv_dim * w) if cfg.eval.enabled else 0.0
     parts["CUDA context"] = CONTEXT_BYTES
     resident = sum(parts[k] for k in ("weights", "gradients", "optimizer", "gathered (ZeRO-3)", "CUDA context"))
     resident += parts.get("reference model", 0.0)
-    return Plan(parts, resident + parts["activations"] + parts["logits"], resident + parts["eval KV cache"])
+    train = resident + parts["activations"] + parts["logits"] + parts.get("reference logits", 0.0)
+    return Plan(parts, train, resident + parts["eval KV cache"])
 
 
 def trainable(cfg: RunConfig, arch: Arch) -> int:

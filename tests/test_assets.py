@@ -17,3 +17,18 @@ def test_demo_original_cache_key_follows_its_inputs(tmp_path):
     # neither the unlearning lr nor the unlearning method's knobs touch the original (it is fine-tuned, sft)
     assert demo_original_path(a) == demo_original_path(c) == demo_original_path(d)
     assert demo_finetune_config(a).method == MethodConfig(name="sft")  # not the demo preset's divergence
+
+
+def test_a_recipe_cache_key_reads_only_the_knobs_its_method_reads(tmp_path):
+    """A knob added to the method section for another method (as each new baseline adds its own) leaves a cached
+    original or retain model where it was: the key holds the fine-tune's method name and the knobs it lists."""
+    import dataclasses
+
+    from flat_ray.assets import _recipe_path, demo_finetune_config
+
+    ft = demo_finetune_config(load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"]))
+    other = dataclasses.replace(ft, method=dataclasses.replace(ft.method, wga_beta=3.0, undial_beta=2.0))
+    assert _recipe_path(ft, "original") == _recipe_path(other, "original")
+    flat = dataclasses.replace(ft, method=dataclasses.replace(ft.method, name="flat"))
+    js = dataclasses.replace(flat, method=dataclasses.replace(flat.method, divergence="jensen_shannon"))
+    assert _recipe_path(flat, "original") != _recipe_path(js, "original")  # a knob flat reads

@@ -62,6 +62,14 @@ def test_each_knob_moves_its_own_part():
     npo = plan(_cfg("method.name=npo", "deepspeed.stage=3", "launch.num_workers=2"), LLAMA).parts
     assert npo["reference model"] == LLAMA.params * 2 / 2
     assert npo["activations"] == 32 * 34 * (4 * 2 * 500) * 4096  # forget + retain sequences
+    # UNDIAL: the reference model too, and its forget logits with the fp32 target built from them; no retain batch
+    undial = plan(_cfg("method.name=undial", "deepspeed.stage=3", "launch.num_workers=2"), LLAMA)
+    assert undial.parts["reference model"] == npo["reference model"] and "reference logits" not in npo
+    assert undial.parts["reference logits"] == 4 * 500 * 32000 * (2 + 4)
+    assert undial.parts["activations"] == 32 * 34 * (4 * 1 * 500) * 4096
+    assert undial.train == pytest.approx(sum(undial.parts[k] for k in (
+        "weights", "gradients", "optimizer", "gathered (ZeRO-3)", "CUDA context", "reference model", "activations",
+        "logits", "reference logits")))
 
 
 def test_the_hint_names_the_cheapest_knobs_that_fit():

@@ -48,8 +48,8 @@ def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], 
 def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Mapping[str, Any],
                 reference: Any = None) -> LossOutput:
     """Forward the splits ``method`` reads with these ``knobs`` and return its loss; knobs are the method config
-    fields (it takes those it lists). Methods that need a reference model get its per-sample answer log-probs (no
-    gradient) of their ``reference_keys`` splits as ``ref_logp``."""
+    fields (it takes those it lists). Methods that need a reference model get, without gradient, its per-sample answer
+    log-probs of their ``reference_keys`` splits as ``ref_logp``, or its logits of them as ``ref_logits``."""
     inputs = concat_forward(model, batch, method.splits(knobs))
     extra: dict[str, Any] = {}
     if method.needs_reference:
@@ -57,7 +57,10 @@ def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Map
             raise ValueError(f"method {method.name!r} needs a reference model")
         with torch.no_grad():
             ref = concat_forward(reference, batch, method.reference_keys)
-        extra["ref_logp"] = {k: sequence_logprob(logits, labels) for k, (logits, labels) in ref.items()}
+        if method.reference_output == "logits":
+            extra["ref_logits"] = {k: logits for k, (logits, _) in ref.items()}
+        else:
+            extra["ref_logp"] = {k: sequence_logprob(logits, labels) for k, (logits, labels) in ref.items()}
     return method.loss(inputs, **{k: knobs[k] for k in method.knobs}, **extra)
 
 

@@ -34,6 +34,11 @@ class Method:
     description: str = ""
     # (split, knob) pairs: the split is read only while the knob is non-zero
     optional: tuple[tuple[str, str], ...] = ()
+    # what the loss gets of the reference model: "logp" (``ref_logp``: split -> per-sample answer log-prob sums)
+    # or "logits" (``ref_logits``: split -> the reference's (B, T, V) logits)
+    reference_output: str = "logp"
+    # this method's defaults for shared knobs whose config value is null (open-unlearning's per-method defaults)
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def needs_reference(self) -> bool:
@@ -103,3 +108,22 @@ for _name, _fn, _keys, _knobs, _ref, _desc in (
     _optional = _RETAIN if "retain" in _keys else ()
     METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, reference_keys=_ref,
                                    description=_desc, optional=_optional))
+
+# open-unlearning's token-level methods, with its defaults (configs/trainer/*.yaml there): ``forget_weight`` is its
+# gamma, ``retain_weight`` its alpha
+for _name, _fn, _keys, _knobs, _ref, _defaults, _desc in (
+    ("wga", baselines.wga, ("forget", "retain"), ("wga_beta", "forget_weight", "retain_weight"), (), (),
+     "weighted gradient ascent: each forget token weighted by its probability to the power beta, plus retain"),
+    ("satimp", baselines.satimp, ("forget", "retain"),
+     ("satimp_beta1", "satimp_beta2", "forget_weight", "retain_weight"), (), (("forget_weight", 0.1),),
+     "gradient ascent weighted by p^beta1 (1-p)^beta2 per forget token (saturation and importance), plus retain"),
+    ("undial", baselines.undial, ("forget", "retain"), ("undial_beta", "forget_weight", "retain_weight"),
+     ("forget",), (("retain_weight", 0.0),),
+     "self-distillation towards the reference's distribution with the gold token's logit lowered by beta "
+     "(needs a reference model)"),
+    ("ceu", baselines.ceu, ("forget",), ("ceu_ignore_first",), (), (),
+     "cross-entropy unlearning: towards the model's own distribution without the gold token, forget only"),
+):
+    METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, reference_keys=_ref,
+                                   description=_desc, optional=_RETAIN if "retain" in _keys else (),
+                                   reference_output="logits" if _ref else "logp", defaults=_defaults))

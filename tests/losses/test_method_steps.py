@@ -18,8 +18,12 @@ from flat_ray.losses import DIVERGENCES, METHODS
 
 LR = 0.05
 FIT_STEPS = 30
+# SatImp at its defaults weighs its forget term 0.1 against a retain term of 1, and its token weights p^5 (1 - p) are
+# small on answers the model knows: on this tiny model one step of the retain term lifts the forget answer more than
+# the forget term lowers it, so its forget term is checked alone
+FORGET_ONLY = {"satimp": {"retain_weight": 0.0}}
 CASES = [("flat", {"divergence": key}) for key in DIVERGENCES] + [
-    (name, {}) for name in METHODS if name not in ("flat", "sft")]
+    (name, FORGET_ONLY.get(name, {})) for name in METHODS if name not in ("flat", "sft")]
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,66 @@ def test_one_step_lowers_forget_and_raises_template(name, knobs, original, batch
 def test_every_unlearning_method_is_covered():
     assert {n for n, _ in CASES} == set(METHODS) - {"sft"}
     assert {k["divergence"] for n, k in CASES if n == "flat"} == set(DIVERGENCES)
+
+
+ENGINE_SCRIPT = """
+import json, os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from flat_ray.config import load_config
+from flat_ray.engine import ds
+from flat_ray.engine.step import concat_forward, method_loss
+from flat_ray.losses import METHODS, sequence_logprob
+
+path, batch = sys.argv[1], torch.load(sys.argv[2])
+ds.init_distributed(0, 1, 0)
+out = {}
+for case in json.loads(sys.argv[4]):
+    name, knobs = case
+    cfg = load_config(None, [f"method.name={name}", "deepspeed.stage=3", "launch.num_workers=1",
+                             "optim.micro_batch_size=2", "optim.lr=1e-4", *[f"method.{k}={v}" for k, v in knobs.items()]])
+    conf = ds.build_config(cfg, 1)
+    engine = ds.build_engine(ds.load_model(path, conf), conf, lambda step: 1.0)
+    method = METHODS[name]
+    reference = ds.build_reference(ds.load_model(path, conf), conf) if method.needs_reference else None
+    def measure():
+        with torch.no_grad():
+            loss = method_loss(engine, batch, method, vars(cfg.method), reference).loss
+            logits, labels = concat_forward(engine, batch, ("forget",))["forget"]
+        return float(loss), float(sequence_logprob(logits, labels).sum())
+    before = measure()
+    engine.train()
+    engine.backward(method_loss(engine, batch, method, vars(cfg.method), reference).loss)
+    engine.step()
+    engine.eval()
+    out[name] = {"before": before, "after": measure(), "reference": type(reference).__name__}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_lowers_its_loss(original, batch, tmp_path):
+    """WGA, SatImp, UNDIAL (with its reference as a ZeRO-3 inference engine) and CE-U through the real engine
+    (DeepSpeed ZeRO-3, one rank on gloo, AdamW at lr 1e-4) on the fitted tiny model: one step lowers the forget
+    answers' log-probability, and UNDIAL's loss."""
+    import json
+    import subprocess
+    import sys
+
+    original.save_pretrained(tmp_path / "original")
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    cases = [[name, FORGET_ONLY.get(name, {})] for name in ("wga", "satimp", "undial", "ceu")]
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path / "original"), str(tmp_path / "batch.pt"),
+                           "29531", json.dumps(cases)], capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    for name, r in result.items():
+        (loss0, logp0), (loss1, logp1) = r["before"], r["after"]
+        assert logp1 < logp0, (name, r)
+    # UNDIAL's target (the reference's distribution, gold token lowered) is fixed: its loss is a true objective and
+    # falls. WGA's and SatImp's weights and CE-U's target are detached from the model's own probabilities, so the
+    # value they report is not what the step descends (their gradient leaves out the weights' own): their forget
+    # answers falling is the check.
+    (loss0, _), (loss1, _) = result["undial"]["before"], result["undial"]["after"]
+    assert loss1 < loss0, result["undial"]
+    assert result["undial"]["reference"] == "DeepSpeedEngine" and result["wga"]["reference"] == "NoneType"
