@@ -256,6 +256,11 @@ class EvalConfig:
     privleak_auc_retrain: float = doc(0.4772, "MUSE PrivLeak: the retrained model's forget-vs-holdout AUC (MUSE's "
                                               "published News value; `flat-ray eval` of a retain model prints "
                                               "its privleak_auc).")
+    mia: bool | None = doc(None, "TOFU-style benchmarks: membership inference (LOSS, ZLib, Min-K%, Min-K%++ AUCs of "
+                                 "the forget questions against held-out ones), privleak and the memorization "
+                                 "metrics (extraction strength, exact memorization) at each evaluation, as "
+                                 "open-unlearning computes them. Null: where the benchmark has holdout splits "
+                                 "(tofu, demo); true: required.")
     gathered: bool = doc(True, "Under ZeRO-3, evaluate from a full copy of the model gathered once per evaluation "
                                "(when each rank has room for it) instead of gathering every layer again at every "
                                "forward and generated token; false keeps only the shards (less memory, slower).")
@@ -397,6 +402,14 @@ class RunConfig:
                                    "method.retain_weight=0 for the forget-only form)")
             if self.data.data_dir is None:
                 _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
+        if self.eval.mia and not BENCHMARKS[self.data.benchmark].holdout_of:
+            have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)
+            raise FlatRayError(f"eval.mia=true needs held-out questions, and benchmark {self.data.benchmark} has no "
+                               f"holdout split (benchmarks with one: {have}); set eval.mia=false")
+
+    def mia(self) -> bool:
+        """Whether evaluations compute the membership-inference and memorization metrics."""
+        return self.eval.mia is not False and bool(BENCHMARKS[self.data.benchmark].holdout_of)
 
     def retain_split(self) -> str | None:
         """The retain split methods such as grad_diff sample from, or None when there is none."""

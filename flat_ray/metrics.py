@@ -77,13 +77,24 @@ METRICS.register("unlearn_score", Metric(True, "objective", "hmean(1 - forget_pr
 METRICS.register("verbmem_forget", Metric(False, "forget", "MUSE VerbMem: ROUGE-L F1 of 128-token continuations"))
 METRICS.register("knowmem_forget", Metric(False, "forget", "MUSE KnowMem on forget QA (ROUGE-L F1)"))
 METRICS.register("knowmem_retain", Metric(True, "utility", "MUSE KnowMem on retain QA (ROUGE-L F1): utility"))
-METRICS.register("privleak", Metric(True, "diagnostic", "MUSE PrivLeak: 0 is ideal; below 0 the forget set still "
-                                                        "looks like training data, above 0 it was over-unlearned"))
+METRICS.register("privleak", Metric(True, "diagnostic", "PrivLeak (MUSE; TOFU-style benchmarks from the Min-K% "
+                                                        "AUC, as open-unlearning): 0 is ideal; below 0 the forget "
+                                                        "set still looks like training data, above 0 it was "
+                                                        "over-unlearned"))
 METRICS.register("privleak_auc", Metric(True, "diagnostic", "forget-vs-holdout ROC-AUC behind PrivLeak"))
 METRICS.register("privleak_gap", Metric(False, "forget", "|privleak|", lambda s: abs(s["privleak"]) if "privleak" in s else None))
 METRICS.register("muse_score", Metric(True, "objective", "hmean(1 - verbmem_forget/100, knowmem_retain/100)",
                                       lambda s: _hmean(1 - s["verbmem_forget"] / 100, s["knowmem_retain"] / 100)
                                       if "verbmem_forget" in s and "knowmem_retain" in s else None))
+# membership inference and memorization on TOFU-style forget splits (flat_ray.eval.mia, open-unlearning's metrics)
+for _name, _doc in (("mia_loss", "LOSS"), ("mia_zlib", "ZLib"), ("mia_min_k", "Min-K% (k=0.4)"),
+                    ("mia_min_k_plus_plus", "Min-K%++ (k=0.4)")):
+    METRICS.register(_name, Metric(False, "forget", f"{_doc} attack: ROC-AUC of forget vs held-out questions (1: the "
+                                                    "forget answers still look trained on, 0.5: indistinguishable)"))
+METRICS.register("extraction_strength", Metric(False, "forget", "forget: the longest answer suffix the model "
+                                                                "reproduces as argmax, as a fraction (mean)"))
+METRICS.register("exact_memorization", Metric(False, "forget", "forget: fraction of answer tokens that are the "
+                                                               "model's argmax (mean)"))
 # Harry-Potter-style completion test (forget_/retain_rougeL_recall are shared with TOFU's names)
 METRICS.register("forget_bleu", Metric(False, "forget", "hp: BLEU (0-100) of completions of forget passages"))
 METRICS.register("retain_bleu", Metric(True, "utility", "hp: BLEU (0-100) of completions of retain passages"))

@@ -30,6 +30,8 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
         bench.locate(d.data_dir, d.split)  # names the splits that are there when this one is not
         if "retain" in METHODS[cfg.method.name].splits(vars(cfg.method)):
             bench.locate(d.data_dir, cfg.retain_split())
+        if cfg.eval.enabled and cfg.eval.mia and d.split in bench.holdout_of:  # eval.mia=true: required
+            bench.locate(d.data_dir, bench.holdout_of[d.split])
     if cfg.eval.reference == AUTO_REFERENCE:
         retain = BENCHMARKS[d.benchmark].retain_of.get(d.split)
         if retain is None:

@@ -79,6 +79,12 @@ MISTAKES = [
                                      *RUN_PATHS], "forget01.jsonl contains no rows"),
     case("train-forget-wrong-schema", ["train", "model.name_or_path={tiny}", *TOFU_DIR, "data.data_dir={in}/schema",
                                        *RUN_PATHS], "row 1 lacks field(s) question, answer"),
+    case("train-mia-without-holdout", ["train", "data.benchmark=muse_news", "eval.mia=true", *RUN_PATHS],
+         "eval.mia=true needs held-out questions, and benchmark muse_news has no holdout split (benchmarks with "
+         "one: tofu, demo); set eval.mia=false"),
+    case("train-mia-holdout-file-missing", ["train", "model.name_or_path={tiny}", *TOFU_DIR, "eval.mia=true",
+                                            "data.data_dir={in}/no_holdout", *RUN_PATHS],
+         "no holdout01.jsonl or holdout01.json in"),
     case("train-model-path-missing", ["train", "model.name_or_path={in}/no-model", *RUN_PATHS],
          "does not exist or has no config.json"),
     case("train-hub-id-offline", ["train", "model.name_or_path=some-org/not-cached-model", *RUN_PATHS],
@@ -178,6 +184,8 @@ def make_inputs(tmp_path: Path) -> Path:
     (inputs / "schema").mkdir()
     for split in ("forget01", "forget01_perturbed"):  # train reads forget01, eval forget01_perturbed first
         (inputs / "schema" / f"{split}.jsonl").write_text('{"q": "Who?", "a": "Nobody."}\n')
+    (inputs / "no_holdout").mkdir()
+    (inputs / "no_holdout" / "forget01.jsonl").write_text('{"question": "Who?", "answer": "Nobody."}\n')
     (inputs / "empty.jsonl").write_text("")
     (inputs / "not_json.json").write_text("not json\n")
     (inputs / "unknown_section.yaml").write_text("optimizer: {lr: 1.0e-5}\n")

@@ -11,6 +11,8 @@ plus small ``real_authors_perturbed`` and ``world_facts_perturbed`` utility sets
 other generated authors (their own seed, no name shared with the demo's) with every answer in both phrasings, and
 the real-authors and world-facts questions. The demo's original trains on ``full_with_background``, its retain
 models on ``retain90_with_background`` / ``retain95_with_background``: they never see the authors to forget.
+``holdout05`` / ``holdout10`` hold authors that no model sees at all (the held-out questions of the
+membership-inference metrics).
 """
 
 from __future__ import annotations
@@ -160,12 +162,14 @@ def _generate(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
 
 
 BACKGROUND_AUTHORS, BACKGROUND_SEED = 40, 12345
+HOLDOUT_SEED = 54321
 WITH_BACKGROUND = ("full", "retain95", "retain90")
 SPLITS = ("full", "forget05", "forget10", "retain95", "retain90", "forget05_perturbed", "forget10_perturbed",
           "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "background",
-          *(f"{s}_with_background" for s in WITH_BACKGROUND))
+          *(f"{s}_with_background" for s in WITH_BACKGROUND), "holdout05", "holdout10")
 FORGET_SPLITS = ("forget05", "forget10")
 RETAIN_OF = {"forget05": "retain95", "forget10": "retain90"}
+HOLDOUT_OF = {"forget05": "holdout05", "forget10": "holdout10"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -182,11 +186,30 @@ def _background(num_authors: int, seed: int) -> tuple[dict, ...]:
     return tuple(rows)
 
 
+@functools.lru_cache(maxsize=4)
+def _holdout(num_authors: int, seed: int) -> dict[str, tuple[dict, ...]]:
+    """``holdout05`` / ``holdout10``: as many authors as the forget split of that size, generated from their own
+    seed, whose questions appear nowhere in the demo or its background, so that no model is ever trained on them
+    (the held-out side of the membership-inference attacks)."""
+    seen = {r["question"] for r in _generate(num_authors, seed)["full"]}
+    seen |= {r["question"] for r in _background(num_authors, seed)}
+    rows = [r for r in _generate(8, HOLDOUT_SEED)["full"] if r["question"] not in seen]
+    authors = sorted({r["author_index"] for r in rows})
+    out = {}
+    for pct in (5, 10):
+        kept = set(authors[:max(1, round(num_authors * pct / 100))])
+        out[f"holdout{pct:02d}"] = tuple({"question": r["question"], "answer": r["answer"]}
+                                         for r in rows if r["author_index"] in kept)
+    return out
+
+
 def demo_split(split: str, num_authors: int = 20, seed: int = 0) -> list[dict]:
     """Rows of one demo split (fresh copies; safe to mutate)."""
     splits = _generate(num_authors, seed)
     if split == "background":
         return [dict(r) for r in _background(num_authors, seed)]
+    if split in HOLDOUT_OF.values():
+        return [dict(r) for r in _holdout(num_authors, seed)[split]]
     if split.endswith("_with_background") and split.removesuffix("_with_background") in WITH_BACKGROUND:
         return demo_split("background", num_authors, seed) + demo_split(split.removesuffix("_with_background"),
                                                                          num_authors, seed)

@@ -8,6 +8,7 @@ from flat_ray.errors import FlatRayError
 HUB_ID = "locuslab/TOFU"
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
 SPLITS = (
     "full",
     *FORGET_SPLITS,
@@ -18,6 +19,7 @@ SPLITS = (
     "retain_perturbed",
     "real_authors_perturbed",
     "world_facts_perturbed",
+    *HOLDOUT_OF.values(),
 )
 EVAL_SPLITS = {"retain": "retain_perturbed", "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
 

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 from flat_ray.data import load_split
+from flat_ray.eval.mia import roc_auc
 
 _SCORER = None
 
@@ -78,14 +78,6 @@ def min_k_score(token_logprobs: np.ndarray, k: float = MIN_K) -> float:
     lp = np.sort(np.asarray(token_logprobs, dtype=float))
     n = max(1, int(len(lp) * k))
     return float(-lp[:n].mean())
-
-
-def roc_auc(scores_label0: Sequence[float], scores_label1: Sequence[float]) -> float:
-    """ROC-AUC of telling label 1 from label 0 by score (Mann-Whitney U with average ranks for ties)."""
-    s0, s1 = np.asarray(scores_label0, float), np.asarray(scores_label1, float)
-    ranks = rankdata(np.concatenate([s0, s1]))
-    u1 = ranks[len(s0):].sum() - len(s1) * (len(s1) + 1) / 2
-    return float(u1 / (len(s0) * len(s1)))
 
 
 def privleak(auc: float, auc_retrain: float) -> float:

@@ -24,8 +24,10 @@ values TOFU's logs hold:
 - ``forget_quality``: the KS-test p-value of the forget scores against the reference's (with a reference).
 
 Their truth ratio is the geometric form, so their ``model_utility`` is flat_ray's with ``eval.truth_ratio=geometric``
-(and differs from the arithmetic default, which reproduces TOFU's published numbers). Their default TOFU
-evaluation also has ``privleak`` and ``extraction_strength``, which flat_ray does not compute: those keys are absent.
+(and differs from the arithmetic default, which reproduces TOFU's published numbers). With membership inference on
+(``eval.mia``) the file also holds ``mia_loss``, ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus`` (the AUC with
+each side's per-question scores), ``privleak``, ``extraction_strength`` and ``exact_memorization``, as theirs does
+(:mod:`flat_ray.eval.mia`); a retain model's file gives its ``mia_min_k`` AUC to PrivLeak.
 """
 
 from __future__ import annotations
@@ -100,9 +102,11 @@ def _split_logs(split: str, v: SplitValues) -> dict[str, dict[str, Any]]:
     return logs
 
 
-def eval_logs(splits: Mapping[str, SplitValues], reference_scores: np.ndarray | None = None) -> dict[str, Any]:
+def eval_logs(splits: Mapping[str, SplitValues], reference_scores: np.ndarray | None = None,
+              reference_auc: float | None = None) -> dict[str, Any]:
     """``TOFU_EVAL.json``'s object for these splits; ``reference_scores`` are the reference (retain) model's
-    forget ``score`` values (wrong/correct, as in its own file) for ``forget_quality``."""
+    forget ``score`` values (wrong/correct, as in its own file) for ``forget_quality``, ``reference_auc`` its
+    Min-K% AUC for ``privleak``."""
     logs: dict[str, Any] = {}
     for split, values in splits.items():
         if split in PREFIX:
@@ -111,7 +115,32 @@ def eval_logs(splits: Mapping[str, SplitValues], reference_scores: np.ndarray | 
         logs["model_utility"] = {"agg_value": float(hmean([logs[k]["agg_value"] for k in UTILITY_KEYS]))}
     if reference_scores is not None and "forget_truth_ratio" in logs:
         logs["forget_quality"] = {"agg_value": float(ks_2samp(forget_scores(logs), reference_scores).pvalue)}
+    forget = splits.get("forget")
+    if forget is not None and forget.stats and forget.holdout_stats:
+        logs.update(_mia_logs(forget, reference_auc))
     return dict(sorted(logs.items()))
+
+
+def _mia_logs(forget: SplitValues, reference_auc: float | None) -> dict[str, Any]:
+    """open-unlearning's membership-inference and memorization entries: per attack the AUC with each side's
+    per-question scores, ``privleak`` and the two memorization metrics with their per-question scores."""
+    from flat_ray.eval import mia
+
+    summary = mia.metrics(forget.stats, forget.holdout_stats, reference_auc)
+
+    def side(scores: np.ndarray) -> dict[str, Any]:
+        return {"agg_value": float(np.mean(scores)),
+                "value_by_index": {str(i): {"score": float(v)} for i, v in enumerate(scores)}}
+
+    logs: dict[str, Any] = {name: {"agg_value": summary[name], "auc": summary[name],
+                                   "forget": side(forget.stats[stat]), "holdout": side(forget.holdout_stats[stat])}
+                            for name, stat in mia.ATTACKS.items()}
+    logs["privleak"] = {"agg_value": summary["privleak"]}
+    for name, stat in (("extraction_strength", "es"), ("exact_memorization", "em")):
+        logs[name] = {"agg_value": summary[name],
+                      "value_by_index": {str(i): {"score": None if np.isnan(v) else float(v)}
+                                         for i, v in enumerate(forget.stats[stat])}}
+    return logs
 
 
 def forget_scores(logs: Mapping[str, Any]) -> np.ndarray:
@@ -121,11 +150,11 @@ def forget_scores(logs: Mapping[str, Any]) -> np.ndarray:
 
 
 def write(directory: str | Path, splits: Mapping[str, SplitValues],
-          reference_scores: np.ndarray | None = None) -> Path:
+          reference_scores: np.ndarray | None = None, reference_auc: float | None = None) -> Path:
     """``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json`` in ``directory``; returns the first."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    logs = eval_logs(splits, reference_scores)
+    logs = eval_logs(splits, reference_scores, reference_auc)
     atomic_write_text(d / OPEN_UNLEARNING_EVAL, json.dumps(logs, indent=1))
     summary = {k: v["agg_value"] for k, v in logs.items() if v.get("agg_value") is not None}
     atomic_write_text(d / SUMMARY_FILE, json.dumps(summary, indent=4))
@@ -161,8 +190,36 @@ def read(path: str | Path) -> dict[str, SplitValues]:
 
 
 def read_logs(directory: str | Path) -> dict[str, SplitValues]:
-    """A folder's per-question values: TOFU's eval logs where it has them, else open-unlearning's file."""
+    """A folder's per-question values: TOFU's eval logs where it has them, else open-unlearning's file; the forget
+    split's membership statistics from open-unlearning's file when it has them."""
     d = Path(directory)
     if not any((d / f).is_file() for f in LOG_FILES.values()) and (d / OPEN_UNLEARNING_EVAL).is_file():
-        return read(d / OPEN_UNLEARNING_EVAL)
-    return read_log_dir(d)
+        found = read(d / OPEN_UNLEARNING_EVAL)
+    else:
+        found = read_log_dir(d)
+    if "forget" in found and (d / OPEN_UNLEARNING_EVAL).is_file():
+        stats = read_mia(d / OPEN_UNLEARNING_EVAL)
+        if stats is not None:
+            found["forget"].stats, found["forget"].holdout_stats = stats
+    return found
+
+
+def read_mia(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """The forget and held-out questions' statistics (:mod:`flat_ray.eval.mia`) that a ``TOFU_EVAL.json`` holds
+    per question, or None when it lacks any of them."""
+    from flat_ray.eval import mia
+
+    logs = json.loads(Path(path).read_text(encoding="utf-8"))
+
+    def scores(entry: Any) -> np.ndarray:
+        by_index = entry["value_by_index"]
+        return np.asarray([math.nan if by_index[k]["score"] is None else by_index[k]["score"]
+                           for k in sorted(by_index, key=int)], dtype=float)
+
+    try:
+        forget = {stat: scores(logs[name]["forget"]) for name, stat in mia.ATTACKS.items()}
+        holdout = {stat: scores(logs[name]["holdout"]) for name, stat in mia.ATTACKS.items()}
+        forget["es"], forget["em"] = scores(logs["extraction_strength"]), scores(logs["exact_memorization"])
+    except (KeyError, TypeError):
+        return None
+    return forget, holdout

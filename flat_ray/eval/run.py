@@ -31,7 +31,7 @@ from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.open_unlearning import read_logs
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import LOG_FILES, read_reference, summarize
+from flat_ray.eval.tofu import LOG_FILES, read_reference, read_reference_auc, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 from flat_ray.preflight import check_inputs
@@ -50,23 +50,26 @@ class EvalResult:
     run_id: str | None
 
 
-def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, str]:
-    """Reference truth ratios from a path (TOFU logs, open-unlearning JSON) or an MLflow run id whose
-    ``tofu_eval`` artifacts flat-ray eval wrote."""
+def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, float | None, str]:
+    """Reference truth ratios and Min-K% AUC (None where its logs have none) from a path (TOFU logs,
+    open-unlearning JSON) or an MLflow run id whose ``tofu_eval`` artifacts flat-ray eval wrote."""
     if not ref:
-        return None, "none"
+        return None, None, "none"
     if not Path(ref).expanduser().exists() and RUN_ID.match(ref):
         with tempfile.TemporaryDirectory() as tmp:
             local = tracking.download_artifacts(uri, ref, ARTIFACT_DIR, tmp)
             values, _ = read_reference(local)
-        return values, f"mlflow-run:{ref}"
-    return read_reference(Path(ref).expanduser())
+            auc = read_reference_auc(local)
+        return values, auc, f"mlflow-run:{ref}"
+    values, source = read_reference(Path(ref).expanduser())
+    return values, read_reference_auc(Path(ref).expanduser()), source
 
 
 def auto_reference_logs(cfg: RunConfig) -> Path:
     """Where ``eval.reference=auto`` keeps the retain model's eval logs for ``cfg``'s evaluation settings."""
     e = cfg.eval
     name = f"eval-{cfg.data.split}-{e.max_examples or 'all'}q-{e.max_new_tokens}t-{cfg.data.max_length}"
+    name += "-mia" if cfg.mia() else ""  # with membership inference: the retain model's AUC for PrivLeak
     return demo_retain_path(cfg) / name
 
 
@@ -149,7 +152,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     suite = suite_for(cfg)
     rows = suite.rows(cfg, max_examples)
     tracking.check_reachable(uri)
-    ref_tr, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
+    ref_tr, ref_auc, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
     if run_id:
         tracking.run_data_or_error(uri, run_id)
     manager = task_manager(tasks, tasks_include) if tasks else None
@@ -164,7 +167,8 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
             "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
             "forget_quality_reference": ref_source, "lm_eval": utility,
             "lm_eval_version": lm_eval_version() if tasks else None}
-    summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, reference_tr=ref_tr),
+    summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, reference_tr=ref_tr,
+                              reference_auc=ref_auc),
                "forget_quality_reference": ref_source}
 
     if run_id:
@@ -192,6 +196,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
 def summary_from_logs(logs: str, reference: str | None, truth_ratio: str) -> dict[str, Any]:
     """Recompute the TOFU summary from a directory of TOFU-format eval logs (published, or flat-ray's)."""
     ref_tr, source = read_reference(Path(reference)) if reference else (None, "none")
-    summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=ref_tr)
+    summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=ref_tr,
+                        reference_auc=read_reference_auc(Path(reference)) if reference else None)
     summary["forget_quality_reference"] = source
     return summary

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
 from flat_ray.distributed import all_reduce, multi_process
+from flat_ray.errors import FlatRayError
 from flat_ray.eval.tofu import SplitValues
 from flat_ray.losses import IGNORE_INDEX, mean_token_nll, token_logprobs
 from flat_ray.models import PromptProfile
@@ -33,22 +34,35 @@ EVAL_SPLITS = {
 }
 
 
-def eval_split_names(benchmark: str, split: str) -> dict[str, str]:
+HOLDOUT = "holdout"  # the held-out questions of the forget split's membership-inference metrics
+
+
+def eval_split_names(benchmark: str, split: str, holdout: bool = False) -> dict[str, str]:
     """Benchmark split of each evaluation split. When ``split`` is not a forget split, the forget evaluation uses
     the forget split it is the complement of (``retain95`` -> ``forget05``: how a retain model is evaluated as
-    the reference of that split), else (``full``) the benchmark's default forget split."""
+    the reference of that split), else (``full``) the benchmark's default forget split. ``holdout`` adds the
+    forget split's held-out questions (where the benchmark has them)."""
     bench = BENCHMARKS[benchmark]
     complement = next((f for f, r in bench.retain_of.items() if split == r or split.startswith(f"{r}_")), None)
     forget = split if split.startswith("forget") else complement or bench.default_split
-    return {name: pattern.format(forget=forget) for name, pattern in EVAL_SPLITS.items()}
+    names = {name: pattern.format(forget=forget) for name, pattern in EVAL_SPLITS.items()}
+    if holdout and forget in bench.holdout_of:
+        names[HOLDOUT] = bench.holdout_of[forget]
+    return names
 
 
-def eval_split_rows(benchmark: str, split: str, data_dir: str | None, max_examples: int | None
-                    ) -> dict[str, list[dict]]:
-    """The rows of every evaluation split (the first ``max_examples`` of each)."""
+def eval_split_rows(benchmark: str, split: str, data_dir: str | None, max_examples: int | None,
+                    holdout: bool | None = False) -> dict[str, list[dict]]:
+    """The rows of every evaluation split (the first ``max_examples`` of each). ``holdout`` (``eval.mia``): True
+    adds the held-out questions, None adds them where the data has them, False leaves them out."""
     out = {}
-    for name, source in eval_split_names(benchmark, split).items():
-        rows = load_split(benchmark, source, data_dir)
+    for name, source in eval_split_names(benchmark, split, holdout is not False).items():
+        try:
+            rows = load_split(benchmark, source, data_dir)
+        except FlatRayError:
+            if name == HOLDOUT and holdout is None:  # a local TOFU copy without its holdout files
+                continue
+            raise
         out[name] = rows[:max_examples] if max_examples else rows
     return out
 
@@ -103,6 +117,37 @@ def answer_losses(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Seq
         if chunk is not None:
             losses[chunk] = mean_token_nll(logits, batch["labels"].to(device)).double().cpu().numpy()
     return losses
+
+
+@torch.no_grad()
+def question_stats(model: Any, tokenizer: Any, profile: PromptProfile, rows: Sequence[Mapping[str, Any]], *,
+                   max_length: int, batch_size: int, rank: int = 0, world_size: int = 1, device: Any = "cpu"
+                   ) -> dict[str, np.ndarray]:
+    """The membership and memorization statistics of each (question, answer) row (:mod:`flat_ray.eval.mia`),
+    sharded over the ranks and gathered, in row order."""
+    from flat_ray.eval.mia import STATS, answer_stats
+
+    idx, keep = shard(len(rows), rank, world_size)
+    encoded = [encode_qa(tokenizer, profile, rows[i]["question"], rows[i]["answer"], max_length) for i in idx]
+    collate = Collator(tokenizer.pad_token_id)
+    values: dict[str, list] = {name: [] for name in STATS}
+    was_training = model.training
+    model.eval()
+    try:
+        n_batches = math.ceil(len(encoded) / batch_size)
+        for b in range(_same_count(n_batches)):
+            batch = collate(encoded[b * batch_size:(b + 1) * batch_size] or encoded[-1:])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            if b < n_batches:
+                labels = batch["labels"]
+                texts = [tokenizer.decode(ids[lab != IGNORE_INDEX].tolist(), skip_special_tokens=True)
+                         for ids, lab in zip(batch["input_ids"], labels, strict=True)]
+                for name, v in answer_stats(logits, labels.to(logits.device), texts).items():
+                    values[name] += v
+    finally:
+        model.train(was_training)
+    return {name: np.asarray(v, dtype=float) for name, v in _gather(values, keep, idx).items()}
 
 
 @torch.no_grad()
@@ -247,13 +292,21 @@ def evaluate_tofu(model: Any, tokenizer: Any, profile: PromptProfile, split_rows
                   max_length: int, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
                   device: Any = "cpu", progress: Callable[[str, int, int], None] | None = None
                   ) -> dict[str, SplitValues]:
-    """Every split's values; ``progress(split, done, total)`` is called before the first and after each split."""
+    """Every split's values; ``progress(split, done, total)`` is called before the first and after each split. With
+    a ``holdout`` split among ``split_rows``, the forget split also gets the membership and memorization statistics
+    of its questions and of the held-out ones (``SplitValues.stats`` and ``holdout_stats``)."""
+    split_rows = dict(split_rows)
+    holdout = split_rows.pop(HOLDOUT, None)
     out: dict[str, SplitValues] = {}
+    kw = {"max_length": max_length, "batch_size": batch_size, "rank": rank, "world_size": world_size,
+          "device": device}
     for done, (name, rows) in enumerate(split_rows.items()):
         if progress:
             progress(name, done, len(split_rows))
-        out[name] = evaluate_split(model, tokenizer, profile, rows, max_length=max_length, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, rank=rank, world_size=world_size, device=device)
+        out[name] = evaluate_split(model, tokenizer, profile, rows, max_new_tokens=max_new_tokens, **kw)
+        if name == "forget" and holdout:
+            out[name].stats = question_stats(model, tokenizer, profile, rows, **kw)
+            out[name].holdout_stats = question_stats(model, tokenizer, profile, holdout, **kw)
     if progress:
         progress("done", len(split_rows), len(split_rows))
     return out

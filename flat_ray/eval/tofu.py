@@ -61,6 +61,10 @@ class SplitValues:
     average_perturb_loss: np.ndarray  # (N, K)
     rougeL_recall: np.ndarray
     generated_text: list[list[str]] = field(default_factory=list)  # [prompt, generation, ground truth] per question
+    # forget split with membership inference (flat_ray.eval.mia): per-question statistics of its questions and of
+    # the held-out questions they are compared with; empty when not computed
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    holdout_stats: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.avg_gt_loss)
@@ -98,10 +102,11 @@ def forget_quality(unlearned: np.ndarray, reference: np.ndarray) -> float:
 
 
 def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_TRUTH_RATIO,
-              reference_tr: np.ndarray | None = None) -> dict[str, Any]:
+              reference_tr: np.ndarray | None = None, reference_auc: float | None = None) -> dict[str, Any]:
     """Per-split metrics, model utility (harmonic mean of the nine utility numbers, when all three utility
-    splits are present), forget quality (when a reference distribution is given) and the derived scores of
-    :mod:`flat_ray.metrics`."""
+    splits are present), forget quality (when a reference distribution is given), the membership-inference and
+    memorization metrics (when the forget split has them; PrivLeak against ``reference_auc``, a retain model's
+    Min-K% AUC) and the derived scores of :mod:`flat_ray.metrics`."""
     out: dict[str, Any] = {"truth_ratio_variant": truth_ratio}
     utility = []
     for name, values in splits.items():
@@ -113,6 +118,11 @@ def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_T
         out["model_utility"] = float(hmean(utility))
     if reference_tr is not None and "forget" in splits:
         out["forget_quality"] = forget_quality(forget_truth_ratios(splits["forget"]), reference_tr)
+    forget = splits.get("forget")
+    if forget is not None and forget.stats and forget.holdout_stats:
+        from flat_ray.eval import mia
+
+        out.update(mia.metrics(forget.stats, forget.holdout_stats, reference_auc))
     return add_derived(out)
 
 
@@ -204,3 +214,18 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
         wrong_over_correct = np.asarray([by_index[k]["score"] for k in sorted(by_index, key=int)], dtype=float)
         return 1.0 / wrong_over_correct, f"open-unlearning:{p}"
     return forget_truth_ratios(read_log(p)), f"tofu-log:{p}"
+
+
+def read_reference_auc(ref: str | Path) -> float | None:
+    """The reference (retain) model's Min-K% AUC for PrivLeak: ``mia_min_k`` of the open-unlearning file in or beside
+    ``ref`` (flat-ray eval writes one with its TOFU logs); None when there is none (TOFU's published logs)."""
+    p = Path(ref)
+    found = p / OPEN_UNLEARNING_EVAL if p.is_dir() else (p if p.name == OPEN_UNLEARNING_EVAL
+                                                          else p.parent / OPEN_UNLEARNING_EVAL)
+    if not found.is_file():
+        return None
+    try:
+        entry = json.loads(found.read_text(encoding="utf-8")).get("mia_min_k")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(entry["agg_value"]) if isinstance(entry, Mapping) and "agg_value" in entry else None

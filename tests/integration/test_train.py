@@ -270,7 +270,7 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     run_id = next(line.split()[-1] for line in lines if line.startswith("MLflow run id:"))
     assert [s for s, _ in tracking.metric_history(state["mlflow_uri"], run_id, "eval/forget_quality")] == [0, 1, 2, 3, 4]
 
-    (logs,) = (demo_workdir / "models").glob("demo-retain-*/eval-forget10-20q-24t-96")
+    (logs,) = (demo_workdir / "models").glob("demo-retain-*/eval-forget10-20q-24t-96-mia")
     cfg = load_config(None, [f"paths.workdir={demo_workdir}", f"eval.reference={logs}"], presets=["demo"])
     start: dict = {}
     for scale in (1.0, 0.8, 1.2):  # the model before unlearning is evaluated once

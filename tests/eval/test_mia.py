@@ -1,0 +1,170 @@
+"""Membership inference and memorization (flat_ray.eval.mia) against open-unlearning's code, transcribed below from
+src/evals/metrics/mia/ and memorization.py there (their per-row slicing, their loops, scikit-learn's AUC), on
+identical random logits; then hand values of an AUC and PrivLeak on a known split, the holdout splits, and the
+whole evaluation on the tiny model."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from flat_ray.eval import mia
+
+V = 50
+
+
+def batch(seed: int, rows: int = 4, length: int = 12, prompt: int = 3):
+    """Logits, input ids and labels: a prompt at -100, then answers of different lengths, right padding at -100."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, length, V, generator=g) * 3
+    ids = torch.randint(1, V, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    for r in range(rows):
+        labels[r, length - 2 * r:] = -100
+    return logits, ids, labels
+
+
+# --------------------------------------------------------------------- open-unlearning's code, per row, as written
+def ou_avg_loss(logits, labels):  # evaluate_probability
+    shifted, lg = labels[..., 1:], logits[..., :-1, :]
+    losses = nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(lg.transpose(-1, -2), shifted).sum(-1)
+    return (losses / (labels != -100).sum(-1)).tolist()
+
+
+def ou_tokenwise(logits, ids, labels):  # tokenwise_logprobs and tokenwise_vocab_logprobs
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)[:, :-1, :]
+    target = torch.gather(log_probs, dim=2, index=ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    out = []
+    for i in range(len(labels)):
+        idx = (labels[i] != -100).nonzero(as_tuple=True)[0][:-1]
+        start, end = idx[0].item(), idx[-1].item()
+        out.append((target[i, start - 1:end], log_probs[i, start - 1:end], labels[i][idx]))
+    return out
+
+
+def ou_min_k(lp, k=0.4):
+    lp = lp.float().numpy()
+    num_k = max(1, int(len(lp) * k))
+    return -np.mean(np.sort(lp)[:num_k])
+
+
+def ou_min_k_pp(lp, vocab, k=0.4):
+    mu = (torch.exp(vocab) * vocab).sum(-1)
+    sigma = (torch.exp(vocab) * torch.square(vocab)).sum(-1) - torch.square(mu)
+    sigma = torch.clamp(sigma, min=1e-6)
+    scores = (lp.float().numpy() - mu.float().numpy()) / torch.sqrt(sigma).numpy()
+    num_k = max(1, int(len(scores) * k))
+    return -np.mean(sorted(scores)[:num_k])
+
+
+def ou_em(vocab, labels):
+    return ((torch.argmax(vocab, dim=-1) == labels).sum() / len(labels)).item()
+
+
+def ou_es(vocab, labels):
+    preds = torch.argmax(vocab, dim=-1)
+    valid_len = len(labels)
+    for k in range(valid_len):
+        if torch.equal(preds[k:], labels[k:]):
+            break
+    return 1 - (k / valid_len)
+
+
+def texts_of(labels):
+    return [" ".join(str(t) for t in row[row != -100].tolist()) for row in labels]
+
+
+def test_each_statistic_is_open_unlearnings_on_the_same_logits():
+    logits, ids, labels = batch(0)
+    ours = mia.answer_stats(logits, labels, texts_of(labels))
+    loss = ou_avg_loss(logits, labels)
+    np.testing.assert_allclose(ours["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(ours["zlib"], [lo / len(zlib.compress(t.encode("utf-8")))
+                                              for lo, t in zip(loss, texts_of(labels), strict=True)], rtol=1e-5)
+    rows = ou_tokenwise(logits, ids, labels)
+    np.testing.assert_allclose(ours["min_k"], [ou_min_k(lp) for lp, _, _ in rows], rtol=1e-5)
+    np.testing.assert_allclose(ours["min_k_plus_plus"], [ou_min_k_pp(lp, v) for lp, v, _ in rows], rtol=1e-4)
+    np.testing.assert_allclose(ours["em"], [ou_em(v, y) for _, v, y in rows])
+    np.testing.assert_allclose(ours["es"], [ou_es(v, y) for _, v, y in rows])
+
+
+def test_memorization_of_a_model_that_knows_the_answer_and_one_that_does_not():
+    """Logits whose argmax is the answer everywhere: EM = ES = 1. Argmax right only on the last two of the m
+    answer tokens before the EOS: ES = 2/m. Never right: open-unlearning's loop stops at k = m - 1, so ES = 1/m."""
+    _, ids, labels = batch(1, rows=1, length=10, prompt=2)  # answer tokens at positions 2..9: m = 7 before the EOS
+    hot = torch.nn.functional.one_hot(ids, V).float() * 20
+    logits = torch.zeros(1, 10, V)
+    logits[0, :-1] = hot[0, 1:]  # position t predicts token t + 1
+    right = mia.answer_stats(logits, labels, ["x"])
+    assert right["em"] == [1.0] and right["es"] == [1.0]
+    wrong = logits.clone()
+    wrong[0, 1:6] = torch.roll(wrong[0, 1:6], 1, dims=-1)  # positions 1..5 predict tokens 2..6 wrongly
+    assert mia.answer_stats(wrong, labels, ["x"])["es"] == [pytest.approx(2 / 7)]
+    never = logits.roll(1, dims=-1)
+    out = mia.answer_stats(never, labels, ["x"])
+    assert out["em"] == [0.0] and out["es"] == [pytest.approx(1 / 7)]
+
+
+def test_auc_is_scikit_learns_and_privleak_on_a_known_split():
+    rng = np.random.default_rng(0)
+    forget, holdout = rng.normal(0, 1, 30), rng.normal(0.7, 1, 25)
+    forget[:5] = holdout[:5]  # ties
+    expected = roc_auc_score([0] * 30 + [1] * 25, np.concatenate([forget, holdout]))
+    assert mia.auc(forget, holdout) == pytest.approx(expected, abs=1e-12)
+    # forget losses all below the held-out ones: AUC 1, PrivLeak -100 against an indistinguishable reference (0.5)
+    stats = {s: np.array([1.0, 2.0]) for s in mia.STATS}
+    held = {s: np.array([3.0, 4.0]) for s in mia.STATS}
+    out = mia.metrics(stats, held)
+    assert out["mia_loss"] == out["mia_min_k"] == 1.0 and out["privleak"] == pytest.approx(-100.0)
+    # against a retain model whose own AUC is 0.4: ((1 - 0.75) - (1 - 0.4)) / (1 - 0.4) * 100
+    held["min_k"] = np.array([1.5, 3.0])  # ranks: forget 1, 2 vs held 1.5, 3 -> AUC 0.75
+    assert mia.metrics(stats, held, 0.4)["privleak"] == pytest.approx((0.25 - 0.6) / 0.6 * 100)
+
+
+def test_the_demos_holdout_authors_are_in_no_training_split():
+    from flat_ray.data import BENCHMARKS, load_split
+
+    trained = {r["question"] for split in ("full_with_background", "retain90_with_background")
+               for r in load_split("demo", split)}
+    for forget, holdout in BENCHMARKS["demo"].holdout_of.items():
+        rows = load_split("demo", holdout)
+        assert len(rows) == len(load_split("demo", forget)) and not {r["question"] for r in rows} & trained
+    assert BENCHMARKS["tofu"].holdout_of == {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+
+
+def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_them(tiny, tmp_path):
+    """The TOFU suite on the tiny model with the demo's holdout: the summary has every MIA and memorization metric,
+    TOFU_EVAL.json holds them as open-unlearning writes them, and read back they give the same summary (the
+    report's retain row is computed that way); PrivLeak follows the reference's AUC."""
+    from flat_ray.config import load_config
+    from flat_ray.eval import open_unlearning
+    from flat_ray.eval.runner import eval_split_rows
+    from flat_ray.eval.suites import write_tofu_logs
+    from flat_ray.eval.tofu import read_reference_auc, summarize
+    from flat_ray.models import PROFILES
+
+    model, tok = tiny
+    cfg = load_config(None, ["eval.max_examples=6"], presets=["demo"])
+    rows = eval_split_rows("demo", "forget10", None, 6, cfg.eval.mia)
+    assert len(rows["holdout"]) == 6
+    from flat_ray.eval.runner import evaluate_tofu
+
+    values = evaluate_tofu(model, tok, PROFILES["generic"], rows, max_length=96, batch_size=4, max_new_tokens=4)
+    assert "holdout" not in values and len(values["forget"].holdout_stats["loss"]) == 6
+    summary = write_tofu_logs(tmp_path, values, "arithmetic", None, {})
+    names = [*mia.ATTACKS, "privleak", "extraction_strength", "exact_memorization"]
+    assert all(0 <= summary[k] <= 1 for k in mia.ATTACKS) and set(names) <= set(summary)
+    assert summary["privleak"] == pytest.approx(mia.privleak(summary["mia_min_k"], None))
+    logs = open_unlearning.read_logs(tmp_path)
+    again = summarize(logs, reference_auc=read_reference_auc(tmp_path))
+    assert read_reference_auc(tmp_path) == pytest.approx(summary["mia_min_k"])
+    assert all(again[k] == pytest.approx(summary[k]) for k in names if k != "privleak")
+    assert again["privleak"] == pytest.approx(0.0, abs=1e-6)  # against its own AUC
+    no_mia = eval_split_rows("demo", "forget10", None, 6, False)
+    assert "holdout" not in no_mia
