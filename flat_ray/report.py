@@ -2,7 +2,8 @@
 works the same at the end of a sweep, after a resume, or days later.
 
 Per benchmark (and model): a paper-style table (one row per method / divergence with its best trial by the
-sweep's first objective, columns the space's forget and utility metrics, plus the model before unlearning), the
+sweep's first objective, columns the space's forget and utility metrics and, where the trials computed them,
+PrivLeak and extraction strength as open-unlearning's tables show them; plus the model before unlearning), the
 Pareto front of the forget metric vs the utility metric as a PNG, and the training-loss curves of every trial.
 Files go to ``<sweep dir>/report/``; the sweep logs them on its parent run.
 """
@@ -155,6 +156,8 @@ def _fmt(metric: str, v: float | None) -> str:
         return str(v)
     if metric == "forget_quality" or metric == "lr":
         return f"{v:.3g}"
+    if metric == "privleak":  # a percentage
+        return f"{v:.1f}"
     return f"{v:.4f}"
 
 
@@ -171,6 +174,14 @@ def reference_metrics(reference: str, truth_ratio: str) -> dict[str, float] | No
     summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=read_reference(logs)[0],
                         reference_auc=read_reference_auc(logs))
     return add_derived({k: v for k, v in summary.items() if isinstance(v, float)})
+
+
+# open-unlearning's default TOFU table beside forget quality and utility: shown wherever the trials computed them
+PRIVACY_COLUMNS = ("privleak", "extraction_strength")
+
+
+def _privacy_columns(trials: list[Trial], shown: list[str]) -> list[str]:
+    return [c for c in PRIVACY_COLUMNS if c not in shown and any(c in t.final or c in t.before for t in trials)]
 
 
 def table_rows(trials: list[Trial], objective: str, columns: list[str]) -> list[dict[str, Any]]:
@@ -335,7 +346,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     files: list[Path] = []
     for bench in dict.fromkeys(t.benchmark for t in trials):
         mine = [t for t in trials if t.benchmark == bench]
-        rows = table_rows(mine, objective, columns)
+        rows = table_rows(mine, objective, columns + _privacy_columns(mine, [objective, *columns]))
         tables[bench] = rows
         lines += [f"## {bench}", "", markdown(rows), ""]
         files += _plots(bench, mine, cfg.get("pareto", []), out)

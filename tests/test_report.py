@@ -67,3 +67,23 @@ def test_a_sweep_reports_lora_trials_as_their_own_method(tmp_path):
                                                    "objective": ["forget_prob"]}))
     _, trials = collect(tmp_path)
     assert {t.name: t.group for t in trials} == {"full": "flat/kl", "adapted": "flat+lora/kl"}
+
+
+def test_privleak_and_extraction_strength_columns_appear_where_the_trials_have_them():
+    """Open-unlearning's table shows PrivLeak and extraction strength beside forget quality and utility: a report
+    adds them to a benchmark's table when its trials computed them (TOFU-style with held-out questions), not to a
+    benchmark without them (MUSE's own privleak is already in its space's columns)."""
+    from flat_ray.report import PRIVACY_COLUMNS, _fmt, _privacy_columns, table_rows
+
+    def trial(name, final, before):
+        from flat_ray.report import Trial
+        return Trial(name, "r", "finished", "demo", "demo/forget10", "flat", "kl", 5e-4, final, before, epoch=2)
+
+    tofu_like = [trial("a", {"tofu_score": 0.8, "privleak": -40.0, "extraction_strength": 0.3},
+                       {"tofu_score": 0.5, "privleak": -95.0, "extraction_strength": 0.9})]
+    assert _privacy_columns(tofu_like, ["tofu_score", "forget_quality"]) == list(PRIVACY_COLUMNS)
+    rows = table_rows(tofu_like, "tofu_score", ["forget_quality", *_privacy_columns(tofu_like, ["tofu_score"])])
+    assert rows[0]["privleak"] == -95.0 and rows[1]["extraction_strength"] == 0.3  # before, then the method
+    assert _privacy_columns([trial("b", {"unlearn_score": 0.7}, {"unlearn_score": 0.1})], ["unlearn_score"]) == []
+    assert _privacy_columns(tofu_like, ["tofu_score", "privleak"]) == ["extraction_strength"]  # never twice
+    assert _fmt("privleak", -40.0) == "-40.0"
