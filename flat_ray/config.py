@@ -151,10 +151,11 @@ class MethodConfig:
                             "logp/|y| - gamma); equals simnpo_beta * delta of the SimNPO code and open-unlearning "
                             "(0 on TOFU).")
     retain_weight: float | None = doc(None, "Weight of the retain cross-entropy term of grad_diff, idk, npo, dpo, "
-                                            "simnpo, wga, satimp and undial (open-unlearning's alpha); null means "
-                                            "the method's default, open-unlearning's: 1, and 0 for undial. 0 gives "
+                                            "simnpo, wga, satimp, undial and rmu (open-unlearning's alpha; rmu's is "
+                                            "an activation distance); null means the method's default, "
+                                            "open-unlearning's: 1, and 0 for undial. 0 gives "
                                             "the forget-only forms and needs no retain data.")
-    forget_weight: float | None = doc(None, "Weight of the forget term of wga, satimp and undial (open-unlearning's "
+    forget_weight: float | None = doc(None, "Weight of the forget term of wga, satimp, undial and rmu (open-unlearning's "
                                             "gamma); null means the method's default: 1, and 0.1 for satimp.")
     wga_beta: float = doc(1.0, "WGA's exponent: each forget token's ascent is weighted by p^wga_beta.")
     satimp_beta1: float = doc(5.0, "SatImp's saturation exponent: forget-token weight p^beta1 (1-p)^beta2.")
@@ -162,6 +163,10 @@ class MethodConfig:
     undial_beta: float = doc(10.0, "UNDIAL's strength: how far the gold token's logit is lowered in the "
                                    "reference's distribution the model is distilled towards.")
     ceu_ignore_first: int = doc(1, "CE-U: the first answer tokens of each forget example left out of the loss.")
+    rmu_layer: int = doc(7, "RMU: the decoder layer (0-based) whose output is steered (open-unlearning's "
+                            "model.layers.7; a model has num_hidden_layers of them).")
+    steering_coeff: float = doc(2.0, "RMU: the norm of the random control vector the forget activations are pushed "
+                                     "towards (open-unlearning's default 2; WMDP's zephyr setting 6.5).")
     retain_split: str | None = doc(None, "Retain split sampled alongside forget batches by methods with a retain "
                                          "term (grad_diff, idk, npo, dpo, simnpo, wga, satimp, undial; none at "
                                          "retain_weight=0); null "
@@ -182,6 +187,8 @@ class MethodConfig:
         _positive("method.beta", self.beta)
         _positive("method.simnpo_beta", self.simnpo_beta)
         _positive("method.undial_beta", self.undial_beta)
+        _positive("method.steering_coeff", self.steering_coeff)
+        _positive("method.rmu_layer", self.rmu_layer, allow_zero=True)
         for key in ("retain_weight", "forget_weight", "wga_beta", "satimp_beta1", "satimp_beta2", "ceu_ignore_first"):
             _positive(f"method.{key}", getattr(self, key), allow_zero=True)
 

@@ -12,7 +12,7 @@ from flat_ray.data import BENCHMARKS
 from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS
-from flat_ray.models import DEMO_ORIGINAL
+from flat_ray.models import DEMO_ORIGINAL, TINY
 
 
 def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
@@ -49,3 +49,24 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
     elif reference and cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
         raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
                            "an open-unlearning result JSON")
+
+
+def check_layers(cfg: RunConfig) -> None:
+    """A method that reads a decoder layer's output (RMU's ``method.rmu_layer``) names one the model has: the demo's
+    models have DEMO_SPEC's layers, others their config's ``num_hidden_layers`` (a local folder, the hub cache or a
+    known model; an unknown one is checked when the workers load it)."""
+    knob = METHODS[cfg.method.name].activation_layer
+    if knob is None:
+        return
+    from flat_ray.assets import DEMO_SPEC
+    from flat_ray.memory import arch_for
+
+    name = cfg.model.name_or_path
+    arch = None if name in (TINY, DEMO_ORIGINAL) else arch_for(name)
+    layers = DEMO_SPEC.num_layers if name in (TINY, DEMO_ORIGINAL) else (arch.layers if arch else None)
+    check_layer_index(knob, getattr(cfg.method, knob), layers, name)
+
+
+def check_layer_index(knob: str, index: int, layers: int | None, model: str) -> None:
+    if layers is not None and not 0 <= index < layers:
+        raise FlatRayError(f"method.{knob}={index} is outside model {model!r}: its decoder layers are 0..{layers - 1}")

@@ -79,6 +79,10 @@ MISTAKES = [
                                      *RUN_PATHS], "forget01.jsonl contains no rows"),
     case("train-forget-wrong-schema", ["train", "model.name_or_path={tiny}", *TOFU_DIR, "data.data_dir={in}/schema",
                                        *RUN_PATHS], "row 1 lacks field(s) question, answer"),
+    case("train-rmu-layer-outside-the-model", ["train", "method.name=rmu", *RUN_PATHS],
+         "method.rmu_layer=7 is outside model 'demo': its decoder layers are 0..3"),
+    case("tune-rmu-layer-outside-the-model", ["tune", "--dry-run", "method.name=rmu", "method.rmu_layer=-1",
+                                              *TUNE_PATHS], "method.rmu_layer must be >= 0, got -1"),
     case("train-mia-without-holdout", ["train", "data.benchmark=muse_news", "eval.mia=true", *RUN_PATHS],
          "eval.mia=true needs held-out questions, and benchmark muse_news has no holdout split (benchmarks with "
          "one: tofu, demo); set eval.mia=false"),

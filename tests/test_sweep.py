@@ -60,7 +60,7 @@ def test_baseline_spaces_give_each_method_its_own_cell():
     space = load_space("demo_baselines")
     methods = [c.config.method.name for c in space.cells]
     assert methods == ["flat"] * 4 + ["grad_ascent", "grad_diff", "idk", "npo", "dpo", "simnpo", "wga", "satimp",
-                                      "undial", "ceu"]
+                                      "undial", "ceu", "rmu"]
     assert [c.config.method.divergence for c in space.cells[:4]] == ["total_variation", "kl", "jensen_shannon",
                                                                      "pearson"]
     assert all(c.trials(space.num_samples) == 2 for c in space.cells)

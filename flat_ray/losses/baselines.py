@@ -19,6 +19,7 @@ never see a model.
 - SatImp: f * mean_tokens(sg(p)^beta1 * (1 - sg(p))^beta2 * log p(y_f)) + w * CE(retain)
 - UNDIAL: f * mean_tokens CE(softmax(z_ref - beta * onehot(y)), p_theta) + w * CE(retain)
 - CE-U: mean_tokens CE(softmax(sg(z) with the gold logit at -inf), p_theta), forget only
+- RMU: f * MSE_tokens(h_l(forget), c) + w * MSE_tokens(h_l(retain), h_l_ref(retain)), h_l a layer's output
 
 ``w`` is ``retain_weight``: open-unlearning's ``alpha`` (1 by default there and in flat_ray's config; 0 for UNDIAL,
 as there); ``f`` is ``forget_weight``, open-unlearning's ``gamma`` (1; 0.1 for SatImp); ``sg`` stops the gradient.
@@ -181,3 +182,39 @@ def ceu(inputs: Inputs, *, ceu_ignore_first: int) -> LossOutput:
     target = _wide(rows.detach()).scatter(-1, gold.unsqueeze(-1), float("-inf")).softmax(-1)
     loss = _soft_cross_entropy(rows, target)
     return LossOutput(loss, {"loss": loss.detach()})
+
+
+# ------------------------------------------------------------------------------------------------------ RMU
+RMU_CONTROL_SEED = 0  # the control vector's direction: the same on every rank, and again after a restart
+
+
+def control_vector(dim: int, steering_coeff: float) -> torch.Tensor:
+    """RMU's fixed random direction: u uniform on [0, 1)^dim, scaled to norm ``steering_coeff``."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(RMU_CONTROL_SEED), dtype=torch.float64)
+    return (u / u.norm() * steering_coeff).float()
+
+
+def activation_mse(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example, the squared difference of two (B, T, d) activations averaged over d and over the answer
+    positions (``labels`` != -100, unshifted); then the mean over examples (open-unlearning's RMU)."""
+    mask = (labels != IGNORE_INDEX).float()
+    per_token = (a.float() - b.float()).square().mean(-1)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def rmu(inputs: Inputs, *, steering_coeff: float, forget_weight: float, retain_weight: float,
+        activations: Mapping[str, torch.Tensor], ref_activations: Mapping[str, torch.Tensor] | None = None
+        ) -> LossOutput:
+    """RMU (Li et al. 2024, WMDP): push one layer's activations on the forget answers towards a fixed random
+    vector of norm ``steering_coeff``, and keep them on the retain answers where the frozen reference has them:
+    ``f * MSE(a_forget, c) + w * MSE(a_retain, a_ref_retain)``."""
+    a_forget = activations["forget"]
+    c = control_vector(a_forget.shape[-1], steering_coeff).to(a_forget.device)
+    forget = activation_mse(a_forget, c.expand_as(a_forget), inputs["forget"][1])
+    loss = forget_weight * forget
+    stats = {"rmu_forget": forget.detach()}
+    if retain_weight:
+        retain = activation_mse(activations["retain"], ref_activations["retain"].detach(), inputs["retain"][1])
+        loss = loss + retain_weight * retain
+        stats["rmu_retain"] = retain.detach()
+    return LossOutput(loss, {"loss": loss.detach(), **stats})

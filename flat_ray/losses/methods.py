@@ -34,9 +34,12 @@ class Method:
     description: str = ""
     # (split, knob) pairs: the split is read only while the knob is non-zero
     optional: tuple[tuple[str, str], ...] = ()
-    # what the loss gets of the reference model: "logp" (``ref_logp``: split -> per-sample answer log-prob sums)
-    # or "logits" (``ref_logits``: split -> the reference's (B, T, V) logits)
+    # what the loss gets of the reference model: "logp" (``ref_logp``: split -> per-sample answer log-prob sums),
+    # "logits" (``ref_logits``: split -> the reference's (B, T, V) logits) or "activations" (``ref_activations``)
     reference_output: str = "logp"
+    # the method knob naming a decoder layer whose output the loss reads (``activations``: split -> (B, T, d)
+    # tensors of the trained model; with "activations" as reference output, the reference's too); None: none
+    activation_layer: str | None = None
     # this method's defaults for shared knobs whose config value is null (open-unlearning's per-method defaults)
     defaults: tuple[tuple[str, Any], ...] = ()
 
@@ -127,3 +130,9 @@ for _name, _fn, _keys, _knobs, _ref, _defaults, _desc in (
     METHODS.register(_name, Method(_name, _fn, batch_keys=_keys, knobs=_knobs, reference_keys=_ref,
                                    description=_desc, optional=_RETAIN if "retain" in _keys else (),
                                    reference_output="logits" if _ref else "logp", defaults=_defaults))
+
+METHODS.register("rmu", Method(
+    "rmu", baselines.rmu, batch_keys=("forget", "retain"), knobs=("steering_coeff", "forget_weight", "retain_weight"),
+    reference_keys=("retain",), reference_output="activations", activation_layer="rmu_layer", optional=_RETAIN,
+    description="representation misdirection (WMDP): one layer's activations on forget answers pushed towards a "
+                "random vector, kept on retain answers (needs a reference model)"))

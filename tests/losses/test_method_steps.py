@@ -22,8 +22,10 @@ FIT_STEPS = 30
 # small on answers the model knows: on this tiny model one step of the retain term lifts the forget answer more than
 # the forget term lowers it, so its forget term is checked alone
 FORGET_ONLY = {"satimp": {"retain_weight": 0.0}}
+# RMU steers a decoder layer: the tiny model's last one (open-unlearning's default, layer 7, is past its 2)
+KNOBS = {**FORGET_ONLY, "rmu": {"rmu_layer": 1}}
 CASES = [("flat", {"divergence": key}) for key in DIVERGENCES] + [
-    (name, FORGET_ONLY.get(name, {})) for name in METHODS if name not in ("flat", "sft")]
+    (name, KNOBS.get(name, {})) for name in METHODS if name not in ("flat", "sft")]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +140,9 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_lowers_its_loss(original, batch, tmp_path):
-    """WGA, SatImp, UNDIAL (with its reference as a ZeRO-3 inference engine) and CE-U through the real engine
+def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_moves_it_the_right_way(original, batch, tmp_path):
+    """WGA, SatImp, UNDIAL and RMU (with their reference as a ZeRO-3 inference engine; RMU's layer read by a forward
+    hook on the partitioned model) and CE-U through the real engine
     (DeepSpeed ZeRO-3, one rank on gloo, AdamW at lr 1e-4) on the fitted tiny model: one step lowers the forget
     answers' log-probability, and UNDIAL's loss."""
     import json
@@ -148,7 +151,7 @@ def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_lowers_its_loss
 
     original.save_pretrained(tmp_path / "original")
     torch.save(dict(batch), tmp_path / "batch.pt")
-    cases = [[name, FORGET_ONLY.get(name, {})] for name in ("wga", "satimp", "undial", "ceu")]
+    cases = [[name, KNOBS.get(name, {})] for name in ("wga", "satimp", "undial", "ceu", "rmu")]
     proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path / "original"), str(tmp_path / "batch.pt"),
                            "29531", json.dumps(cases)], capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -157,10 +160,12 @@ def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_lowers_its_loss
     for name, r in result.items():
         (loss0, logp0), (loss1, logp1) = r["before"], r["after"]
         assert logp1 < logp0, (name, r)
-    # UNDIAL's target (the reference's distribution, gold token lowered) is fixed: its loss is a true objective and
-    # falls. WGA's and SatImp's weights and CE-U's target are detached from the model's own probabilities, so the
-    # value they report is not what the step descends (their gradient leaves out the weights' own): their forget
-    # answers falling is the check.
-    (loss0, _), (loss1, _) = result["undial"]["before"], result["undial"]["after"]
-    assert loss1 < loss0, result["undial"]
-    assert result["undial"]["reference"] == "DeepSpeedEngine" and result["wga"]["reference"] == "NoneType"
+    # UNDIAL's target (the reference's distribution, gold token lowered) and RMU's (the control vector, the
+    # reference's retain activations) are fixed: their losses are true objectives and fall. WGA's and SatImp's
+    # weights and CE-U's target are detached from the model's own probabilities, so the value they report is not
+    # what the step descends (their gradient leaves out the weights' own): their forget answers falling is the check.
+    for name in ("undial", "rmu"):
+        (loss0, _), (loss1, _) = result[name]["before"], result[name]["after"]
+        assert loss1 < loss0, (name, result[name])
+    assert result["undial"]["reference"] == result["rmu"]["reference"] == "DeepSpeedEngine"
+    assert result["wga"]["reference"] == "NoneType"

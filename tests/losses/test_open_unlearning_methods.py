@@ -160,3 +160,82 @@ def test_registry_and_config_carry_open_unlearnings_defaults():
     assert load_config(None, ["method.name=undial", "method.retain_weight=1"]).method.retain_weight == 1.0
     with pytest.raises(FlatRayError, match="method.undial_beta must be > 0"):
         load_config(None, ["method.name=undial", "method.undial_beta=0"])
+
+
+# --------------------------------------------------------------------------------------------------------- RMU
+def ref_forward_with_cache(model, inputs, module, no_grad=True):  # open-unlearning's RMU.forward_with_cache
+    cache = []
+
+    def hook(module, input, output):
+        cache.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(hook)
+    with torch.set_grad_enabled(not no_grad):
+        outputs = model(**inputs)
+    handle.remove()
+    return cache[0], outputs
+
+
+def ref_activation_loss(activation1, activation2, mask, keepdim=True):  # open-unlearning's compute_activation_loss
+    squared_diff = torch.nn.functional.mse_loss(activation1, activation2, reduction="none")
+    expanded_mask = mask.unsqueeze(-1).expand_as(squared_diff)
+    squared_diff_sum = (squared_diff * expanded_mask).mean(dim=2).sum(dim=(1))
+    num_tokens = mask.sum(dim=-1, keepdim=keepdim)  # keepdim=True: theirs, a (b,) / (b, 1) broadcast to (b, b)
+    return (squared_diff_sum / num_tokens).mean()
+
+
+def test_rmus_activation_distance_is_open_unlearnings_per_example_mean():
+    """Their ``squared_diff_sum / num_tokens`` divides a (b,) tensor by a (b, 1) one, which broadcasts to (b, b): its
+    mean is mean_j(s_j) * mean_i(1 / n_i), not the per-example mean_i(s_i / n_i) the code means. The two agree when
+    every example has the same number of answer tokens; flat_ray computes the per-example mean (docs/losses.md)."""
+    from flat_ray.losses.baselines import activation_mse
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3, 6, 8, generator=g), torch.randn(3, 6, 8, generator=g)
+    labels = torch.randint(0, 9, (3, 6), generator=g)
+    labels[:, :2] = -100
+    assert_close(activation_mse(a, b, labels), ref_activation_loss(a, b, labels != -100))  # 4 answer tokens each
+    labels[1, 4:], labels[2, 5:] = -100, -100  # 4, 2 and 3 answer tokens
+    mask = labels != -100
+    s, n = ((a - b).square().mean(-1) * mask).sum(-1), mask.sum(-1)
+    assert_close(ref_activation_loss(a, b, mask), s.mean() * (1.0 / n).mean())  # theirs, as it computes
+    assert_close(activation_mse(a, b, labels), (s / n).mean())  # ours
+    assert_close(activation_mse(a, b, labels), ref_activation_loss(a, b, mask, keepdim=False))
+
+
+def test_rmu_is_open_unlearnings_on_a_real_model(tiny):
+    """RMU through flat_ray's step (one concatenated forward, the layer read by a hook) against open-unlearning's
+    forward_with_cache and compute_activation_loss (its per-example mean as meant: the test above) on the same
+    model, batch and control vector; the frozen reference a copy of the start model, as theirs."""
+    import copy
+
+    from flat_ray.data import BUILTIN_TEMPLATES, Collator, TemplateSource, UnlearnDataset, load_split
+    from flat_ray.engine.step import decoder_layers, method_loss
+    from flat_ray.losses.baselines import control_vector
+    from flat_ray.models import PROFILES
+
+    model, tok = tiny
+    ds = UnlearnDataset(load_split("demo", "forget10")[:3], tok, PROFILES["generic"],
+                        TemplateSource(pool=BUILTIN_TEMPLATES, seed=0), max_length=64,
+                        retain_rows=load_split("demo", "retain90")[:3], seed=0)
+    b = Collator(tok.pad_token_id)([ds[i] for i in range(3)])
+    model = copy.deepcopy(model).train()
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the model off its start so the retain term is not zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    reference = copy.deepcopy(tiny[0]).eval()
+    knobs = {**vars(load_config(None, ["method.name=rmu", "method.rmu_layer=1"]).method)}
+    ours = method_loss(model, b, METHODS["rmu"], knobs, reference).loss
+
+    def part(k):
+        return {key: b[k][key] for key in ("input_ids", "attention_mask", "labels")}
+    a_f, _ = ref_forward_with_cache(model, part("forget"), decoder_layers(model)[1], no_grad=False)
+    c = control_vector(a_f.shape[-1], 2.0).view(1, 1, -1).expand_as(a_f)
+    forget = ref_activation_loss(a_f, c, part("forget")["labels"] != -100, keepdim=False)
+    a_r, _ = ref_forward_with_cache(model, part("retain"), decoder_layers(model)[1], no_grad=False)
+    r_r, _ = ref_forward_with_cache(reference, part("retain"), decoder_layers(reference)[1])
+    retain = ref_activation_loss(a_r, r_r, part("retain")["labels"] != -100, keepdim=False)
+    assert float(retain) > 0
+    assert_close(ours, 1.0 * forget + 1.0 * retain, rtol=1e-5, atol=1e-6)
+    assert abs(float(control_vector(64, 2.0).norm()) - 2.0) < 1e-5 and bool((control_vector(64, 2.0) >= 0).all())
