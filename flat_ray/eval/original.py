@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from flat_ray.config import RunConfig
-from flat_ray.eval.tofu import LOG_FILES, SplitValues, read_log_dir, write_log_dir
+from flat_ray.eval import open_unlearning
+from flat_ray.eval.tofu import LOG_FILES, SplitValues, write_log_dir
 
 DONE = "complete.json"  # written last: the values are all there
 # settings that do not change what evaluating the original gives
@@ -51,7 +52,7 @@ def load(folder: str | Path) -> dict[str, SplitValues] | None:
     folder = Path(folder)
     if not (folder / DONE).is_file():
         return None
-    return read_log_dir(folder)
+    return open_unlearning.read_logs(folder)  # TOFU's logs, with the forget split's membership statistics
 
 
 def save(folder: str | Path, values: Mapping[str, SplitValues], meta: Mapping[str, Any]) -> bool:
@@ -62,6 +63,7 @@ def save(folder: str | Path, values: Mapping[str, SplitValues], meta: Mapping[st
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     write_log_dir(partial, values, {}, meta)
+    open_unlearning.write(partial, values)  # also holds the membership statistics (eval.mia)
     (partial / DONE).write_text(json.dumps({**meta, "splits": [s for s in values if s in LOG_FILES]}))
     try:
         partial.rename(folder)

@@ -168,3 +168,9 @@ def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_the
     assert again["privleak"] == pytest.approx(0.0, abs=1e-6)  # against its own AUC
     no_mia = eval_split_rows("demo", "forget10", None, 6, False)
     assert "holdout" not in no_mia
+    # a sweep cell's cached original keeps them, so every trial's epoch 0 reports them
+    from flat_ray.eval import original
+
+    assert original.save(tmp_path / "cell", values, {})
+    cached = summarize(original.load(tmp_path / "cell"))
+    assert all(cached[k] == pytest.approx(summary[k]) for k in names)
