@@ -268,6 +268,12 @@ class EvalConfig:
                                  "metrics (extraction strength, exact memorization) at each evaluation, as "
                                  "open-unlearning computes them. Null: where the benchmark has holdout splits "
                                  "(tofu, demo); true: required.")
+    forget_tasks: str | None = doc(None, "wmdp: the lm-eval tasks whose accuracy measures forgetting, comma-separated; "
+                                         "null: WMDP's own for the split (wmdp_bio or wmdp_cyber).")
+    utility_tasks: str | None = doc(None, "wmdp: the lm-eval tasks whose accuracy measures utility, comma-separated; "
+                                          "null: mmlu.")
+    tasks_include: str | None = doc(None, "wmdp: a folder of local lm-eval task YAML files (tasks with local data), "
+                                          "searched besides the tasks lm-eval ships.")
     gathered: bool = doc(True, "Under ZeRO-3, evaluate from a full copy of the model gathered once per evaluation "
                                "(when each rank has room for it) instead of gathering every layer again at every "
                                "forward and generated token; false keeps only the shards (less memory, slower).")

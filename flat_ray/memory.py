@@ -82,6 +82,7 @@ KNOWN: dict[str, Arch] = {
     "meta-llama/Llama-2-7b-chat-hf": Arch(32000, 4096, 32, 11008, 32, 32),
     "NousResearch/Llama-2-7b-chat-hf": Arch(32000, 4096, 32, 11008, 32, 32),  # TOFU's base (hf_key)
     "muse-bench/MUSE-news_target": Arch(32000, 4096, 32, 11008, 32, 32),
+    "HuggingFaceH4/zephyr-7b-beta": Arch(32000, 4096, 32, 14336, 32, 8),  # Mistral-7B: grouped-query attention
     "locuslab/tofu_ft_phi-1.5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),
     "microsoft/phi-1_5": Arch(51200, 2048, 24, 8192, 32, 32, gated_mlp=False),
     "facebook/opt-2.7b": Arch(50272, 2560, 32, 10240, 32, 32, gated_mlp=False, tied_embeddings=True),

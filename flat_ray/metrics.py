@@ -95,6 +95,13 @@ METRICS.register("extraction_strength", Metric(False, "forget", "forget: the lon
                                                                 "reproduces as argmax, as a fraction (mean)"))
 METRICS.register("exact_memorization", Metric(False, "forget", "forget: fraction of answer tokens that are the "
                                                                "model's argmax (mean)"))
+# WMDP through lm-eval (flat_ray.eval.wmdp)
+METRICS.register("forget_acc", Metric(False, "forget", "wmdp: accuracy on the forget domain's questions (wmdp_bio or "
+                                                       "wmdp_cyber; 0.25 is chance)"))
+METRICS.register("utility_acc", Metric(True, "utility", "wmdp: accuracy on the utility tasks (mmlu)"))
+METRICS.register("wmdp_score", Metric(True, "objective", "hmean(1 - forget_acc, utility_acc)",
+                                      lambda s: _hmean(1 - s["forget_acc"], s["utility_acc"])
+                                      if "forget_acc" in s and "utility_acc" in s else None))
 # Harry-Potter-style completion test (forget_/retain_rougeL_recall are shared with TOFU's names)
 METRICS.register("forget_bleu", Metric(False, "forget", "hp: BLEU (0-100) of completions of forget passages"))
 METRICS.register("retain_bleu", Metric(True, "utility", "hp: BLEU (0-100) of completions of retain passages"))

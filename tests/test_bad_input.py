@@ -83,6 +83,11 @@ MISTAKES = [
          "method.rmu_layer=7 is outside model 'demo': its decoder layers are 0..3"),
     case("tune-rmu-layer-outside-the-model", ["tune", "--dry-run", "method.name=rmu", "method.rmu_layer=-1",
                                               *TUNE_PATHS], "method.rmu_layer must be >= 0, got -1"),
+    case("train-wmdp-folder-without-its-corpora", ["train", "data.benchmark=wmdp", "data.data_dir={in}/empty",
+                                                   *RUN_PATHS],
+         "has no cyber-forget-corpus.jsonl (split cyber); WMDP's corpora are expected there or in its wmdp-corpora/ "
+         "folder: bio-forget-corpus.jsonl, cyber-forget-corpus.jsonl, bio-retain-corpus.jsonl, "
+         "cyber-retain-corpus.jsonl"),
     case("train-mia-without-holdout", ["train", "data.benchmark=muse_news", "eval.mia=true", *RUN_PATHS],
          "eval.mia=true needs held-out questions, and benchmark muse_news has no holdout split (benchmarks with "
          "one: tofu, demo); set eval.mia=false"),

@@ -105,7 +105,7 @@ def test_runs_that_cannot_fit_are_refused_with_the_knob():
     check_fits([("run", _cfg("launch.gpus_per_worker=0"))], 0.5)  # a CPU run is not a GPU's business
 
 
-@pytest.mark.parametrize("name", ["tofu", "tofu_lora", "tofu_baselines", "muse"])
+@pytest.mark.parametrize("name", ["tofu", "tofu_lora", "tofu_baselines", "muse", "wmdp"])
 def test_shipped_gpu_spaces_fit_the_clusters_gpus(name, capsys):
     from cli.main import main
 
@@ -116,7 +116,7 @@ def test_shipped_gpu_spaces_fit_the_clusters_gpus(name, capsys):
     header, *lines = out.splitlines()[1:]
     assert header.split()[-6:] == ["host", "GiB/trial", "concurrent", "GiB/GPU", "fits", "node", "type"][-6:] or \
         header.split()[-7:] == ["host", "GiB/trial", "concurrent", "GiB/GPU", "fits", "node", "type"], header
-    rows = [line.split() for line in lines if line.startswith(("llama", "phi", "news"))]
+    rows = [line.split() for line in lines if line.startswith(("llama", "phi", "news", "zephyr"))]
     # every cell fits the GPUs of the node type it lands on (A10G: the smallest GPU), its host memory included
     assert rows and all(row[-2] == "yes" and row[-1].startswith("gpu_") for row in rows), out
     assert sum(" -> gpu_" in line for line in lines) == len(rows), out

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flat_ray.data import demo, hp, muse, tofu
+from flat_ray.data import demo, hp, muse, tofu, wmdp
 from flat_ray.data.collator import Collator
 from flat_ray.data.dataset import UnlearnDataset
 from flat_ray.data.files import find_split_file
@@ -60,6 +60,12 @@ BENCHMARKS.register("hp", Benchmark(
     "hp", hp.load_hp, hp.SPLITS, hp.FORGET_SPLITS, "forget", hp.RETAIN_OF,
     "Harry-Potter-style copyright text you supply in data.data_dir (forget.txt/.jsonl; retain.txt or C4)",
     text=True, evaluation="hp", locate=hp.locate), aliases=("harry_potter", "copyright"))
+
+
+BENCHMARKS.register("wmdp", Benchmark(
+    "wmdp", wmdp.load_wmdp, wmdp.SPLITS, wmdp.FORGET_SPLITS, "cyber", wmdp.RETAIN_OF,
+    "WMDP's bio and cyber corpora you supply in data.data_dir; lm-eval's wmdp_bio/wmdp_cyber and mmlu evaluate",
+    text=True, evaluation="wmdp", locate=wmdp.locate))
 
 
 def load_split(benchmark: str, split: str, data_dir: str | None = None) -> list[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from flat_ray.config import RunConfig
 from flat_ray.data import BENCHMARKS
-from flat_ray.eval import hp, muse, open_unlearning
+from flat_ray.eval import hp, muse, open_unlearning, wmdp
 from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
 from flat_ray.eval.tofu import SplitValues, summarize, write_log_dir
 from flat_ray.metrics import add_derived
@@ -94,6 +94,12 @@ def _hp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_si
                                    batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size, device=device))
 
 
+def _wmdp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
+              reference_tr=None, reference_auc=None, progress=None) -> dict[str, Any]:
+    return add_derived(wmdp.evaluate(model, tokenizer, rows, include_path=cfg.eval.tasks_include,
+                                     limit=cfg.eval.max_examples, batch_size=cfg.eval.batch_size, device=device))
+
+
 def _whole(name: str, run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """A suite whose evaluation is one piece for progress purposes: reported as 0/1, then 1/1."""
     def wrapped(*args, progress=None, **kwargs) -> dict[str, Any]:
@@ -116,6 +122,11 @@ SUITES.register("muse", Suite(lambda cfg, limit: muse.eval_rows(cfg.data.benchma
 SUITES.register("hp", Suite(
     lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words),
     _whole("completion", _hp_run), _summary_report(_hp_run)))
+
+
+SUITES.register("wmdp", Suite(
+    lambda cfg, limit: wmdp.tasks(cfg.data.split, cfg.eval.forget_tasks, cfg.eval.utility_tasks),
+    _whole("lm-eval", _wmdp_run), _summary_report(_wmdp_run), prefix="wmdp"))
 
 
 def suite_for(cfg: RunConfig) -> Suite:
