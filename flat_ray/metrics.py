@@ -91,6 +91,8 @@ for _name, _doc in (("mia_loss", "LOSS"), ("mia_zlib", "ZLib"), ("mia_min_k", "M
                     ("mia_min_k_plus_plus", "Min-K%++ (k=0.4)")):
     METRICS.register(_name, Metric(False, "forget", f"{_doc} attack: ROC-AUC of forget vs held-out questions (1: the "
                                                     "forget answers still look trained on, 0.5: indistinguishable)"))
+METRICS.register("mia_reference", Metric(False, "forget", "Reference attack (loss minus the reference model's): "
+                                                          "ROC-AUC of forget vs held-out questions"))
 METRICS.register("extraction_strength", Metric(False, "forget", "forget: the longest answer suffix the model "
                                                                 "reproduces as argmax, as a fraction (mean)"))
 METRICS.register("exact_memorization", Metric(False, "forget", "forget: fraction of answer tokens that are the "

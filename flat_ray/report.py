@@ -20,7 +20,7 @@ from typing import Any
 
 from flat_ray import sweep_state, tracking
 from flat_ray.eval.open_unlearning import read_logs
-from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, read_reference, read_reference_auc, summarize
+from flat_ray.eval.tofu import LOG_FILES, OPEN_UNLEARNING_EVAL, read_reference, read_reference_mia, summarize
 from flat_ray.metrics import METRICS, add_derived, best_epoch
 from flat_ray.ratios import DEFAULT_TRUTH_RATIO
 
@@ -172,7 +172,7 @@ def reference_metrics(reference: str, truth_ratio: str) -> dict[str, float] | No
     if not reference or not any((logs / f).is_file() for f in (LOG_FILES["forget"], OPEN_UNLEARNING_EVAL)):
         return None
     summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=read_reference(logs)[0],
-                        reference_auc=read_reference_auc(logs))
+                        reference_mia=read_reference_mia(logs))
     return add_derived({k: v for k, v in summary.items() if isinstance(v, float)})
 
 

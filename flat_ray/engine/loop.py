@@ -36,7 +36,7 @@ from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval import original
 from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
-from flat_ray.eval.tofu import read_reference, read_reference_auc, summarize
+from flat_ray.eval.tofu import read_reference, read_reference_mia, summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
@@ -169,7 +169,7 @@ class _Job:
     global_step: int = 0
     eval_rows: dict = field(default_factory=dict)
     reference_tr: Any = None
-    reference_auc: float | None = None  # the reference (retain) model's Min-K% AUC, for PrivLeak
+    reference_mia: Any = None  # the reference (retain) model's Min-K% AUC and losses (PrivLeak, Reference attack)
     written_mb: float = 0.0  # checkpoints and export written by all ranks since this start
 
     @property
@@ -210,7 +210,7 @@ class _Job:
         if cfg.eval.enabled:  # the benchmark's suite on bounded subsets of its splits
             job.eval_rows = suite_for(cfg).rows(cfg, cfg.eval.max_examples)
             job.reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.reference else None
-            job.reference_auc = read_reference_auc(cfg.eval.reference) if cfg.eval.reference else None
+            job.reference_mia = read_reference_mia(cfg.eval.reference) if cfg.eval.reference else None
         return job
 
     def _build_engine(self) -> None:
@@ -302,7 +302,7 @@ class _Job:
             with ds.eager(model):
                 return suite_for(self.cfg).run(model, self.tokenizer, self.profile, rows, self.cfg, rank=self.rank,
                                                world_size=self.world, device=self.engine.device,
-                                               reference_tr=self.reference_tr, reference_auc=self.reference_auc,
+                                               reference_tr=self.reference_tr, reference_mia=self.reference_mia,
                                                progress=progress)
         finally:
             del model
@@ -320,7 +320,7 @@ class _Job:
             values = original.load(cache)
         self.tracker.set_tags({"original_eval": "cached"})
         summary = summarize(values, truth_ratio=self.cfg.eval.truth_ratio, reference_tr=self.reference_tr,
-                            reference_auc=self.reference_auc)
+                            reference_mia=self.reference_mia)
         return {**summary, PER_QUESTION: values}
 
     def save_eval_logs(self, epoch: int, values: Any) -> None:
@@ -330,7 +330,7 @@ class _Job:
         with _writing(f"the epoch {epoch} evaluation logs to {out} (paths.output_dir)"):
             write_tofu_logs(out, values, self.cfg.eval.truth_ratio, self.reference_tr,
                             {"epoch": epoch, "model": self.cfg.model.name_or_path, "split": self.cfg.data.split},
-                            self.reference_auc)
+                            self.reference_mia)
         self.tracker.log_artifact(out, f"eval_logs/epoch{epoch}")
 
     def _eval_model(self) -> Any:

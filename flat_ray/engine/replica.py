@@ -26,7 +26,7 @@ from flat_ray.data import Collator, load_split
 from flat_ray.engine.step import method_loss, to_device
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import read_reference, read_reference_auc
+from flat_ray.eval.tofu import read_reference, read_reference_mia
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import build_dataset, profile_for
@@ -51,12 +51,12 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
                                                                  cfg.data.data_dir))
     suite, rows = suite_for(cfg), suite_for(cfg).rows(cfg, cfg.eval.max_examples)
     reference = read_reference(cfg.eval.reference)[0] if cfg.eval.reference else None
-    reference_auc = read_reference_auc(cfg.eval.reference) if cfg.eval.reference else None
+    reference_mia = read_reference_mia(cfg.eval.reference) if cfg.eval.reference else None
 
     def evaluate() -> dict[str, float]:
         model.eval()
         out = suite.run(model, tokenizer, profile, rows, cfg, device=device, reference_tr=reference,
-                        reference_auc=reference_auc)
+                        reference_mia=reference_mia)
         model.train()
         return {k: v for k, v in out.items() if isinstance(v, float)}
 

@@ -14,6 +14,10 @@ the end-of-sequence token):
 - ``es``: extraction strength, 1 - k/m for the smallest k whose suffix of argmax predictions equals the answer's
   (open-unlearning's loop: when no suffix matches, k stops at m - 1, so ``es`` is 1/m, not 0).
 
+The Reference attack scores ``loss`` minus a reference model's ``loss`` on the same question; flat_ray takes the
+reference's losses from its evaluation logs (a retain model evaluated on the same forget and held-out questions, as
+``eval.reference=auto`` does) instead of loading a second model at every evaluation.
+
 The attacks score the forget questions (label 0) against held-out questions no model was trained on (label 1); the
 AUC is 1 when the forget answers are far more likely than the held-out ones (still memorized) and 0.5 when the model
 cannot tell them apart. PrivLeak compares the Min-K% AUC with a reference model's (a retain model, 0.5 when none):
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,10 +112,17 @@ def privleak(auc_min_k: float, reference_auc: float | None) -> float:
 
 
 def metrics(forget: Mapping[str, np.ndarray], holdout: Mapping[str, np.ndarray],
-            reference_auc: float | None = None) -> dict[str, float]:
-    """The MIA AUCs, PrivLeak, extraction strength and exact memorization of a forget split against its holdout."""
+            reference: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The MIA AUCs, PrivLeak, extraction strength and exact memorization of a forget split against its holdout.
+    ``reference`` (:func:`flat_ray.eval.tofu.read_reference_mia`): the reference (retain) model's Min-K% ``auc`` for
+    PrivLeak, and its per-question losses on the same forget and held-out questions for the Reference attack."""
     out = {name: auc(forget[stat], holdout[stat]) for name, stat in ATTACKS.items()}
-    out["privleak"] = privleak(out["mia_min_k"], reference_auc)
+    reference = reference or {}
+    ref_forget, ref_holdout = reference.get("forget_loss"), reference.get("holdout_loss")
+    if (ref_forget is not None and ref_holdout is not None and len(ref_forget) == len(forget["loss"])
+            and len(ref_holdout) == len(holdout["loss"])):
+        out["mia_reference"] = auc(np.asarray(forget["loss"]) - ref_forget, np.asarray(holdout["loss"]) - ref_holdout)
+    out["privleak"] = privleak(out["mia_min_k"], reference.get("auc"))
     out["extraction_strength"] = float(np.mean(forget["es"]))
     em = np.asarray(forget["em"], dtype=float)
     out["exact_memorization"] = float(np.mean(em[~np.isnan(em)])) if (~np.isnan(em)).any() else float("nan")

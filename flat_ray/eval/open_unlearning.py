@@ -103,10 +103,10 @@ def _split_logs(split: str, v: SplitValues) -> dict[str, dict[str, Any]]:
 
 
 def eval_logs(splits: Mapping[str, SplitValues], reference_scores: np.ndarray | None = None,
-              reference_auc: float | None = None) -> dict[str, Any]:
+              reference_mia: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``TOFU_EVAL.json``'s object for these splits; ``reference_scores`` are the reference (retain) model's
-    forget ``score`` values (wrong/correct, as in its own file) for ``forget_quality``, ``reference_auc`` its
-    Min-K% AUC for ``privleak``."""
+    forget ``score`` values (wrong/correct, as in its own file) for ``forget_quality``, ``reference_mia`` its
+    Min-K% AUC and per-question losses (``privleak``, ``mia_reference``)."""
     logs: dict[str, Any] = {}
     for split, values in splits.items():
         if split in PREFIX:
@@ -117,16 +117,16 @@ def eval_logs(splits: Mapping[str, SplitValues], reference_scores: np.ndarray | 
         logs["forget_quality"] = {"agg_value": float(ks_2samp(forget_scores(logs), reference_scores).pvalue)}
     forget = splits.get("forget")
     if forget is not None and forget.stats and forget.holdout_stats:
-        logs.update(_mia_logs(forget, reference_auc))
+        logs.update(_mia_logs(forget, reference_mia))
     return dict(sorted(logs.items()))
 
 
-def _mia_logs(forget: SplitValues, reference_auc: float | None) -> dict[str, Any]:
+def _mia_logs(forget: SplitValues, reference_mia: Mapping[str, Any] | None) -> dict[str, Any]:
     """open-unlearning's membership-inference and memorization entries: per attack the AUC with each side's
     per-question scores, ``privleak`` and the two memorization metrics with their per-question scores."""
     from flat_ray.eval import mia
 
-    summary = mia.metrics(forget.stats, forget.holdout_stats, reference_auc)
+    summary = mia.metrics(forget.stats, forget.holdout_stats, reference_mia)
 
     def side(scores: np.ndarray) -> dict[str, Any]:
         return {"agg_value": float(np.mean(scores)),
@@ -136,6 +136,8 @@ def _mia_logs(forget: SplitValues, reference_auc: float | None) -> dict[str, Any
                                    "forget": side(forget.stats[stat]), "holdout": side(forget.holdout_stats[stat])}
                             for name, stat in mia.ATTACKS.items()}
     logs["privleak"] = {"agg_value": summary["privleak"]}
+    if "mia_reference" in summary:
+        logs["mia_reference"] = {"agg_value": summary["mia_reference"], "auc": summary["mia_reference"]}
     for name, stat in (("extraction_strength", "es"), ("exact_memorization", "em")):
         logs[name] = {"agg_value": summary[name],
                       "value_by_index": {str(i): {"score": None if np.isnan(v) else float(v)}
@@ -150,11 +152,11 @@ def forget_scores(logs: Mapping[str, Any]) -> np.ndarray:
 
 
 def write(directory: str | Path, splits: Mapping[str, SplitValues],
-          reference_scores: np.ndarray | None = None, reference_auc: float | None = None) -> Path:
+          reference_scores: np.ndarray | None = None, reference_mia: Mapping[str, Any] | None = None) -> Path:
     """``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json`` in ``directory``; returns the first."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    logs = eval_logs(splits, reference_scores, reference_auc)
+    logs = eval_logs(splits, reference_scores, reference_mia)
     atomic_write_text(d / OPEN_UNLEARNING_EVAL, json.dumps(logs, indent=1))
     summary = {k: v["agg_value"] for k, v in logs.items() if v.get("agg_value") is not None}
     atomic_write_text(d / SUMMARY_FILE, json.dumps(summary, indent=4))

@@ -31,7 +31,7 @@ from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.open_unlearning import read_logs
 from flat_ray.eval.suites import suite_for
-from flat_ray.eval.tofu import LOG_FILES, read_reference, read_reference_auc, summarize
+from flat_ray.eval.tofu import LOG_FILES, read_reference, read_reference_mia, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
 from flat_ray.preflight import check_inputs
@@ -50,8 +50,8 @@ class EvalResult:
     run_id: str | None
 
 
-def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, float | None, str]:
-    """Reference truth ratios and Min-K% AUC (None where its logs have none) from a path (TOFU logs,
+def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, dict[str, Any] | None, str]:
+    """Reference truth ratios and membership values (None where its logs have none) from a path (TOFU logs,
     open-unlearning JSON) or an MLflow run id whose ``tofu_eval`` artifacts flat-ray eval wrote."""
     if not ref:
         return None, None, "none"
@@ -59,10 +59,10 @@ def resolve_reference(ref: str | None, uri: str) -> tuple[np.ndarray | None, flo
         with tempfile.TemporaryDirectory() as tmp:
             local = tracking.download_artifacts(uri, ref, ARTIFACT_DIR, tmp)
             values, _ = read_reference(local)
-            auc = read_reference_auc(local)
-        return values, auc, f"mlflow-run:{ref}"
+            mia = read_reference_mia(local)
+        return values, mia, f"mlflow-run:{ref}"
     values, source = read_reference(Path(ref).expanduser())
-    return values, read_reference_auc(Path(ref).expanduser()), source
+    return values, read_reference_mia(Path(ref).expanduser()), source
 
 
 def auto_reference_logs(cfg: RunConfig) -> Path:
@@ -152,7 +152,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     suite = suite_for(cfg)
     rows = suite.rows(cfg, max_examples)
     tracking.check_reachable(uri)
-    ref_tr, ref_auc, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
+    ref_tr, ref_mia, ref_source = resolve_reference(reference or cfg.eval.reference, uri)
     if run_id:
         tracking.run_data_or_error(uri, run_id)
     manager = task_manager(tasks, tasks_include) if tasks else None
@@ -168,7 +168,7 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
             "forget_quality_reference": ref_source, "lm_eval": utility,
             "lm_eval_version": lm_eval_version() if tasks else None}
     summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, reference_tr=ref_tr,
-                              reference_auc=ref_auc),
+                              reference_mia=ref_mia),
                "forget_quality_reference": ref_source}
 
     if run_id:
@@ -197,6 +197,6 @@ def summary_from_logs(logs: str, reference: str | None, truth_ratio: str) -> dic
     """Recompute the TOFU summary from a directory of TOFU-format eval logs (published, or flat-ray's)."""
     ref_tr, source = read_reference(Path(reference)) if reference else (None, "none")
     summary = summarize(read_logs(logs), truth_ratio=truth_ratio, reference_tr=ref_tr,
-                        reference_auc=read_reference_auc(Path(reference)) if reference else None)
+                        reference_mia=read_reference_mia(Path(reference)) if reference else None)
     summary["forget_quality_reference"] = source
     return summary

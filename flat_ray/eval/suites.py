@@ -31,10 +31,10 @@ PER_QUESTION = "per_question"  # a TOFU suite's summary also holds its per-quest
 @dataclass(frozen=True)
 class Suite:
     rows: Callable[[RunConfig, int | None], dict[str, list[dict]]]
-    # (model, tokenizer, profile, rows, cfg, *, rank, world_size, device, reference_tr, reference_auc, progress)
+    # (model, tokenizer, profile, rows, cfg, *, rank, world_size, device, reference_tr, reference_mia, progress)
     # -> summary
     run: Callable[..., dict[str, Any]]
-    # (model, tokenizer, profile, rows, cfg, out_dir, meta, *, reference_tr, reference_auc) -> summary, logs written
+    # (model, tokenizer, profile, rows, cfg, out_dir, meta, *, reference_tr, reference_mia) -> summary, logs written
     # to out_dir
     report: Callable[..., dict[str, Any]]
     # prefix of `flat-ray eval`'s MLflow metrics; None: the benchmark's name
@@ -42,38 +42,38 @@ class Suite:
 
 
 def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-              reference_tr=None, reference_auc=None, progress=None) -> dict[str, Any]:
+              reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
                            world_size=world_size, device=device, progress=progress)
     return {**summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr,
-                        reference_auc=reference_auc), PER_QUESTION: values}
+                        reference_mia=reference_mia), PER_QUESTION: values}
 
 
 def _tofu_report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
-                 reference_tr=None, reference_auc=None) -> dict[str, Any]:
+                 reference_tr=None, reference_mia=None) -> dict[str, Any]:
     """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes, and
     open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` of the same values."""
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    return write_tofu_logs(out_dir, values, cfg.eval.truth_ratio, reference_tr, meta, reference_auc)
+    return write_tofu_logs(out_dir, values, cfg.eval.truth_ratio, reference_tr, meta, reference_mia)
 
 
 def write_tofu_logs(out_dir: Path, values: Mapping[str, SplitValues], truth_ratio: str, reference_tr,
-                    meta: Mapping[str, Any], reference_auc: float | None = None) -> dict[str, Any]:
+                    meta: Mapping[str, Any], reference_mia: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation's per-question values in both formats (TOFU's eval logs, open-unlearning's files); returns
     its summary."""
-    summary = summarize(values, truth_ratio=truth_ratio, reference_tr=reference_tr, reference_auc=reference_auc)
+    summary = summarize(values, truth_ratio=truth_ratio, reference_tr=reference_tr, reference_mia=reference_mia)
     write_log_dir(out_dir, values, summary, meta)
     open_unlearning.write(out_dir, values, None if reference_tr is None else 1.0 / np.asarray(reference_tr),
-                          reference_auc)
+                          reference_mia)
     return summary
 
 
 def _summary_report(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """A suite whose logs are its summary: ``summary.json`` beside the run's metadata."""
     def report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
-               reference_tr=None, reference_auc=None) -> dict[str, Any]:
+               reference_tr=None, reference_mia=None) -> dict[str, Any]:
         summary = run(model, tokenizer, profile, rows, cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
@@ -82,20 +82,20 @@ def _summary_report(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[st
 
 
 def _muse_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-              reference_tr=None, reference_auc=None, progress=None) -> dict[str, Any]:
+              reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
     return add_derived(muse.evaluate(model, tokenizer, rows, max_length=cfg.data.max_length,
                                      batch_size=cfg.eval.batch_size, auc_retrain=cfg.eval.privleak_auc_retrain,
                                      rank=rank, world_size=world_size, device=device))
 
 
 def _hp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-            reference_tr=None, reference_auc=None, progress=None) -> dict[str, Any]:
+            reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
     return add_derived(hp.evaluate(model, tokenizer, rows, max_new_tokens=cfg.eval.max_new_tokens,
                                    batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size, device=device))
 
 
 def _wmdp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
-              reference_tr=None, reference_auc=None, progress=None) -> dict[str, Any]:
+              reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
     return add_derived(wmdp.evaluate(model, tokenizer, rows, include_path=cfg.eval.tasks_include,
                                      limit=cfg.eval.max_examples, batch_size=cfg.eval.batch_size, device=device))
 

@@ -102,11 +102,12 @@ def forget_quality(unlearned: np.ndarray, reference: np.ndarray) -> float:
 
 
 def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_TRUTH_RATIO,
-              reference_tr: np.ndarray | None = None, reference_auc: float | None = None) -> dict[str, Any]:
+              reference_tr: np.ndarray | None = None, reference_mia: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Per-split metrics, model utility (harmonic mean of the nine utility numbers, when all three utility
     splits are present), forget quality (when a reference distribution is given), the membership-inference and
-    memorization metrics (when the forget split has them; PrivLeak against ``reference_auc``, a retain model's
-    Min-K% AUC) and the derived scores of :mod:`flat_ray.metrics`."""
+    memorization metrics (when the forget split has them; PrivLeak and the Reference attack from ``reference_mia``,
+    :func:`read_reference_mia`) and the derived scores of :mod:`flat_ray.metrics`."""
     out: dict[str, Any] = {"truth_ratio_variant": truth_ratio}
     utility = []
     for name, values in splits.items():
@@ -122,7 +123,7 @@ def summarize(splits: Mapping[str, SplitValues], *, truth_ratio: str = DEFAULT_T
     if forget is not None and forget.stats and forget.holdout_stats:
         from flat_ray.eval import mia
 
-        out.update(mia.metrics(forget.stats, forget.holdout_stats, reference_auc))
+        out.update(mia.metrics(forget.stats, forget.holdout_stats, reference_mia))
     return add_derived(out)
 
 
@@ -216,16 +217,21 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
     return forget_truth_ratios(read_log(p)), f"tofu-log:{p}"
 
 
-def read_reference_auc(ref: str | Path) -> float | None:
-    """The reference (retain) model's Min-K% AUC for PrivLeak: ``mia_min_k`` of the open-unlearning file in or beside
-    ``ref`` (flat-ray eval writes one with its TOFU logs); None when there is none (TOFU's published logs)."""
+def read_reference_mia(ref: str | Path) -> dict[str, Any] | None:
+    """What the reference (retain) model's logs give the membership-inference metrics, from the open-unlearning file
+    in or beside ``ref`` (flat-ray eval writes one with its TOFU logs): ``auc``, its Min-K% AUC (PrivLeak), and
+    ``forget_loss`` / ``holdout_loss``, its per-question losses (the Reference attack); None without such a file
+    (TOFU's published logs)."""
     p = Path(ref)
     found = p / OPEN_UNLEARNING_EVAL if p.is_dir() else (p if p.name == OPEN_UNLEARNING_EVAL
                                                           else p.parent / OPEN_UNLEARNING_EVAL)
     if not found.is_file():
         return None
     try:
-        entry = json.loads(found.read_text(encoding="utf-8")).get("mia_min_k")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        logs = json.loads(found.read_text(encoding="utf-8"))
+        auc, losses = logs["mia_min_k"]["agg_value"], logs["mia_loss"]
+        sides = {side: losses[side]["value_by_index"] for side in ("forget", "holdout")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
-    return float(entry["agg_value"]) if isinstance(entry, Mapping) and "agg_value" in entry else None
+    return {"auc": float(auc), **{f"{side}_loss": np.asarray([v[k]["score"] for k in sorted(v, key=int)], dtype=float)
+                                  for side, v in sides.items()}}

@@ -127,6 +127,21 @@ def test_auc_is_scikit_learns_and_privleak_on_a_known_split():
     assert mia.metrics(stats, held, 0.4)["privleak"] == pytest.approx((0.25 - 0.6) / 0.6 * 100)
 
 
+def test_the_reference_attack_is_open_unlearnings_score_from_the_references_logged_losses():
+    """open-unlearning's ReferenceAttack scores target_loss - ref_loss per question (both avg_loss of
+    evaluate_probability) and takes scikit-learn's AUC; flat_ray reads the reference's losses from its logs."""
+    rng = np.random.default_rng(1)
+    target_f, target_h, ref_f, ref_h = rng.random(12), rng.random(9) + 0.3, rng.random(12), rng.random(9)
+    stats = {s: target_f for s in mia.STATS}
+    held = {s: target_h for s in mia.STATS}
+    expected = roc_auc_score([0] * 12 + [1] * 9, np.concatenate([target_f - ref_f, target_h - ref_h]))
+    out = mia.metrics(stats, held, {"auc": 0.5, "forget_loss": ref_f, "holdout_loss": ref_h})
+    assert out["mia_reference"] == pytest.approx(expected)
+    # a reference evaluated on other questions (another count) gives no Reference attack rather than a wrong one
+    assert "mia_reference" not in mia.metrics(stats, held, {"auc": 0.5, "forget_loss": ref_f[:5],
+                                                             "holdout_loss": ref_h})
+
+
 def test_the_demos_holdout_authors_are_in_no_training_split():
     from flat_ray.data import BENCHMARKS, load_split
 
@@ -146,7 +161,7 @@ def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_the
     from flat_ray.eval import open_unlearning
     from flat_ray.eval.runner import eval_split_rows
     from flat_ray.eval.suites import write_tofu_logs
-    from flat_ray.eval.tofu import read_reference_auc, summarize
+    from flat_ray.eval.tofu import read_reference_mia, summarize
     from flat_ray.models import PROFILES
 
     model, tok = tiny
@@ -162,10 +177,14 @@ def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_the
     assert all(0 <= summary[k] <= 1 for k in mia.ATTACKS) and set(names) <= set(summary)
     assert summary["privleak"] == pytest.approx(mia.privleak(summary["mia_min_k"], None))
     logs = open_unlearning.read_logs(tmp_path)
-    again = summarize(logs, reference_auc=read_reference_auc(tmp_path))
-    assert read_reference_auc(tmp_path) == pytest.approx(summary["mia_min_k"])
+    ref = read_reference_mia(tmp_path)
+    again = summarize(logs, reference_mia=ref)
+    assert ref["auc"] == pytest.approx(summary["mia_min_k"]) and "mia_reference" not in summary
+    np.testing.assert_allclose(ref["forget_loss"], values["forget"].stats["loss"])
+    np.testing.assert_allclose(ref["holdout_loss"], values["forget"].holdout_stats["loss"])
     assert all(again[k] == pytest.approx(summary[k]) for k in names if k != "privleak")
     assert again["privleak"] == pytest.approx(0.0, abs=1e-6)  # against its own AUC
+    assert again["mia_reference"] == 0.5  # its own losses subtracted: every score 0, a tie
     no_mia = eval_split_rows("demo", "forget10", None, 6, False)
     assert "holdout" not in no_mia
     # a sweep cell's cached original keeps them, so every trial's epoch 0 reports them

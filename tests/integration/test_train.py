@@ -273,14 +273,14 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
     (logs,) = (demo_workdir / "models").glob("demo-retain-*/eval-forget10-20q-24t-96-mia")
     # and the membership-inference and memorization metrics (#30), PrivLeak against the retain model's Min-K% AUC
     from flat_ray.eval.mia import privleak
-    from flat_ray.eval.tofu import read_reference_auc
+    from flat_ray.eval.tofu import read_reference_mia
 
     history = {k: dict(tracking.metric_history(state["mlflow_uri"], run_id, f"eval/{k}")) for k in (
-        "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak", "extraction_strength",
-        "exact_memorization")}
+        "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_reference", "privleak",
+        "extraction_strength", "exact_memorization")}
     assert all(sorted(h) == [0, 1, 2, 3, 4] for h in history.values()), history
-    ref_auc = read_reference_auc(logs)
-    assert ref_auc is not None and 0.2 < ref_auc < 0.8  # the retain model has not seen either side
+    ref_auc = read_reference_mia(logs)["auc"]
+    assert 0.2 < ref_auc < 0.8  # the retain model has not seen either side
     assert all(history["privleak"][e] == pytest.approx(privleak(history["mia_min_k"][e], ref_auc)) for e in range(5))
     assert history["mia_loss"][0] > 0.9 and history["extraction_strength"][0] > 0.5  # the original remembers
     cfg = load_config(None, [f"paths.workdir={demo_workdir}", f"eval.reference={logs}"], presets=["demo"])
