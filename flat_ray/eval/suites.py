@@ -124,9 +124,16 @@ SUITES.register("hp", Suite(
     _whole("completion", _hp_run), _summary_report(_hp_run)))
 
 
-SUITES.register("wmdp", Suite(
-    lambda cfg, limit: wmdp.tasks(cfg.data.split, cfg.eval.forget_tasks, cfg.eval.utility_tasks),
-    _whole("lm-eval", _wmdp_run), _summary_report(_wmdp_run), prefix="wmdp"))
+def _wmdp_rows(cfg: RunConfig, limit: int | None) -> dict[str, list[str]]:
+    """The lm-eval tasks, checked against lm-eval's index (a misspelt task fails in the preflight, not in a worker)."""
+    from flat_ray.eval.harness import task_manager
+
+    names = wmdp.tasks(cfg.data.split, cfg.eval.forget_tasks, cfg.eval.utility_tasks)
+    task_manager([*names["forget"], *names["utility"]], cfg.eval.tasks_include)
+    return names
+
+
+SUITES.register("wmdp", Suite(_wmdp_rows, _whole("lm-eval", _wmdp_run), _summary_report(_wmdp_run), prefix="wmdp"))
 
 
 def suite_for(cfg: RunConfig) -> Suite:

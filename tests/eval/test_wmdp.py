@@ -80,3 +80,6 @@ def test_the_suite_runs_lm_eval_on_the_forget_and_utility_tasks(tiny, local_task
     assert 0 <= out["forget_acc"] <= 1 and out["forget_acc"] == out["utility_acc"] == out["flatray_toy_acc"]
     assert out["wmdp_score"] == pytest.approx(2 * (1 - out["forget_acc"]) * out["utility_acc"]
                                               / (1 - out["forget_acc"] + out["utility_acc"]))
+    misspelt = load_config(None, ["data.benchmark=wmdp", "eval.utility_tasks=mmluu"])
+    with pytest.raises(FlatRayError, match="unknown lm-eval task.*mmluu"):
+        suite_for(misspelt).rows(misspelt, 4)
