@@ -50,7 +50,7 @@ BAD_INPUTS = [
     (["validate", "optim.lr=-0.001"], "optim.lr must be > 0"),
     (["validate", "deepspeed.stage=2", "deepspeed.offload_params=true"], "needs deepspeed.stage=3"),
     (["validate", "method.name=gradient_ascent"], "Valid choices: flat"),
-    (["validate", "data.benchmark=wmdp"], "Valid choices: tofu, demo, muse_news, hp"),
+    (["validate", "data.benchmark=pile"], "Valid choices: tofu, demo, muse_news, hp, wmdp"),
     (["validate", "deepspeed.stage=7"], "Valid choices: 0, 1, 2, 3"),
     (["validate", "optim.epochs=two"], "optim.epochs must be int"),
     (["validate", "a.yaml", "b.yaml"], "give at most one config file"),

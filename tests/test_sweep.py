@@ -20,7 +20,8 @@ from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_tab
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_lora", "tofu_baselines", "muse", "hp"])
+@pytest.mark.parametrize("name", ["demo", "demo_baselines", "tofu", "tofu_lora", "tofu_baselines", "muse", "hp",
+                                  "wmdp"])
 def test_every_shipped_space_validates(name):
     space = load_space(name, check_files=False)
     assert space.cells and space.total_trials() >= 4
@@ -32,7 +33,8 @@ def test_every_shipped_space_validates(name):
 
 def test_shipped_spaces_are_all_listed_and_tested():
     assert shipped_spaces() == sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
-    assert set(shipped_spaces()) == {"demo", "demo_baselines", "tofu", "tofu_lora", "tofu_baselines", "muse", "hp"}
+    assert set(shipped_spaces()) == {"demo", "demo_baselines", "tofu", "tofu_lora", "tofu_baselines", "muse", "hp",
+                                     "wmdp"}
 
 
 def test_demo_space_is_lr_times_four_divergences():
@@ -333,7 +335,7 @@ def test_a_normal_install_finds_the_shipped_spaces(tmp_path):
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).stdout.split()
     assert out[0].startswith(str(prefix))
     assert out[1] == str(prefix / "share" / "flat-ray" / "search_spaces")
-    assert out[2] == "demo,demo_baselines,hp,muse,tofu,tofu_baselines,tofu_lora" and out[3] == "4"
+    assert out[2] == "demo,demo_baselines,hp,muse,tofu,tofu_baselines,tofu_lora,wmdp" and out[3] == "4"
 
 
 def test_text_benchmark_spaces_follow_their_recipes():

@@ -124,7 +124,7 @@ def test_auc_is_scikit_learns_and_privleak_on_a_known_split():
     assert out["mia_loss"] == out["mia_min_k"] == 1.0 and out["privleak"] == pytest.approx(-100.0)
     # against a retain model whose own AUC is 0.4: ((1 - 0.75) - (1 - 0.4)) / (1 - 0.4) * 100
     held["min_k"] = np.array([1.5, 3.0])  # ranks: forget 1, 2 vs held 1.5, 3 -> AUC 0.75
-    assert mia.metrics(stats, held, 0.4)["privleak"] == pytest.approx((0.25 - 0.6) / 0.6 * 100)
+    assert mia.metrics(stats, held, {"auc": 0.4})["privleak"] == pytest.approx((0.25 - 0.6) / 0.6 * 100)
 
 
 def test_the_reference_attack_is_open_unlearnings_score_from_the_references_logged_losses():

@@ -298,20 +298,21 @@ def test_embedded_demo_meets_its_promise(ray_local, demo_workdir, capsys):
 
 def test_two_worker_evaluation_equals_one_process_on_the_same_weights(zero3):
     """The last per-epoch evaluation of the 2-worker ZeRO-3 run (sharded, gathered) equals a single-process
-    evaluation of the exported model."""
+    evaluation of the exported model, the membership-inference and memorization metrics included."""
     from flat_ray.eval.runner import eval_split_rows, evaluate_tofu
     from flat_ray.eval.tofu import summarize
     from flat_ray.models import load_model_and_tokenizer, resolve_profile
 
     cfg, res = zero3
     model, tok = load_model_and_tokenizer(str(res.model_dir))
-    rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, None, cfg.eval.max_examples)
+    rows = eval_split_rows(cfg.data.benchmark, cfg.data.split, None, cfg.eval.max_examples, cfg.eval.mia)
     values = evaluate_tofu(model, tok, resolve_profile(cfg.model.profile, cfg.model.name_or_path, tok), rows,
                            max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
                            max_new_tokens=cfg.eval.max_new_tokens)
     single = summarize(values)
     logged = {k.removeprefix("eval/"): v for k, v in res.after.items()}
-    assert {"forget_prob", "retain_prob", "forget_truth_ratio", "model_utility"} <= set(logged)
+    assert {"forget_prob", "retain_prob", "forget_truth_ratio", "model_utility", "mia_min_k", "privleak",
+            "extraction_strength"} <= set(logged)
     for key, value in logged.items():
         assert value == pytest.approx(single[key], abs=1e-4), key
 
