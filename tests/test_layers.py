@@ -84,7 +84,7 @@ def test_layers_below_launch_never_import_it():
 PURE = ("flat_ray.losses", "flat_ray.data", "flat_ray.config", "flat_ray.sweep", "flat_ray.engine.step",
         "flat_ray.schedule", "flat_ray.engine.replica", "flat_ray.eval.tofu", "flat_ray.metrics",
         "flat_ray.eval.muse", "flat_ray.eval.hp", "flat_ray.eval.runner", "flat_ray.console", "flat_ray.memory",
-        "flat_ray.preflight")
+        "flat_ray.preflight", "flat_ray.eval.mia")
 STACK = ("ray", "deepspeed", "mlflow")
 
 
