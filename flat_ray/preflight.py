@@ -64,9 +64,6 @@ def check_layers(cfg: RunConfig) -> None:
     name = cfg.model.name_or_path
     arch = None if name in (TINY, DEMO_ORIGINAL) else arch_for(name)
     layers = DEMO_SPEC.num_layers if name in (TINY, DEMO_ORIGINAL) else (arch.layers if arch else None)
-    check_layer_index(knob, getattr(cfg.method, knob), layers, name)
-
-
-def check_layer_index(knob: str, index: int, layers: int | None, model: str) -> None:
+    index = getattr(cfg.method, knob)
     if layers is not None and not 0 <= index < layers:
-        raise FlatRayError(f"method.{knob}={index} is outside model {model!r}: its decoder layers are 0..{layers - 1}")
+        raise FlatRayError(f"method.{knob}={index} is outside model {name!r}: its decoder layers are 0..{layers - 1}")

@@ -38,13 +38,8 @@ def concat_forward(model: Any, batch: Mapping[str, Mapping[str, torch.Tensor]], 
         return torch.cat([F.pad(p[name], (0, width - p[name].shape[1]), value=value) for p in parts])
 
     logits = model(input_ids=cat("input_ids", 0), attention_mask=cat("attention_mask", 0)).logits
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    start = 0
-    for key, part in zip(keys, parts, strict=True):
-        b, t = part["labels"].shape
-        out[key] = (logits[start:start + b, :t], part["labels"])
-        start += b
-    return out
+    labels = {k: batch[k]["labels"] for k in keys}
+    return {k: (cut, labels[k]) for k, cut in _split_rows(logits, labels).items()}
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -76,11 +71,11 @@ def layer_output(model: Any, index: int) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _split_rows(tensor: torch.Tensor, parts: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A concatenated forward's (B, T, ...) tensor cut back into the splits of :func:`concat_forward`."""
+def _split_rows(tensor: torch.Tensor, labels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A concatenated forward's (B, T, ...) tensor cut back into its splits, each to its labels' (B_k, T_k)."""
     out, start = {}, 0
-    for key, (_, labels) in parts.items():
-        b, t = labels.shape
+    for key, lab in labels.items():
+        b, t = lab.shape
         out[key] = tensor[start:start + b, :t]
         start += b
     return out
@@ -97,7 +92,7 @@ def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Map
     with layer_output(model, layer) if layer is not None else nullcontext([]) as hidden:
         inputs = concat_forward(model, batch, keys)
     if layer is not None:
-        extra["activations"] = _split_rows(hidden[0], inputs)
+        extra["activations"] = _split_rows(hidden[0], {k: lab for k, (_, lab) in inputs.items()})
     ref_keys = [k for k in method.reference_keys if k in keys]
     if method.needs_reference and ref_keys:
         if reference is None:
@@ -105,7 +100,7 @@ def method_loss(model: Any, batch: Mapping[str, Any], method: Method, knobs: Map
         with torch.no_grad(), layer_output(reference, layer) if layer is not None else nullcontext([]) as ref_hidden:
             ref = concat_forward(reference, batch, ref_keys)
         if method.reference_output == "activations":
-            extra["ref_activations"] = _split_rows(ref_hidden[0], ref)
+            extra["ref_activations"] = _split_rows(ref_hidden[0], {k: lab for k, (_, lab) in ref.items()})
         elif method.reference_output == "logits":
             extra["ref_logits"] = {k: logits for k, (logits, _) in ref.items()}
         else:

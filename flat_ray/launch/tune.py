@@ -81,27 +81,24 @@ class _Board(tune.Callback):
     def __getstate__(self) -> dict:
         return {"board": None}
 
-    def _board(self) -> SweepBoard | None:
-        return self.board
-
     @staticmethod
     def _sampled(trial) -> str:
         return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if board := self._board():
+        if board := self.board:
             board.started(str(trial), self._sampled(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if board := self._board():
+        if board := self.board:
             board.result(str(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if board := self._board():
+        if board := self.board:
             board.finished(str(trial), trial.last_result or {}, self._sampled(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if board := self._board():
+        if board := self.board:
             board.failed(str(trial), str(trial.local_path))
 
 
