@@ -43,7 +43,9 @@ def tiny_model_path(cfg: RunConfig) -> Path:
 
 
 def demo_finetune_config(cfg: RunConfig) -> RunConfig:
-    """The recipe of the demo's original model, run with ``cfg``'s engine, workers and paths."""
+    """The recipe of the demo's original model, run with ``cfg``'s workers, precision and paths. Its ZeRO stage is
+    the recipe's own (0: a model of a million parameters needs no sharding, and on CPU/gloo ZeRO-3's per-layer
+    gathers made each step 1.6 times slower)."""
     base = load_config(None, [], presets=["demo", "finetune", "demo_finetune"])
     # where and on what it runs are cfg's; what it checkpoints and exports is the recipe's (a sweep cell's trials
     # export nothing themselves and rank checkpoints by the sweep's objective, but the model must be written)
@@ -53,7 +55,8 @@ def demo_finetune_config(cfg: RunConfig) -> RunConfig:
                                  export=b.export)
     # the recipe's method is plain fine-tuning: the demo's unlearning knobs (divergence, beta, ...) are not part of it
     method = type(base.method)(name=base.method.name)
-    return dataclasses.replace(base, method=method, deepspeed=cfg.deepspeed, launch=launch, paths=cfg.paths,
+    deepspeed = dataclasses.replace(base.deepspeed, precision=cfg.deepspeed.precision)
+    return dataclasses.replace(base, method=method, deepspeed=deepspeed, launch=launch, paths=cfg.paths,
                                tracking=dataclasses.replace(cfg.tracking, run_name=None, log_model_max_mb=0))
 
 

@@ -10,10 +10,15 @@ def test_demo_original_cache_key_follows_its_inputs(tmp_path):
     from flat_ray.config import MethodConfig
 
     a = load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"])
-    b = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])
+    b = load_config(None, [f"paths.workdir={tmp_path}", "launch.num_workers=1"], presets=["demo"])
     c = load_config(None, [f"paths.workdir={tmp_path}", "optim.lr=1e-5"], presets=["demo"])
     d = load_config(None, [f"paths.workdir={tmp_path}", "method.divergence=tv", "method.beta=0.5"], presets=["demo"])
-    assert demo_original_path(a) != demo_original_path(b)  # a different engine makes a different original
+    e = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.stage=2"], presets=["demo"])
+    f = load_config(None, [f"paths.workdir={tmp_path}", "deepspeed.precision=bf16"], presets=["demo"])
+    assert demo_original_path(a) != demo_original_path(b)  # another world size makes a different original
+    assert demo_original_path(a) != demo_original_path(f)  # and another precision
+    # the recipe's ZeRO stage is its own (0), whatever stage the unlearning run uses
+    assert demo_original_path(a) == demo_original_path(e) and demo_finetune_config(e).deepspeed.stage == 0
     # neither the unlearning lr nor the unlearning method's knobs touch the original (it is fine-tuned, sft)
     assert demo_original_path(a) == demo_original_path(c) == demo_original_path(d)
     assert demo_finetune_config(a).method == MethodConfig(name="sft")  # not the demo preset's divergence
