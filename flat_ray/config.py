@@ -268,6 +268,9 @@ class EvalConfig:
                                  "metrics (extraction strength, exact memorization) at each evaluation, as "
                                  "open-unlearning computes them. Null: where the benchmark has holdout splits "
                                  "(tofu, demo); true: required.")
+    mia_gradnorm: bool = doc(False, "Also the GradNorm attack (mia_gradnorm): one backward pass per forget and "
+                                    "held-out question, so off by default as in open-unlearning's evaluations; "
+                                    "needs the model's full weights (none where ZeRO-3 evaluates from the shards).")
     forget_tasks: str | None = doc(None, "wmdp: the lm-eval tasks whose accuracy measures forgetting, comma-separated; "
                                          "null: WMDP's own for the split (wmdp_bio or wmdp_cyber).")
     utility_tasks: str | None = doc(None, "wmdp: the lm-eval tasks whose accuracy measures utility, comma-separated; "
@@ -419,6 +422,11 @@ class RunConfig:
             have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)
             raise FlatRayError(f"eval.mia=true needs held-out questions, and benchmark {self.data.benchmark} has no "
                                f"holdout split (benchmarks with one: {have}); set eval.mia=false")
+        if self.eval.mia_gradnorm and not self.mia():
+            have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)
+            raise FlatRayError(f"eval.mia_gradnorm=true needs the membership metrics: eval.mia not false, on a "
+                               f"benchmark with holdout splits ({have}; here {self.data.benchmark}); set "
+                               "eval.mia_gradnorm=false")
 
     def mia(self) -> bool:
         """Whether evaluations compute the membership-inference and memorization metrics."""

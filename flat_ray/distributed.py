@@ -41,3 +41,18 @@ def broadcast_flag(flag: bool) -> bool:
     x = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.broadcast(x, src=0)
     return bool(x.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=collective_device() if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds ZeRO-3 partitions instead of its weights (its parameters carry DeepSpeed's ``ds_id``):
+    every forward then gathers with the other ranks, so all of them must run the same forward passes."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())

@@ -88,7 +88,7 @@ METRICS.register("muse_score", Metric(True, "objective", "hmean(1 - verbmem_forg
                                       if "verbmem_forget" in s and "knowmem_retain" in s else None))
 # membership inference and memorization on TOFU-style forget splits (flat_ray.eval.mia, open-unlearning's metrics)
 for _name, _doc in (("mia_loss", "LOSS"), ("mia_zlib", "ZLib"), ("mia_min_k", "Min-K% (k=0.4)"),
-                    ("mia_min_k_plus_plus", "Min-K%++ (k=0.4)")):
+                    ("mia_min_k_plus_plus", "Min-K%++ (k=0.4)"), ("mia_gradnorm", "GradNorm (eval.mia_gradnorm)")):
     METRICS.register(_name, Metric(False, "forget", f"{_doc} attack: ROC-AUC of forget vs held-out questions (1: the "
                                                     "forget answers still look trained on, 0.5: indistinguishable)"))
 METRICS.register("mia_reference", Metric(False, "forget", "Reference attack (loss minus the reference model's): "

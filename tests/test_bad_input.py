@@ -91,6 +91,9 @@ MISTAKES = [
     case("train-mia-without-holdout", ["train", "data.benchmark=muse_news", "eval.mia=true", *RUN_PATHS],
          "eval.mia=true needs held-out questions, and benchmark muse_news has no holdout split (benchmarks with "
          "one: tofu, demo); set eval.mia=false"),
+    case("train-gradnorm-without-mia", ["train", "eval.mia=false", "eval.mia_gradnorm=true", *RUN_PATHS],
+         "eval.mia_gradnorm=true needs the membership metrics: eval.mia not false, on a benchmark with holdout "
+         "splits (tofu, demo; here demo); set eval.mia_gradnorm=false"),
     case("train-mia-holdout-file-missing", ["train", "model.name_or_path={tiny}", *TOFU_DIR, "eval.mia=true",
                                             "data.data_dir={in}/no_holdout", *RUN_PATHS],
          "no holdout01.jsonl or holdout01.json in"),

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from flat_ray.distributed import broadcast_object, multi_process, partitioned
 from flat_ray.errors import FlatRayError
 
 log = logging.getLogger(__name__)
@@ -55,15 +59,39 @@ def task_manager(tasks: Sequence[str], include_path: str | None = None) -> Any:
     return manager
 
 
+def _lm(model: Any, tokenizer: Any, batch_size: int, device: str) -> Any:
+    """lm-eval's wrapper of an already loaded model. In a process group, and where the model holds its full
+    weights, each rank gets its share of every task's questions (lm-eval's own data-parallel path: it pads the
+    shares to one length and gathers the answers on rank 0) over torch.distributed instead of accelerate; a model
+    holding ZeRO-3 partitions runs every question on every rank, so that the ranks' forward passes stay in step."""
+    from lm_eval.models.huggingface import HFLM
+
+    if not multi_process() or partitioned(model):
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+    class ShardedLM(HFLM):
+        def all_gather(self, tensor):
+            parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor)
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+        def barrier(self):
+            dist.barrier()
+
+    lm = ShardedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm._rank, lm._world_size = dist.get_rank(), dist.get_world_size()
+    return lm
+
+
 def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None,
                 limit: int | None = None, batch_size: int = 8, device: str = "cpu",
                 manager: Any = None) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for ``tasks`` on an already loaded model."""
+    """``{task: {metric: value}}`` for ``tasks`` on an already loaded model; in a process group every rank
+    returns rank 0's numbers."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     manager = manager or task_manager(tasks, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _lm(model, tokenizer, batch_size, device)
     try:
         results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                   log_samples=False, bootstrap_iters=0)
@@ -72,6 +100,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_pat
         raise FlatRayError(f"lm-eval could not load the data of task(s) {', '.join(tasks)} ({text}); offline, run "
                            "once online to fill the datasets cache, or define the task in a local YAML with local "
                            "data files and pass its folder as --tasks-include") from None
+    results = broadcast_object(results)  # lm-eval returns them on rank 0 only
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         out[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()

@@ -14,6 +14,10 @@ the end-of-sequence token):
 - ``es``: extraction strength, 1 - k/m for the smallest k whose suffix of argmax predictions equals the answer's
   (open-unlearning's loop: when no suffix matches, k stops at m - 1, so ``es`` is 1/m, not 0).
 
+GradNorm (``eval.mia_gradnorm``, off by default as in open-unlearning's evaluation configs: one backward pass per
+question) scores each question by the mean, over the model's parameter tensors, of the 2-norm of the gradient of
+minus the mean log-probability of its first m answer tokens, the question on its own (a batch of one).
+
 The Reference attack scores ``loss`` minus a reference model's ``loss`` on the same question; flat_ray takes the
 reference's losses from its evaluation logs (a retain model evaluated on the same forget and held-out questions, as
 ``eval.reference=auto`` does) instead of loading a second model at every evaluation.
@@ -40,7 +44,9 @@ from flat_ray.losses import IGNORE_INDEX
 MIN_K = 0.4
 STATS = ("loss", "zlib", "min_k", "min_k_plus_plus", "em", "es")
 # metric name -> the per-question statistic its AUC ranks by
-ATTACKS = {"mia_loss": "loss", "mia_zlib": "zlib", "mia_min_k": "min_k", "mia_min_k_plus_plus": "min_k_plus_plus"}
+ATTACKS = {"mia_loss": "loss", "mia_zlib": "zlib", "mia_min_k": "min_k", "mia_min_k_plus_plus": "min_k_plus_plus",
+           "mia_gradnorm": "gradnorm"}
+GRADNORM = "gradnorm"  # a statistic only where eval.mia_gradnorm asks for it
 DEFAULT_REFERENCE_AUC = 0.5  # open-unlearning's privleak ref_value when no retain model's AUC is known
 
 
@@ -92,6 +98,30 @@ def answer_stats(logits: torch.Tensor, labels: torch.Tensor, texts: Sequence[str
     return out
 
 
+def grad_norm(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              p: float = 2.0) -> float:
+    """GradNorm of one question (a batch of one): the mean over the model's parameter tensors of the ``p``-norm of
+    the gradient of minus the mean log-probability of its first m answer tokens (the end-of-sequence token left
+    out, as in the statistics above). The gradients come from ``torch.autograd.grad``: no parameter's ``.grad``
+    is written, so an engine's accumulated gradients and optimizer are untouched. NaN for an answer of one token."""
+    params = list(model.parameters())
+    flags = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[0]
+            pos = (labels[0] != IGNORE_INDEX).nonzero(as_tuple=True)[0][:-1]
+            if len(pos) == 0:
+                return float("nan")
+            logp = logits[pos - 1].float().log_softmax(-1).gather(-1, labels[0, pos].unsqueeze(-1)).squeeze(-1)
+            grads = torch.autograd.grad(-logp.mean(), params, allow_unused=True)
+    finally:
+        for q, flag in zip(params, flags, strict=True):
+            q.requires_grad_(flag)
+    return float(torch.stack([g.detach().norm(p=p) for g in grads if g is not None]).mean())
+
+
 def roc_auc(scores_label0: Sequence[float], scores_label1: Sequence[float]) -> float:
     """ROC-AUC of telling label 1 from label 0 by score (Mann-Whitney U with average ranks for ties)."""
     s0, s1 = np.asarray(scores_label0, float), np.asarray(scores_label1, float)
@@ -116,7 +146,7 @@ def metrics(forget: Mapping[str, np.ndarray], holdout: Mapping[str, np.ndarray],
     """The MIA AUCs, PrivLeak, extraction strength and exact memorization of a forget split against its holdout.
     ``reference`` (:func:`flat_ray.eval.tofu.read_reference_mia`): the reference (retain) model's Min-K% ``auc`` for
     PrivLeak, and its per-question losses on the same forget and held-out questions for the Reference attack."""
-    out = {name: auc(forget[stat], holdout[stat]) for name, stat in ATTACKS.items()}
+    out = {name: auc(forget[stat], holdout[stat]) for name, stat in ATTACKS.items() if stat in forget and stat in holdout}
     reference = reference or {}
     ref_forget, ref_holdout = reference.get("forget_loss"), reference.get("holdout_loss")
     if (ref_forget is not None and ref_holdout is not None and len(ref_forget) == len(forget["loss"])

@@ -25,7 +25,8 @@ values TOFU's logs hold:
 
 Their truth ratio is the geometric form, so their ``model_utility`` is flat_ray's with ``eval.truth_ratio=geometric``
 (and differs from the arithmetic default, which reproduces TOFU's published numbers). With membership inference on
-(``eval.mia``) the file also holds ``mia_loss``, ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus`` (the AUC with
+(``eval.mia``) the file also holds ``mia_loss``, ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus`` (and
+``mia_gradnorm`` with ``eval.mia_gradnorm``; the AUC with
 each side's per-question scores), ``privleak``, ``extraction_strength`` and ``exact_memorization``, as theirs does
 (:mod:`flat_ray.eval.mia`); a retain model's file gives its ``mia_min_k`` AUC to PrivLeak.
 """
@@ -134,7 +135,7 @@ def _mia_logs(forget: SplitValues, reference_mia: Mapping[str, Any] | None) -> d
 
     logs: dict[str, Any] = {name: {"agg_value": summary[name], "auc": summary[name],
                                    "forget": side(forget.stats[stat]), "holdout": side(forget.holdout_stats[stat])}
-                            for name, stat in mia.ATTACKS.items()}
+                            for name, stat in mia.ATTACKS.items() if name in summary}
     logs["privleak"] = {"agg_value": summary["privleak"]}
     if "mia_reference" in summary:
         logs["mia_reference"] = {"agg_value": summary["mia_reference"], "auc": summary["mia_reference"]}
@@ -218,9 +219,10 @@ def read_mia(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         return np.asarray([math.nan if by_index[k]["score"] is None else by_index[k]["score"]
                            for k in sorted(by_index, key=int)], dtype=float)
 
+    attacks = {name: stat for name, stat in mia.ATTACKS.items() if stat != mia.GRADNORM or name in logs}
     try:
-        forget = {stat: scores(logs[name]["forget"]) for name, stat in mia.ATTACKS.items()}
-        holdout = {stat: scores(logs[name]["holdout"]) for name, stat in mia.ATTACKS.items()}
+        forget = {stat: scores(logs[name]["forget"]) for name, stat in attacks.items()}
+        holdout = {stat: scores(logs[name]["holdout"]) for name, stat in attacks.items()}
         forget["es"], forget["em"] = scores(logs["extraction_strength"]), scores(logs["exact_memorization"])
     except (KeyError, TypeError):
         return None

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flat_ray.data import BENCHMARKS, Collator, encode_qa, load_split
-from flat_ray.distributed import all_reduce, multi_process
+from flat_ray.distributed import all_reduce, multi_process, partitioned
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.tofu import SplitValues
 from flat_ray.losses import IGNORE_INDEX, mean_token_nll, token_logprobs
@@ -121,11 +121,12 @@ def answer_losses(model: Any, tokenizer: Any, profile: PromptProfile, pairs: Seq
 
 @torch.no_grad()
 def question_stats(model: Any, tokenizer: Any, profile: PromptProfile, rows: Sequence[Mapping[str, Any]], *,
-                   max_length: int, batch_size: int, rank: int = 0, world_size: int = 1, device: Any = "cpu"
-                   ) -> dict[str, np.ndarray]:
+                   max_length: int, batch_size: int, rank: int = 0, world_size: int = 1, device: Any = "cpu",
+                   gradnorm: bool = False) -> dict[str, np.ndarray]:
     """The membership and memorization statistics of each (question, answer) row (:mod:`flat_ray.eval.mia`),
-    sharded over the ranks and gathered, in row order."""
-    from flat_ray.eval.mia import STATS, answer_stats
+    sharded over the ranks and gathered, in row order; with ``gradnorm`` also GradNorm's (one backward pass per
+    row, on a model that holds its full weights: none where ZeRO-3 evaluates from the shards)."""
+    from flat_ray.eval.mia import GRADNORM, STATS, answer_stats, grad_norm
 
     idx, keep = shard(len(rows), rank, world_size)
     encoded = [encode_qa(tokenizer, profile, rows[i]["question"], rows[i]["answer"], max_length) for i in idx]
@@ -145,9 +146,16 @@ def question_stats(model: Any, tokenizer: Any, profile: PromptProfile, rows: Seq
                          for ids, lab in zip(batch["input_ids"], labels, strict=True)]
                 for name, v in answer_stats(logits, labels.to(logits.device), texts).items():
                     values[name] += v
+        if gradnorm and not partitioned(model):
+            values[GRADNORM] = [grad_norm(model, *(t.to(device) for t in _one(collate, item))) for item in encoded]
     finally:
         model.train(was_training)
     return {name: np.asarray(v, dtype=float) for name, v in _gather(values, keep, idx).items()}
+
+
+def _one(collate: Collator, item: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = collate([item])
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 @torch.no_grad()
@@ -290,11 +298,12 @@ def evaluate_split(model: Any, tokenizer: Any, profile: PromptProfile, rows: Seq
 
 def evaluate_tofu(model: Any, tokenizer: Any, profile: PromptProfile, split_rows: Mapping[str, Sequence[dict]], *,
                   max_length: int, batch_size: int, max_new_tokens: int, rank: int = 0, world_size: int = 1,
-                  device: Any = "cpu", progress: Callable[[str, int, int], None] | None = None
-                  ) -> dict[str, SplitValues]:
+                  device: Any = "cpu", progress: Callable[[str, int, int], None] | None = None,
+                  gradnorm: bool = False) -> dict[str, SplitValues]:
     """Every split's values; ``progress(split, done, total)`` is called before the first and after each split. With
     a ``holdout`` split among ``split_rows``, the forget split also gets the membership and memorization statistics
-    of its questions and of the held-out ones (``SplitValues.stats`` and ``holdout_stats``)."""
+    of its questions and of the held-out ones (``SplitValues.stats`` and ``holdout_stats``; GradNorm's too with
+    ``gradnorm``)."""
     split_rows = dict(split_rows)
     holdout = split_rows.pop(HOLDOUT, None)
     out: dict[str, SplitValues] = {}
@@ -305,8 +314,8 @@ def evaluate_tofu(model: Any, tokenizer: Any, profile: PromptProfile, split_rows
             progress(name, done, len(split_rows))
         out[name] = evaluate_split(model, tokenizer, profile, rows, max_new_tokens=max_new_tokens, **kw)
         if name == "forget" and holdout:
-            out[name].stats = question_stats(model, tokenizer, profile, rows, **kw)
-            out[name].holdout_stats = question_stats(model, tokenizer, profile, holdout, **kw)
+            out[name].stats = question_stats(model, tokenizer, profile, rows, gradnorm=gradnorm, **kw)
+            out[name].holdout_stats = question_stats(model, tokenizer, profile, holdout, gradnorm=gradnorm, **kw)
     if progress:
         progress("done", len(split_rows), len(split_rows))
     return out

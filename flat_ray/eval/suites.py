@@ -45,7 +45,7 @@ def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_
               reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, rank=rank,
-                           world_size=world_size, device=device, progress=progress)
+                           world_size=world_size, device=device, progress=progress, gradnorm=cfg.eval.mia_gradnorm)
     return {**summarize(values, truth_ratio=cfg.eval.truth_ratio, reference_tr=reference_tr,
                         reference_mia=reference_mia), PER_QUESTION: values}
 
@@ -55,7 +55,8 @@ def _tofu_report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path,
     """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes, and
     open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` of the same values."""
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                           gradnorm=cfg.eval.mia_gradnorm)
     return write_tofu_logs(out_dir, values, cfg.eval.truth_ratio, reference_tr, meta, reference_mia)
 
 

@@ -2,8 +2,9 @@
 of the forget corpus's domain (``wmdp_bio`` or ``wmdp_cyber``: lower is more forgotten, 0.25 is chance) and on
 MMLU (utility), as WMDP and open-unlearning report them. ``eval.forget_tasks`` / ``eval.utility_tasks`` replace
 the task lists (a local task under ``eval.tasks_include``, for example); ``eval.max_examples`` caps the questions
-of each task. Every rank runs the same tasks on the same model (the forward passes stay in step under ZeRO-3) and
-gets the same numbers.
+of each task. In a process group the ranks share each task's questions and every rank gets rank 0's numbers
+(where ZeRO-3 evaluates from the shards, every rank runs all of them, so the forward passes stay in step):
+:func:`flat_ray.eval.harness.run_lm_eval`.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_the
     assert len(rows["holdout"]) == 6
     from flat_ray.eval.runner import evaluate_tofu
 
-    values = evaluate_tofu(model, tok, PROFILES["generic"], rows, max_length=96, batch_size=4, max_new_tokens=4)
+    values = evaluate_tofu(model, tok, PROFILES["generic"], rows, max_length=96, batch_size=4, max_new_tokens=4,
+                           gradnorm=True)
     assert "holdout" not in values and len(values["forget"].holdout_stats["loss"]) == 6
     summary = write_tofu_logs(tmp_path, values, "arithmetic", None, {})
     names = [*mia.ATTACKS, "privleak", "extraction_strength", "exact_memorization"]
@@ -193,3 +194,59 @@ def test_the_demo_evaluation_reports_them_and_the_open_unlearning_file_holds_the
     assert original.save(tmp_path / "cell", values, {})
     cached = summarize(original.load(tmp_path / "cell"))
     assert all(cached[k] == pytest.approx(summary[k]) for k in names)
+
+
+def ou_gradnorm(model, batch, p=2):
+    """open-unlearning's GradNormAttack.compute_batch_values as written, on a batch of one (its config's batch_size)."""
+    model.train()
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)[:, :-1, :]
+    target = torch.gather(log_probs, dim=2, index=ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    idx = (labels[0] != -100).nonzero(as_tuple=True)[0][:-1]
+    lps = target[0, idx[0].item() - 1:idx[-1].item()]
+    loss = -torch.mean(lps)
+    model.zero_grad()
+    loss.backward()
+    norms = [param.grad.detach().norm(p=p) for param in model.parameters() if param.grad is not None]
+    model.eval()
+    return float(torch.stack(norms).mean())
+
+
+def test_gradnorm_is_open_unlearnings_and_leaves_the_models_gradients_alone(tiny):
+    """GradNorm per question equals open-unlearning's attack on the same rows of a real model; no parameter's .grad
+    is written and every requires_grad flag is as it was; the AUC ranks it like the other attacks; a model holding
+    ZeRO-3 partitions (a parameter with DeepSpeed's ds_id) gets no GradNorm instead of a wrong one."""
+    import copy
+
+    from flat_ray.data import Collator, encode_qa, load_split
+    from flat_ray.eval.runner import question_stats
+    from flat_ray.models import PROFILES
+
+    model, tok = tiny
+    forget, holdout = load_split("demo", "forget10")[:4], load_split("demo", "holdout10")[:4]
+    frozen = model.model.embed_tokens.weight
+    frozen.requires_grad_(False)  # one frozen tensor: its flag comes back as it was
+    try:
+        stats = {side: question_stats(model, tok, PROFILES["generic"], rows, max_length=96, batch_size=3,
+                                      gradnorm=True) for side, rows in (("forget", forget), ("holdout", holdout))}
+    finally:
+        flags = [q.requires_grad for q in model.parameters()]
+        frozen.requires_grad_(True)
+    assert flags.count(False) == 1 and all(q.grad is None for q in model.parameters())
+    theirs = copy.deepcopy(model)
+    collate = Collator(tok.pad_token_id)
+    for side, rows in (("forget", forget), ("holdout", holdout)):
+        expected = [ou_gradnorm(theirs, collate([encode_qa(tok, PROFILES["generic"], r["question"], r["answer"], 96)]))
+                    for r in rows]
+        np.testing.assert_allclose(stats[side]["gradnorm"], expected, rtol=1e-4)
+        assert len(stats[side]["loss"]) == 4  # the other statistics as before
+    scores = [*stats["forget"]["gradnorm"], *stats["holdout"]["gradnorm"]]
+    result = mia.metrics(stats["forget"], stats["holdout"])
+    assert result["mia_gradnorm"] == pytest.approx(roc_auc_score([0] * 4 + [1] * 4, scores))
+    model.lm_head.weight.ds_id = 0
+    try:
+        sharded = question_stats(model, tok, PROFILES["generic"], forget, max_length=96, batch_size=3, gradnorm=True)
+    finally:
+        del model.lm_head.weight.ds_id
+    assert "gradnorm" not in sharded and "mia_gradnorm" not in mia.metrics(sharded, sharded)

@@ -188,3 +188,48 @@ def test_text_token_logprobs_are_the_plain_log_softmax_of_each_gold_token(tiny):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
         expected = logp.gather(-1, ids[0, 1:, None]).squeeze(-1).numpy()
         assert values.shape == expected.shape and np.allclose(values, expected, atol=1e-5)
+
+
+def _sharded_lm_eval(rank: int, world: int, model_dir: str, task_dir: str, port: int, out: str) -> None:
+    """One rank of a gloo process group running the harness; writes its results and how many sequences its model saw."""
+    import os
+
+    import torch.distributed as dist
+
+    from flat_ray.models import load_model_and_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, tok = load_model_and_tokenizer(model_dir)
+    seen = [0]
+    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.__setitem__(0, seen[0] + len(
+        (args or [kwargs["input_ids"]])[0])), with_kwargs=True)
+    res = run_lm_eval(model, tok, ["flatray_odd"], include_path=task_dir, batch_size=2)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"results": res, "seen": seen[0]}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lm_eval_in_a_process_group_shares_the_questions_and_gives_one_process_numbers(tiny_model_dir, tmp_path):
+    """Two gloo ranks share a task's 7 questions (lm-eval pads the shorter share) and both report the numbers one
+    process gets; each rank's model sees fewer sequences than the one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = [{"question": f"What comes after {i}?", "choices": [str(i + 1), str(i * 3 + 2), "none"], "label": 0}
+            for i in range(7)]
+    (tmp_path / "odd.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "odd.yaml").write_text(LOCAL_TASK.replace("flatray_toy", "flatray_odd").format(
+        data=tmp_path / "odd.jsonl"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "res")
+    mp.spawn(_sharded_lm_eval, args=(2, str(tiny_model_dir), str(tmp_path), port, out), nprocs=2)
+    mp.spawn(_sharded_lm_eval, args=(1, str(tiny_model_dir), str(tmp_path), port + 1, out + "1"), nprocs=1)
+    one = json.loads(open(out + "1.0").read())
+    ranks = [json.loads(open(f"{out}.{r}").read()) for r in (0, 1)]
+    assert ranks[0]["results"] == ranks[1]["results"] == one["results"]
+    assert all(r["seen"] < one["seen"] <= ranks[0]["seen"] + ranks[1]["seen"] for r in ranks), (one, ranks)
