@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,10 @@ class ModelConfig:
     lora_alpha: float = doc(32.0, "LoRA scaling numerator: the adapter's update is multiplied by "
                                   "lora_alpha / lora_rank (TOFU: 32).")
     lora_dropout: float = doc(0.05, "Dropout on the adapters' input during training (TOFU: 0.05).")
+    trainable: str | None = doc(None, "A regular expression: only the parameters whose full names match it train, the "
+                                      "rest stay frozen (open-unlearning's trainable_params_regex; WMDP's RMU "
+                                      "trains model\\.layers\\.[5-7]\\.mlp\\.down_proj\\.weight); null: every "
+                                      "parameter. Not with LoRA.")
     lora_target_modules: str = doc("all-linear", "Comma-separated names of the linear modules that get adapters "
                                                  "(e.g. q_proj,v_proj), or 'all-linear': every linear layer but "
                                                  "the output head, as TOFU's LoRA runs do.")
@@ -90,6 +95,14 @@ class ModelConfig:
         if self.tokenizer == "":
             raise FlatRayError("model.tokenizer must not be empty; give a hub id or a local directory, or null for "
                                "the model's own")
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as exc:
+                raise FlatRayError(f"model.trainable is not a regular expression ({exc}): {self.trainable!r}") from None
+            if self.lora_rank:
+                raise FlatRayError("model.trainable and LoRA (model.lora_rank > 0) both choose what trains; set one "
+                                   "of them (model.trainable=null or model.lora_rank=0)")
         if self.profile != AUTO_PROFILE:
             try:
                 self.profile = PROFILES.canonical(self.profile)

@@ -55,6 +55,7 @@ def check_layers(cfg: RunConfig) -> None:
     """A method that reads a decoder layer's output (RMU's ``method.rmu_layer``) names one the model has: the demo's
     models have DEMO_SPEC's layers, others their config's ``num_hidden_layers`` (a local folder, the hub cache or a
     known model; an unknown one is checked when the workers load it)."""
+    _check_trainable(cfg)
     knob = METHODS[cfg.method.name].activation_layer
     if knob is None:
         return
@@ -67,3 +68,20 @@ def check_layers(cfg: RunConfig) -> None:
     index = getattr(cfg.method, knob)
     if layers is not None and not 0 <= index < layers:
         raise FlatRayError(f"method.{knob}={index} is outside model {name!r}: its decoder layers are 0..{layers - 1}")
+
+
+def _check_trainable(cfg: RunConfig) -> None:
+    """``model.trainable`` matches a parameter of a model in a local folder (its names from its config, on the meta
+    device: nothing is loaded); a hub model's names are checked when the workers load it."""
+    folder = Path(cfg.model.name_or_path)
+    if not cfg.model.trainable or not (folder / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flat_ray.models import train_only
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    train_only(model, cfg.model.trainable)

@@ -91,6 +91,16 @@ MISTAKES = [
     case("train-mia-without-holdout", ["train", "data.benchmark=muse_news", "eval.mia=true", *RUN_PATHS],
          "eval.mia=true needs held-out questions, and benchmark muse_news has no holdout split (benchmarks with "
          "one: tofu, demo); set eval.mia=false"),
+    case("train-trainable-not-a-regex", ["train", "model.trainable=layers.(5", *RUN_PATHS],
+         "model.trainable is not a regular expression (missing ), unterminated subpattern at position 7): "
+         "'layers.(5'"),
+    case("train-trainable-with-lora", ["train", "model.trainable=.*down_proj.*", "model.lora_rank=8", *RUN_PATHS],
+         "model.trainable and LoRA (model.lora_rank > 0) both choose what trains; set one of them "
+         "(model.trainable=null or model.lora_rank=0)"),
+    case("train-trainable-matches-nothing", ["train", "model.name_or_path={tiny}", "model.trainable=layers.0.mlp.*",
+                                             *RUN_PATHS],
+         "model.trainable='layers.0.mlp.*' matches no parameter of the model (its names look like "
+         "model.embed_tokens.weight, model.layers.1.self_attn.q_proj.weight); the whole name must match"),
     case("train-gradnorm-without-mia", ["train", "eval.mia=false", "eval.mia_gradnorm=true", *RUN_PATHS],
          "eval.mia_gradnorm=true needs the membership metrics: eval.mia not false, on a benchmark with holdout "
          "splits (tofu, demo; here demo); set eval.mia_gradnorm=false"),

@@ -39,7 +39,7 @@ from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
 from flat_ray.eval.tofu import read_reference, read_reference_mia, summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
-from flat_ray.models import load_model_and_tokenizer
+from flat_ray.models import load_model_and_tokenizer, train_only
 from flat_ray.pipeline import build_dataset, profile_for
 from flat_ray.schedule import lr_multiplier, optimizer_steps, warmup_steps
 
@@ -227,6 +227,8 @@ class _Job:
         model = load_weights()
         if cfg.model.gradient_checkpointing:  # recompute layers in backward (training mode only; eval is unchanged)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.trainable:  # the parameters it names train; the rest are frozen (no gradients, no optimizer state)
+            train_only(model, cfg.model.trainable)
         if lora.enabled(cfg):  # adapters train, the base weights are frozen (no gradients, no optimizer state)
             model = lora.apply(model, cfg)
         trainable, total = lora.counts(model)

@@ -117,11 +117,16 @@ path, batch = sys.argv[1], torch.load(sys.argv[2])
 ds.init_distributed(0, 1, 0)
 out = {}
 for case in json.loads(sys.argv[4]):
-    name, knobs = case
+    label, name, knobs, trainable = case
     cfg = load_config(None, [f"method.name={name}", "deepspeed.stage=3", "launch.num_workers=1",
                              "optim.micro_batch_size=2", "optim.lr=1e-4", *[f"method.{k}={v}" for k, v in knobs.items()]])
     conf = ds.build_config(cfg, 1)
-    engine = ds.build_engine(ds.load_model(path, conf), conf, lambda step: 1.0)
+    model = ds.load_model(path, conf)
+    if trainable:  # model.trainable, as the training loop applies it before building the engine
+        from flat_ray.models import train_only
+        train_only(model, trainable)
+    engine = ds.build_engine(model, conf, lambda step: 1.0)
+    start = ds.gathered_state_dict(engine, 0)
     method = METHODS[name]
     reference = ds.build_reference(ds.load_model(path, conf), conf) if method.needs_reference else None
     def measure():
@@ -134,7 +139,9 @@ for case in json.loads(sys.argv[4]):
     engine.backward(method_loss(engine, batch, method, vars(cfg.method), reference).loss)
     engine.step()
     engine.eval()
-    out[name] = {"before": before, "after": measure(), "reference": type(reference).__name__}
+    end = ds.gathered_state_dict(engine, 0)
+    out[label] = {"before": before, "after": measure(), "reference": type(reference).__name__,
+                  "changed": sorted(k for k in start if not torch.equal(start[k], end[k]))}
 print("RESULT " + json.dumps(out))
 """
 
@@ -144,14 +151,15 @@ def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_moves_it_the_ri
     """WGA, SatImp, UNDIAL and RMU (with their reference as a ZeRO-3 inference engine; RMU's layer read by a forward
     hook on the partitioned model) and CE-U through the real engine
     (DeepSpeed ZeRO-3, one rank on gloo, AdamW at lr 1e-4) on the fitted tiny model: one step lowers the forget
-    answers' log-probability, and UNDIAL's loss."""
+    answers' log-probability, and UNDIAL's loss; RMU with model.trainable moves only the weights it names."""
     import json
     import subprocess
     import sys
 
     original.save_pretrained(tmp_path / "original")
     torch.save(dict(batch), tmp_path / "batch.pt")
-    cases = [[name, KNOBS.get(name, {})] for name in ("wga", "satimp", "undial", "ceu", "rmu")]
+    cases = [[name, name, KNOBS.get(name, {}), None] for name in ("wga", "satimp", "undial", "ceu", "rmu")]
+    cases.append(["rmu-down_proj", "rmu", KNOBS["rmu"], r"model\.layers\.[0-1]\.mlp\.down_proj\.weight"])
     proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path / "original"), str(tmp_path / "batch.pt"),
                            "29531", json.dumps(cases)], capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -168,4 +176,9 @@ def test_one_deepspeed_zero3_step_of_each_open_unlearning_method_moves_it_the_ri
         (loss0, _), (loss1, _) = result[name]["before"], result[name]["after"]
         assert loss1 < loss0, (name, result[name])
     assert result["undial"]["reference"] == result["rmu"]["reference"] == "DeepSpeedEngine"
+    # model.trainable (WMDP's RMU recipe, here on the tiny model's layers 0-1): only those weights moved, and
+    # they moved the forget answers down; without it the step moves every weight
+    assert result["rmu-down_proj"]["changed"] == ["model.layers.0.mlp.down_proj.weight",
+                                                  "model.layers.1.mlp.down_proj.weight"]
+    assert {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"} <= set(result["rmu"]["changed"])
     assert result["wga"]["reference"] == "NoneType"
