@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,21 @@ class Arch:
         attention = 2 * (self.hidden + self.hidden) + 2 * (self.hidden + kv)  # q, o; k, v
         mlp = (3 if self.gated_mlp else 2) * (self.hidden + self.intermediate)
         return self.layers * rank * (attention + mlp)
+
+    def named_params(self) -> list[tuple[str, int]]:
+        """(name, size) of each parameter tensor under Llama-style names (``model.layers.7.mlp.down_proj.weight``),
+        for ``model.trainable``; the sizes add up to :attr:`params`."""
+        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
+        mlp = ("gate_proj", "up_proj", "down_proj") if self.gated_mlp else ("fc1", "fc2")
+        out = [("model.embed_tokens.weight", self.vocab * h)]
+        for i in range(self.layers):
+            layer = f"model.layers.{i}."
+            out += [(f"{layer}self_attn.{m}.weight", n) for m, n in (("q_proj", h * h), ("k_proj", h * kv),
+                                                                    ("v_proj", h * kv), ("o_proj", h * h))]
+            out += [(f"{layer}mlp.{m}.weight", h * self.intermediate) for m in mlp]
+            out += [(f"{layer}input_layernorm.weight", h), (f"{layer}post_attention_layernorm.weight", h)]
+        out.append(("model.norm.weight", h))
+        return out + ([] if self.tied_embeddings else [("lm_head.weight", self.vocab * h)])
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> Arch:
@@ -161,8 +177,14 @@ def plan(cfg: RunConfig, arch: Arch, world_size: int | None = None, precision: s
 
 
 def trainable(cfg: RunConfig, arch: Arch) -> int:
-    """The parameters that train: every one, or with LoRA the adapters'."""
-    return arch.adapter_params(cfg.model.lora_rank) if cfg.model.lora_rank else arch.params
+    """The parameters that train: every one, with LoRA the adapters', with ``model.trainable`` those its pattern
+    names (under Llama-style names; all of them, an upper bound, where it names none of those)."""
+    if cfg.model.lora_rank:
+        return arch.adapter_params(cfg.model.lora_rank)
+    if cfg.model.trainable:
+        named = sum(n for name, n in arch.named_params() if re.fullmatch(cfg.model.trainable, name))
+        return named or arch.params
+    return arch.params
 
 
 # ------------------------------------------------------------------------------------------- host memory

@@ -29,6 +29,23 @@ def test_a_local_models_architecture_comes_from_its_config(tiny, tiny_model_dir)
     assert arch.params == sum(p.numel() for p in tiny[0].parameters())
 
 
+def test_model_trainable_counts_the_parameters_it_names(tiny):
+    """Llama-style names and sizes are the real model's; the plan's gradients and optimizer state follow
+    model.trainable (WMDP's RMU on zephyr-7b: three down_proj matrices), all parameters where it names none."""
+    assert dict(arch_for_model(tiny[0]).named_params()) == {n: p.numel() for n, p in tiny[0].named_parameters()}
+    zephyr = KNOWN["HuggingFaceH4/zephyr-7b-beta"]
+    assert sum(n for _, n in zephyr.named_params()) == zephyr.params
+    wmdp = r"model\.layers\.[5-7]\.mlp\.down_proj\.weight"
+    got = plan(_cfg("deepspeed.stage=3", "launch.num_workers=2", f"model.trainable={wmdp}"), zephyr).parts
+    assert got["optimizer"] == 3 * 4096 * 14336 * 12 / 2 and got["gradients"] == 3 * 4096 * 14336 * 2 / 2
+    phi_names = plan(_cfg("deepspeed.stage=3", "launch.num_workers=2", "model.trainable=.*dense.*"), zephyr).parts
+    assert phi_names["optimizer"] == zephyr.params * 12 / 2  # no Llama-style name matches: the upper bound
+
+
+def arch_for_model(model) -> Arch:
+    return Arch.from_config(model.config.to_dict())
+
+
 def _cfg(*overrides: str):
     return load_config(None, ["model.name_or_path=tiny", "launch.gpus_per_worker=1", "data.max_length=500",
                               "optim.micro_batch_size=4", "eval.batch_size=16", "eval.max_new_tokens=200",
