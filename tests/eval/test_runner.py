@@ -190,26 +190,32 @@ def test_text_token_logprobs_are_the_plain_log_softmax_of_each_gold_token(tiny):
         assert values.shape == expected.shape and np.allclose(values, expected, atol=1e-5)
 
 
-def _sharded_lm_eval(rank: int, world: int, model_dir: str, task_dir: str, port: int, out: str) -> None:
-    """One rank of a gloo process group running the harness; writes its results and how many sequences its model saw."""
-    import os
-
-    import torch.distributed as dist
+def _counted_lm_eval(model_dir: str, task_dir: str) -> dict:
+    """The harness on the local task (indexed alone: no scan of lm-eval's own tasks), with how many sequences the
+    model was called on."""
+    from lm_eval.tasks import TaskManager
 
     from flat_ray.models import load_model_and_tokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     model, tok = load_model_and_tokenizer(model_dir)
     seen = [0]
     model.register_forward_pre_hook(lambda _m, args, kwargs: seen.__setitem__(0, seen[0] + len(
         (args or [kwargs["input_ids"]])[0])), with_kwargs=True)
-    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=task_dir, include_defaults=False)
+    return {"results": run_lm_eval(model, tok, ["flatray_odd"], batch_size=2, manager=manager), "seen": seen[0]}
 
-    manager = TaskManager(include_path=task_dir, include_defaults=False)  # the local task only: no scan of lm-eval's
-    res = run_lm_eval(model, tok, ["flatray_odd"], batch_size=2, manager=manager)
+
+def _sharded_lm_eval(rank: int, world: int, model_dir: str, task_dir: str, port: int, out: str) -> None:
+    """One rank of a gloo process group running the harness; writes what :func:`_counted_lm_eval` returns."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = _counted_lm_eval(model_dir, task_dir)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"results": res, "seen": seen[0]}, f)
+        json.dump(result, f)
     dist.destroy_process_group()
 
 
@@ -228,17 +234,7 @@ def test_lm_eval_in_a_process_group_shares_the_questions_and_gives_one_process_n
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from flat_ray.models import load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
-    seen = [0]
-    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.__setitem__(0, seen[0] + len(
-        (args or [kwargs["input_ids"]])[0])), with_kwargs=True)
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    one = {"results": run_lm_eval(model, tok, ["flatray_odd"], batch_size=2, manager=manager),
-           "seen": seen[0]}
+    one = _counted_lm_eval(str(tiny_model_dir), str(tmp_path))
     out = str(tmp_path / "res")
     mp.spawn(_sharded_lm_eval, args=(2, str(tiny_model_dir), str(tmp_path), port, out), nprocs=2)
     ranks = [json.loads(open(f"{out}.{r}").read()) for r in (0, 1)]
