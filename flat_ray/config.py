@@ -431,12 +431,11 @@ class RunConfig:
                                    "method.retain_weight=0 for the forget-only form)")
             if self.data.data_dir is None:
                 _choice("method.retain_split", retain, BENCHMARKS[self.data.benchmark].splits)
+        have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)  # benchmarks with held-out questions
         if self.eval.mia and not BENCHMARKS[self.data.benchmark].holdout_of:
-            have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)
             raise FlatRayError(f"eval.mia=true needs held-out questions, and benchmark {self.data.benchmark} has no "
                                f"holdout split (benchmarks with one: {have}); set eval.mia=false")
         if self.eval.mia_gradnorm and not self.mia():
-            have = ", ".join(k for k in BENCHMARKS if BENCHMARKS[k].holdout_of)
             raise FlatRayError(f"eval.mia_gradnorm=true needs the membership metrics: eval.mia not false, on a "
                                f"benchmark with holdout splits ({have}; here {self.data.benchmark}); set "
                                "eval.mia_gradnorm=false")

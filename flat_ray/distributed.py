@@ -48,7 +48,7 @@ def broadcast_object(obj):
     if not initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=collective_device() if dist.get_backend() == "nccl" else None)
+    dist.broadcast_object_list(box, src=0, device=collective_device())
     return box[0]
 
 

@@ -50,11 +50,7 @@ class Arch:
 
     @property
     def params(self) -> int:
-        head_dim = self.hidden // self.heads
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return embeddings + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+        return sum(n for _, n in self.named_params())
 
     def adapter_params(self, rank: int) -> int:
         """LoRA parameters at ``rank`` on every linear layer but the head (A: rank x in, B: out x rank): an upper
@@ -65,8 +61,8 @@ class Arch:
         return self.layers * rank * (attention + mlp)
 
     def named_params(self) -> list[tuple[str, int]]:
-        """(name, size) of each parameter tensor under Llama-style names (``model.layers.7.mlp.down_proj.weight``),
-        for ``model.trainable``; the sizes add up to :attr:`params`."""
+        """(name, size) of each parameter tensor under Llama-style names (``model.layers.7.mlp.down_proj.weight``):
+        :attr:`params` and what ``model.trainable`` names."""
         h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
         mlp = ("gate_proj", "up_proj", "down_proj") if self.gated_mlp else ("fc1", "fc2")
         out = [("model.embed_tokens.weight", self.vocab * h)]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -297,8 +298,6 @@ def cached_tiny_model(texts: Sequence[str], cache_root: str | os.PathLike, spec:
 def train_only(model: Any, pattern: str) -> int:
     """Freeze every parameter whose full name does not match ``pattern`` (``model.trainable``); returns how many
     parameter tensors still train. A pattern that matches none is refused, naming a few of the model's names."""
-    import re
-
     names = []
     for name, param in model.named_parameters():
         param.requires_grad_(bool(re.fullmatch(pattern, name)))

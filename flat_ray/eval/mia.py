@@ -44,9 +44,9 @@ from flat_ray.losses import IGNORE_INDEX
 MIN_K = 0.4
 STATS = ("loss", "zlib", "min_k", "min_k_plus_plus", "em", "es")
 # metric name -> the per-question statistic its AUC ranks by
-ATTACKS = {"mia_loss": "loss", "mia_zlib": "zlib", "mia_min_k": "min_k", "mia_min_k_plus_plus": "min_k_plus_plus",
-           "mia_gradnorm": "gradnorm"}
 GRADNORM = "gradnorm"  # a statistic only where eval.mia_gradnorm asks for it
+ATTACKS = {"mia_loss": "loss", "mia_zlib": "zlib", "mia_min_k": "min_k", "mia_min_k_plus_plus": "min_k_plus_plus",
+           "mia_gradnorm": GRADNORM}
 DEFAULT_REFERENCE_AUC = 0.5  # open-unlearning's privleak ref_value when no retain model's AUC is known
 
 
