@@ -12,8 +12,11 @@ want=$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing flat-ray and its stack into .venv (about 2 minutes the first time)" >&2
   # this machine's pip config lists local wheel folders that may be absent; drop those warnings only
-  { .venv/bin/python -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]" 2>&1 1>&3 \
+  # pip byte-compiles every file it installs, one at a time (half of its 107 s here); compileall does the same on
+  # every core afterwards (86 s in all)
+  { .venv/bin/python -m pip install --no-compile --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]" 2>&1 1>&3 \
       | { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }; } 3>&1
+  env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -m compileall -qq -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
   echo "$want" > "$stamp"
 fi
 # DeepSpeed compiles its CPU collective op (a shared-memory all-reduce, used by every run on CPU workers) the first
