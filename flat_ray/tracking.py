@@ -218,17 +218,14 @@ class Tracker(NullTracker):
 
 
 RETRY_MAX_S = 10.0  # BufferedTracker's longest wait between two tries of a send the server did not take
-SEND_EVERY_S = 1.0  # BufferedTracker sends at most this often: one request a second, not one per training step
 
 
 class BufferedTracker(Tracker):
     """Rank 0's tracker: metrics go into a bounded queue that a thread sends to MLflow in batches, so training never
-    waits for the tracking server and loses nothing while it is away (a restart, a slow response). It sends at most
-    once every ``SEND_EVERY_S`` (sooner when half the queue is full, at once on close), not once per step: a server
-    that a sweep's trials share gets a request a second from each, and the demo's 528-step fine-tune took 54.1 s of
-    worker time instead of 55.6 s. A failed send is retried with back-off (1 s doubling to 10 s) until it succeeds;
-    when ``max_pending`` metrics are waiting, :meth:`log_metrics` waits for room instead of dropping any (memory
-    stays bounded). :meth:`close` sends what is left. Each metric keeps the time it was logged at."""
+    waits for the tracking server and loses nothing while it is away (a restart, a slow response). A failed send
+    is retried with back-off (1 s doubling to 10 s) until it succeeds; when ``max_pending`` metrics are waiting,
+    :meth:`log_metrics` waits for room instead of dropping any (memory stays bounded). :meth:`close` sends what is
+    left. Each metric keeps the time it was logged at."""
 
     def __init__(self, uri: str, run_id: str, max_pending: int = MAX_PENDING):
         super().__init__(uri, run_id)
@@ -254,15 +251,14 @@ class BufferedTracker(Tracker):
             self._room.notify_all()
 
     def _send(self) -> None:
-        delay, last = 1.0, -SEND_EVERY_S
+        delay = 1.0
         while True:
             with self._room:
-                while not self._closed and not self._due(last):
-                    self._room.wait(last + SEND_EVERY_S - time.monotonic() if self._pending else None)
+                while not self._pending and not self._closed:
+                    self._room.wait()
                 if not self._pending:
                     return
                 batch = list(itertools.islice(self._pending, 500))
-            last = time.monotonic()
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # noqa: BLE001 - the server is away: keep the metrics, try again
@@ -280,11 +276,6 @@ class BufferedTracker(Tracker):
                 for _ in batch:
                     self._pending.popleft()
                 self._room.notify_all()
-
-    def _due(self, last: float) -> bool:
-        """Whether the metrics waiting should go now (called holding the lock)."""
-        waited = time.monotonic() >= last + SEND_EVERY_S
-        return bool(self._pending) and (waited or len(self._pending) >= self._max // 2)
 
     def close(self, timeout: float = CLOSE_S) -> int:
         """Send what is left, waiting at most ``timeout`` seconds; returns how many metrics could not be sent."""

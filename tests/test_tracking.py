@@ -120,22 +120,6 @@ def test_metrics_logged_while_the_server_is_away_arrive_once_it_is_back(server, 
     assert all(times[s] / 1000 < back for s in range(1, 21))  # the time they were logged, not when they were sent
 
 
-def test_rank_0_sends_a_request_a_second_not_one_per_step(tmp_path):
-    """Thirty steps logged 20 ms apart reach a real SQLite store in at most two requests (the first at once, the rest
-    a second later), every metric at its step (one request per step before)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.start_run(uri, "batched", "r", tmp_path / "artifacts", {}).run_id
-    tracker = tracking.BufferedTracker(uri, run_id)
-    sent, send = [], tracker.client.log_batch
-    tracker.client.log_batch = lambda *a, **kw: (sent.append(len(kw["metrics"])), send(*a, **kw))[1]
-    for step in range(30):
-        tracker.log_metrics({"loss": float(step), "lr": step / 10}, step=step)
-        time.sleep(0.02)
-    assert tracker.close(60) == 0
-    assert len(sent) <= 2 and sum(sent) == 60, sent
-    assert tracking.metric_history(uri, run_id, "loss") == [(s, float(s)) for s in range(30)]
-
-
 def _until(check, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
