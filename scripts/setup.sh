@@ -11,9 +11,9 @@ stamp=.venv/.flat-ray-installed
 want=$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing flat-ray and its stack into .venv (about 2 minutes the first time)" >&2
-  # this machine's pip config lists local wheel folders that may be absent; drop those warnings only
   # pip byte-compiles every file it installs, one at a time (half of its 107 s here); compileall does the same on
-  # every core afterwards (86 s in all)
+  # every core afterwards (86 s in all). This machine's pip config lists local wheel folders that may be absent;
+  # drop those warnings only.
   { .venv/bin/python -m pip install --no-compile --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev,cluster]" 2>&1 1>&3 \
       | { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }; } 3>&1
   env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -m compileall -qq -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
