@@ -27,14 +27,14 @@ def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
 def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = None):
     """Config from ``[CONFIG.yaml] [key=value ...]``; with no file the embedded demo preset comes first."""
     from flat_ray.config import load_config
-    from flat_ray.preflight import check_inputs, check_layers
+    from flat_ray.preflight import check_inputs, check_model
 
     path, overrides = _split_args(args)
     if address:
         overrides.append(f"launch.address={address}")
     cfg = load_config(path, overrides, presets=(["demo"] if path is None else []) + list(presets))
     check_inputs(cfg)
-    check_layers(cfg)
+    check_model(cfg)
     return cfg
 
 

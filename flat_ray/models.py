@@ -298,11 +298,11 @@ def cached_tiny_model(texts: Sequence[str], cache_root: str | os.PathLike, spec:
 def train_only(model: Any, pattern: str) -> int:
     """Freeze every parameter whose full name does not match ``pattern`` (``model.trainable``); returns how many
     parameter tensors still train. A pattern that matches none is refused, naming a few of the model's names."""
-    names = []
+    names, kept = [], 0
     for name, param in model.named_parameters():
         param.requires_grad_(bool(re.fullmatch(pattern, name)))
         names.append(name)
-    kept = sum(p.requires_grad for p in model.parameters())
+        kept += param.requires_grad
     if not kept:
         middle = names[len(names) // 2] if names else "-"
         raise FlatRayError(f"model.trainable={pattern!r} matches no parameter of the model (its names look like "

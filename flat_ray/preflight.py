@@ -51,11 +51,17 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
                            "an open-unlearning result JSON")
 
 
-def check_layers(cfg: RunConfig) -> None:
+def check_model(cfg: RunConfig) -> None:
+    """What the config names inside the model exists there: the decoder layer a method reads and the parameters
+    ``model.trainable`` picks."""
+    _check_layer(cfg)
+    _check_trainable(cfg)
+
+
+def _check_layer(cfg: RunConfig) -> None:
     """A method that reads a decoder layer's output (RMU's ``method.rmu_layer``) names one the model has: the demo's
     models have DEMO_SPEC's layers, others their config's ``num_hidden_layers`` (a local folder, the hub cache or a
     known model; an unknown one is checked when the workers load it)."""
-    _check_trainable(cfg)
     knob = METHODS[cfg.method.name].activation_layer
     if knob is None:
         return

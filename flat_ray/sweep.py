@@ -58,7 +58,7 @@ from flat_ray.config import (
 from flat_ray.config import _build as build_config
 from flat_ray.errors import FlatRayError
 from flat_ray.metrics import METRICS
-from flat_ray.preflight import check_inputs, check_layers
+from flat_ray.preflight import check_inputs, check_model
 from flat_ray.registry import Registry
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -529,7 +529,7 @@ def _cell(labels: dict[str, str], base: Mapping[str, Any], consts: dict[str, Any
     name = _cell_name(labels)
     try:
         check_inputs(cfg, reference=check_files)  # once per cell (the probes above only check values)
-        check_layers(cfg)
+        check_model(cfg)
     except FlatRayError as exc:
         raise FlatRayError(f"{where}: {exc}") from None
     if not cfg.eval.enabled:

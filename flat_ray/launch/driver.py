@@ -45,7 +45,7 @@ from flat_ray.metrics import METRICS
 from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
 from flat_ray.pipeline import profile_for
 from flat_ray.placement import ACCELERATOR_PREFIX, worker_bundle
-from flat_ray.preflight import check_inputs, check_layers
+from flat_ray.preflight import check_inputs, check_model
 from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     cfg, uri, storage, name, state = prepare_run(cfg, resume)
     if not placed_by_sweep:  # a sweep checked the files of each cell once, where it started
         check_inputs(cfg)
-        check_layers(cfg)
+        check_model(cfg)
     preflight(cfg, None if placed_by_sweep else uri)
     if placed_by_sweep:
         connect_ray(cfg.launch.address)
