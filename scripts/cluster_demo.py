@@ -19,7 +19,10 @@ space (FLAT with 2 divergences on the demo's forget05 and the tiny model, 1 work
 script records the cluster's nodes. It tears everything down (only the processes of its own cluster: another Ray
 on the machine is left alone) and exits 0 only if:
 1. the autoscaler added worker nodes (none at the start);
-2. the sweep ran 2 trials at once (their MLflow runs overlap in time) once the nodes were there;
+2. the sweep ran 2 trials at once (their MLflow runs overlap in time) once the nodes were there, and both asked
+   for their nodes at the start: the trial that reads the cell's original evaluation from the other started its run
+   before that evaluation ended, and waited for it on its own node (a trial that waited before asking for workers
+   would have its node start only once the first trial's node had started and evaluated);
 3. every trial finished, and the sweep's exit status was 0;
 4. the MLflow server holds the sweep's parent run with both trials as children, and their artifacts arrived
    through the server (in its artifact folder, not in the work folder);
@@ -340,6 +343,7 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         (a, b) = sorted((t.info.start_time, t.info.end_time or 0) for t in trials)
         if not b[0] < a[1]:
             problems.append("the 2 trials never ran at the same time")
+        problems += waited_on_a_node(client, trials)
     served = list((root / "server" / "artifacts").rglob("config.yaml"))
     if len(served) < 2 or list((root / "shared" / "work").rglob("mlartifacts")):
         problems.append(f"trial artifacts did not go through the server ({len(served)} config.yaml there)")
@@ -347,6 +351,20 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
         problems.append(f"placement: {placed or 'not recorded'}")
     problems += check_files(root, [t.info.run_name for t in trials])
     return problems
+
+
+def waited_on_a_node(client, trials: list) -> list[str]:
+    """The trial that read the cell's original evaluation started its run (and asked for its node) before the other
+    trial's epoch-0 evaluation ended, and waited for those values at its own epoch 0."""
+    by_role = {t.data.tags.get("original_eval"): t for t in trials}
+    if set(by_role) != {"evaluated", "cached"}:
+        return [f"the cell's original was not evaluated once and read once: {sorted(by_role)}"]
+    evaluated, cached = by_role["evaluated"], by_role["cached"]
+    ended = min(m.timestamp for m in client.get_metric_history(evaluated.info.run_id, "eval/forget_prob") if m.step == 0)
+    if not cached.info.start_time < ended or "original_wait_s" not in cached.data.metrics:
+        return [f"{cached.info.run_name} started its run {(cached.info.start_time - ended) / 1000:.1f} s after "
+                f"{evaluated.info.run_name} had evaluated the original: it waited before asking for its node"]
+    return []
 
 
 def failed_trials(out: str) -> list[str]:
@@ -453,7 +471,8 @@ def main() -> int:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
     print("cluster demo passed: trials bigger than anything the cluster had at the start (2 CPUs, host memory and an "
-          "A10G each) waited, the autoscaler added 2 A10G nodes from 0, 2 trials ran at once and finished, "
+          "A10G each) waited, the autoscaler added 2 A10G nodes from 0 for both at once (the second trial waited "
+          "on its node while the first evaluated the cell's original), 2 trials ran at once and finished, "
           "their workers used their 2 reserved CPUs, the MLflow "
           "server holds the sweep and its trials with their artifacts, trial functions ran on the head, "
           "the driver's offline/cache variables reached the workers, and the trial whose node was killed while "

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from flat_ray import lora, tracking
 from flat_ray.config import config_from_dict
 from flat_ray.data import Collator, load_split
-from flat_ray.distributed import all_reduce, broadcast_flag
+from flat_ray.distributed import all_reduce, broadcast_object
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
 from flat_ray.engine.step import method_loss, to_device
@@ -44,6 +44,7 @@ from flat_ray.pipeline import build_dataset, profile_for
 from flat_ray.schedule import lr_multiplier, optimizer_steps, warmup_steps
 
 log = logging.getLogger("flat_ray.train")
+CLAIM_POLL_S = 2.0  # how often a trial waiting for its cell's original asks again
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 Emit = Callable[[dict[str, Any]], None]
@@ -313,17 +314,35 @@ class _Job:
 
     def _cached_original(self, cache: str) -> dict[str, Any] | None:
         """A sweep trial's epoch-0 evaluation from its cell's cached values of the original (flat_ray.eval.original),
-        scored with this run's truth-ratio variant and reference; None (on every rank alike) when there are none."""
-        values = original.load(cache) if self.rank == 0 else None
-        found = broadcast_flag(values is not None)
-        if not found:
+        scored with this run's truth-ratio variant and reference; None (on every rank alike) when this trial is to
+        evaluate it and keep the values: the first of the cell's trials to get here."""
+        if self._claim_original(cache):
             return None
-        if values is None:
-            values = original.load(cache)
+        values = original.load(cache)  # complete: every rank reads them from the shared storage
         self.tracker.set_tags({"original_eval": "cached"})
         summary = summarize(values, truth_ratio=self.cfg.eval.truth_ratio, reference_tr=self.reference_tr,
                             reference_mia=self.reference_mia)
         return {**summary, PER_QUESTION: values}
+
+    def _claim_original(self, cache: str) -> bool:
+        """Whether this trial evaluates its cell's original. The other trials of the cell got their workers (and on
+        an autoscaling cluster their nodes) while the first evaluated, and wait here for its values; how long is
+        logged as ``original_wait_s``."""
+        started = time.perf_counter()
+        holder = {"trial": self.cfg.tracking.run_name, "run": self.payload["mlflow"]["run_id"]}
+        mine = original.claim(cache, holder, self._claim_ended, poll_s=CLAIM_POLL_S, share=broadcast_object,
+                              leader=self.rank == 0)
+        self.tracker.log_metrics({"original_wait_s": time.perf_counter() - started}, step=0)
+        return mine
+
+    def _claim_ended(self, holder: original.Holder) -> bool:
+        """Whether the trial holding the claim has ended (its MLflow run is no longer RUNNING)."""
+        if not holder.get("run"):  # a claim made before claims named their run: left by an older sweep
+            return True
+        try:
+            return tracking.run_data(self.payload["mlflow"]["uri"], holder["run"]).info.status != "RUNNING"
+        except Exception:  # noqa: BLE001 - MLflow away for a moment: ask again at the next poll
+            return False
 
     def save_eval_logs(self, epoch: int, values: Any) -> None:
         """``eval.save_logs``: this evaluation's per-question results in TOFU's and open-unlearning's formats, in the

@@ -8,8 +8,9 @@ trial restarted from scratch, reads them and logs the same numbers as its epoch-
 from the values with its own truth-ratio variant and reference, so they are what it would have computed. Only
 per-question suites (TOFU-style benchmarks) are kept; the others evaluate every time.
 
-While one trial evaluates, the others of the cell wait for it before asking Ray for their workers (``claim``), so
-a cell whose trials start together still evaluates its original once.
+The trials of a cell start together and ask Ray for their workers at once (on an autoscaling cluster, their nodes
+start side by side); at the epoch-0 evaluation the first trial's ranks claim the evaluation (``claim``) and the
+others' ranks wait for its values, so a cell whose trials start together still evaluates its original once.
 """
 
 from __future__ import annotations
@@ -73,34 +74,63 @@ def save(folder: str | Path, values: Mapping[str, SplitValues], meta: Mapping[st
     return True
 
 
-def claim(folder: str | Path, trial: str, ended: Callable[[str], bool], poll_s: float = 2.0,
-          stop: Callable[[], bool] = lambda: False) -> bool:
-    """Before a trial starts: True when it is to evaluate the original (no complete values yet, and its claim
-    holds), False once another trial's values are complete (or the sweep stops this trial while it waits). It
-    waits while another trial holds the claim and that trial has not ended (``ended(trial)``: its run finished,
-    failed or was stopped) without leaving them."""
+Holder = dict[str, Any]  # a claim's holder: {"trial": its name, "run": its MLflow run id}
+
+
+def _holder(claim_file: Path) -> Holder | None:
+    """Who holds the claim: None when nobody does (it was just released), {} while its maker is still writing it.
+    A claim in the older plain-text form names its trial only."""
+    try:
+        text = claim_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"trial": text, "run": None}
+
+
+def try_claim(folder: str | Path, holder: Holder, ended: Callable[[Holder], bool]) -> bool | None:
+    """One try at the claim on evaluating the original: True when ``holder`` is to evaluate it (no complete values
+    yet; its claim is made or was already its own), False once the values are complete, None while another trial
+    holds the claim and has not ended (``ended(other)``: its run finished, failed or was stopped) without leaving
+    them. A claim whose holder ended that way passes to ``holder``."""
     folder = Path(folder)
     claim_file = folder.with_name(f"{folder.name}.claim")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    while not (folder / DONE).is_file() and not stop():
+    while not (folder / DONE).is_file():
         try:
             fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                holder = claim_file.read_text().strip()
-            except FileNotFoundError:
+            other = _holder(claim_file)
+            if other is None:  # released meanwhile: try again
                 continue
-            if holder == trial:
+            if not other:  # being written: its maker holds it
+                return None
+            if other.get("trial") == holder["trial"]:
                 return True
-            if holder and ended(holder) and not (folder / DONE).is_file():
+            if ended(other) and not (folder / DONE).is_file():
                 claim_file.unlink(missing_ok=True)  # it ended without the values: the next trial takes over
                 continue
-            time.sleep(poll_s)
-            continue
+            return None
         with os.fdopen(fd, "w") as fh:
-            fh.write(trial)
+            fh.write(json.dumps(holder))
         return True
     return False
+
+
+def claim(folder: str | Path, holder: Holder, ended: Callable[[Holder], bool], poll_s: float = 2.0,
+          share: Callable[[bool | None], bool | None] = lambda answer: answer, leader: bool = True) -> bool:
+    """:func:`try_claim` until it answers: True when ``holder`` evaluates the original, False when its values are
+    complete. A trial's ranks call it together: the ``leader`` (rank 0) tries, ``share`` hands its answer to every
+    rank (a broadcast), so no rank sits in one collective for longer than one try."""
+    while True:
+        answer = share(try_claim(folder, holder, ended) if leader else None)
+        if answer is not None:
+            return answer
+        time.sleep(poll_s)
 
 
 def release(folder: str | Path, trial: str) -> None:
@@ -108,11 +138,8 @@ def release(folder: str | Path, trial: str) -> None:
     passes to the next trial at once."""
     folder = Path(folder)
     claim_file = folder.with_name(f"{folder.name}.claim")
-    try:
-        holder = claim_file.read_text().strip()
-    except FileNotFoundError:
-        return
-    if holder == trial and not (folder / DONE).is_file():
+    holder = _holder(claim_file)
+    if holder is not None and holder.get("trial") == trial and not (folder / DONE).is_file():
         claim_file.unlink(missing_ok=True)
 
 

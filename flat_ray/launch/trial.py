@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
         return
     metric = cfg.launch.checkpoint_metric
     best = _best_kept(train_dir, metric) if resume else None  # a resumed trial's best epoch may be behind it
-    cache = _original_turn(cfg, payload, trial)
+    cache = _original_cache(cfg, payload)
     try:
         run_training(cfg, resume=resume, tags=tags, callbacks=[best_epoch_reporter(metric, best)],
                      stopping=_stopping(), placed_by_sweep=True, original_cache=cache)
@@ -60,32 +59,14 @@ def trial_fn(config: dict[str, Any], payload: dict[str, Any]) -> None:
             original.release(cache, trial)
 
 
-CLAIM_WITHOUT_RUN_S = 600  # a claiming trial with no run after this long died before opening it
-
-
-def _original_turn(cfg, payload: dict[str, Any], trial: str) -> str | None:
-    """Where this trial's cell keeps its evaluation of the original (per-question suites only), after waiting while
-    another trial of the cell evaluates it (flat_ray.eval.original)."""
+def _original_cache(cfg, payload: dict[str, Any]) -> str | None:
+    """Where this trial's cell keeps its evaluation of the original (per-question suites only): the trial's ranks
+    claim it, or wait for the trial that did, at their epoch-0 evaluation (flat_ray.eval.original)."""
     from flat_ray.data import BENCHMARKS
 
     if not cfg.eval.enabled or BENCHMARKS[cfg.data.benchmark].evaluation != "tofu":
         return None
-    cache = original.cache_dir(payload["originals"], cfg)
-    root = storage_root(cfg)
-
-    def ended(holder: str) -> bool:
-        state = root / holder / STATE_FILE
-        if not state.is_file():  # a run writes it within seconds of starting: a claim this old lost its trial
-            claimed = cache.with_name(f"{cache.name}.claim")
-            return claimed.is_file() and time.time() - claimed.stat().st_mtime > CLAIM_WITHOUT_RUN_S
-        saved = json.loads(state.read_text())
-        try:
-            return tracking.run_data(saved["mlflow_uri"], saved["run_id"]).info.status != "RUNNING"
-        except Exception:  # noqa: BLE001 - MLflow away for a moment: ask again at the next poll
-            return False
-
-    original.claim(cache, trial, ended, poll_s=5.0, stop=_stopping())
-    return str(cache)
+    return str(original.cache_dir(payload["originals"], cfg))
 
 
 def best_epoch_reporter(metric: str | None, best: dict[str, Any] | None = None):

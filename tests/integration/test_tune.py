@@ -174,8 +174,16 @@ resources: {num_workers: 1, deepspeed_stage: 2}
     stopped = children[2]
     assert stopped.data.tags["stopped_early"] == "true" and "model_dir" not in stopped.data.tags
     # the cell's original evaluated once: the first two trials start together, one evaluates it while the other
-    # waits, and the other two read its values; all three log the same numbers as their epoch-0 evaluation
+    # waits for its values with its workers already placed (on a cold cluster its nodes start meanwhile), and the
+    # third reads them at once; all three log the same numbers as their epoch-0 evaluation
     assert sorted(r.data.tags.get("original_eval") for r in children) == ["cached", "cached", "evaluated"]
+    evaluator = next(i for i in (0, 1) if children[i].data.tags["original_eval"] == "evaluated")
+    from mlflow.tracking import MlflowClient
+
+    evaluated = min(m.timestamp for m in MlflowClient(uri).get_metric_history(children[evaluator].info.run_id,
+                                                                              "eval/forget_prob") if m.step == 0)
+    assert children[1 - evaluator].info.start_time < evaluated, "the second trial started only once it was evaluated"
+    assert all("original_wait_s" in r.data.metrics for r in children)  # how long each waited, logged at epoch 0
     for key in ("eval/forget_prob", "eval/model_utility", "eval/retain_truth_ratio", "eval/unlearn_score"):
         assert len({dict(tracking.metric_history(uri, r.info.run_id, key))[0] for r in children}) == 1, key
     rung = [dict(tracking.metric_history(uri, r.info.run_id, "eval/forget_prob"))[1] for r in children]
