@@ -122,6 +122,9 @@ class NullTracker:
     def close(self, timeout: float = 0.0) -> int:
         return 0
 
+    def flush(self, timeout: float) -> int:
+        return 0
+
     def tags(self) -> dict[str, str]:
         return {}
 
@@ -276,6 +279,15 @@ class BufferedTracker(Tracker):
                 for _ in batch:
                     self._pending.popleft()
                 self._room.notify_all()
+
+    def flush(self, timeout: float) -> int:
+        """Wait at most ``timeout`` seconds until every metric logged so far has reached the server; returns how many
+        have not (they stay queued and are sent later)."""
+        deadline = time.monotonic() + timeout
+        with self._room:
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._room.wait(left)
+            return len(self._pending)
 
     def close(self, timeout: float = CLOSE_S) -> int:
         """Send what is left, waiting at most ``timeout`` seconds; returns how many metrics could not be sent."""

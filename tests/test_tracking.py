@@ -104,6 +104,8 @@ def test_metrics_logged_while_the_server_is_away_arrive_once_it_is_back(server, 
     for step in range(1, 11):  # 20 metrics: room for all of them
         tracker.log_metrics({"loss": float(step), "lr": step / 10}, step=step)
     assert time.monotonic() - started < 1.0 and tracker.pending == 20
+    started = time.monotonic()  # a checkpoint's flush waits a bounded time, then goes on with them still queued
+    assert tracker.flush(0.3) == 20 and 0.3 <= time.monotonic() - started < 2.0
     more = threading.Thread(target=lambda: [tracker.log_metrics({"loss": float(s), "lr": s / 10}, step=s)
                                             for s in range(11, 31)])
     more.start()
@@ -113,7 +115,8 @@ def test_metrics_logged_while_the_server_is_away_arrive_once_it_is_back(server, 
     back = time.time()
     server.start()
     more.join(60)
-    assert not more.is_alive() and tracker.close(120) == 0
+    assert not more.is_alive() and tracker.flush(60) == 0  # all 60 on the server when it returns: read them now
+    assert len(tracking.metric_history(server.uri, run_id, "loss")) == 31 and tracker.close(0) == 0
     for key, scale in (("loss", 1.0), ("lr", 0.1)):  # lr was logged as step / 10
         assert tracking.metric_history(server.uri, run_id, key) == [(s, s / (1 / scale)) for s in range(31)]
     times = {m.step: m.timestamp for m in tracking._client(server.uri).get_metric_history(run_id, "loss")}

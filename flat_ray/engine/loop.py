@@ -45,6 +45,7 @@ from flat_ray.schedule import lr_multiplier, optimizer_steps, warmup_steps
 
 log = logging.getLogger("flat_ray.train")
 CLAIM_POLL_S = 2.0  # how often a trial waiting for its cell's original asks again
+FLUSH_S = 5.0  # how long rank 0 waits at a checkpoint for MLflow to take the metrics logged before it
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 Emit = Callable[[dict[str, Any]], None]
@@ -437,6 +438,10 @@ class _Job:
             self._log_written("checkpoint_mb", ckpt)
             metric = self.cfg.launch.checkpoint_metric  # what Ray Train ranks checkpoints by (NaN: not evaluated)
             score = {"checkpoint_score": float(metrics.get(metric, math.nan))} if metric else {}
+            # the metrics up to here reach MLflow before Ray Train registers the checkpoint, so a run resumed from it
+            # (which logs only the steps after it) has them all; a server that is away gets a bounded wait, and
+            # what it has not taken yet (unsent_at_checkpoint) stays queued
+            self.tracker.log_metrics({"unsent_at_checkpoint": self.tracker.flush(FLUSH_S)}, step=self.global_step)
             with _writing(f"the epoch {epoch + 1} checkpoint to the storage path {self.payload.get('storage_dir')} "
                           "(launch.storage_path)"):
                 report({**metrics, **score}, str(ckpt))

@@ -119,6 +119,8 @@ def test_zero3_two_workers_changes_parameters_and_logs_everything(zero3, tiny_mo
     # the bytes it wrote: each epoch's checkpoint (both ranks' parts, as the storage path holds them) and the export
     written = dict(tracking.metric_history(res.mlflow_uri, res.run_id, "checkpoint_mb"))
     assert sorted(written) == [3, 6, 9, 12]  # after every epoch of 3 steps
+    # at each checkpoint, every metric logged before it had reached the server when Ray Train registered it
+    assert tracking.metric_history(res.mlflow_uri, res.run_id, "unsent_at_checkpoint") == [(s, 0) for s in written]
     run_dir = storage_root(cfg).local / "zero3"
     # launch.checkpoint_metric=forget_prob with keep_checkpoints=2: Ray Train kept the 2 best by the score the
     # workers reported, the evaluated epochs 2 and 4 (epochs 1 and 3 were not evaluated: NaN, ranked last)
