@@ -34,15 +34,6 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return x.cpu()
 
 
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (so all ranks take the same branch before a collective)."""
-    if not initialized():
-        return flag
-    x = torch.tensor([1.0 if flag else 0.0], device=collective_device())
-    dist.broadcast(x, src=0)
-    return bool(x.item())
-
-
 def broadcast_object(obj):
     """Rank 0's ``obj`` (any picklable value) on every rank."""
     if not initialized():

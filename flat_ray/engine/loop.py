@@ -319,7 +319,7 @@ class _Job:
         evaluate it and keep the values: the first of the cell's trials to get here."""
         if self._claim_original(cache):
             return None
-        values = original.load(cache)  # complete: every rank reads them from the shared storage
+        values = broadcast_object(original.load(cache) if self.rank == 0 else None)  # complete: rank 0 reads them
         self.tracker.set_tags({"original_eval": "cached"})
         summary = summarize(values, truth_ratio=self.cfg.eval.truth_ratio, reference_tr=self.reference_tr,
                             reference_mia=self.reference_mia)
