@@ -87,9 +87,10 @@ def _holder(claim_file: Path) -> Holder | None:
     if not text:
         return {}
     try:
-        return json.loads(text)
+        holder = json.loads(text)
     except ValueError:
-        return {"trial": text, "run": None}
+        holder = None
+    return holder if isinstance(holder, dict) else {"trial": text, "run": None}
 
 
 def try_claim(folder: str | Path, holder: Holder, ended: Callable[[Holder], bool]) -> bool | None:

@@ -97,6 +97,9 @@ def test_a_claim_being_written_is_held_and_an_old_plain_text_one_names_its_trial
     assert seen == [{"trial": "t0", "run": None}]
     original.release(folder, "t0")
     assert not claim_file.exists()
+    claim_file.write_text("12")  # a name that happens to read as JSON is still a name
+    assert original.try_claim(folder, _t("12"), lambda holder: False) is True
+    claim_file.unlink()
     assert original.try_claim(folder, _t("t1"), lambda holder: False) is True
     assert json.loads(claim_file.read_text()) == _t("t1")  # the claim names its run, for ended() to look up
 
