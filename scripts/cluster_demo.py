@@ -21,8 +21,9 @@ on the machine is left alone) and exits 0 only if:
 1. the autoscaler added worker nodes (none at the start);
 2. the sweep ran 2 trials at once (their MLflow runs overlap in time) once the nodes were there, and both asked
    for their nodes at the start: the trial that reads the cell's original evaluation from the other started its run
-   before that evaluation ended, and waited for it on its own node (a trial that waited before asking for workers
-   would have its node start only once the first trial's node had started and evaluated);
+   (asking Ray for its worker) before that evaluation ended, and logged its wait for it at its epoch 0 (a trial that
+   waited before asking for workers would have its node start only once the first trial's node had started and
+   evaluated);
 3. every trial finished, and the sweep's exit status was 0;
 4. the MLflow server holds the sweep's parent run with both trials as children, and their artifacts arrived
    through the server (in its artifact folder, not in the work folder);
@@ -355,7 +356,7 @@ def check(root: Path, uri: str, code: int, out: str, seen: list[tuple[float, int
 
 def waited_on_a_node(client, trials: list) -> list[str]:
     """The trial that read the cell's original evaluation started its run (and asked for its node) before the other
-    trial's epoch-0 evaluation ended, and waited for those values at its own epoch 0."""
+    trial's epoch-0 evaluation ended, and logged its wait for those values at its own epoch 0."""
     by_role = {t.data.tags.get("original_eval"): t for t in trials}
     if set(by_role) != {"evaluated", "cached"}:
         return [f"the cell's original was not evaluated once and read once: {sorted(by_role)}"]
@@ -471,8 +472,8 @@ def main() -> int:
         print("cluster demo FAILED:\n- " + "\n- ".join(problems))
         return 1
     print("cluster demo passed: trials bigger than anything the cluster had at the start (2 CPUs, host memory and an "
-          "A10G each) waited, the autoscaler added 2 A10G nodes from 0 for both at once (the second trial waited "
-          "on its node while the first evaluated the cell's original), 2 trials ran at once and finished, "
+          "A10G each) waited, the autoscaler added 2 A10G nodes from 0, both trials asked for theirs at the start "
+          "(the second before the first had evaluated the cell's original), 2 trials ran at once and finished, "
           "their workers used their 2 reserved CPUs, the MLflow "
           "server holds the sweep and its trials with their artifacts, trial functions ran on the head, "
           "the driver's offline/cache variables reached the workers, and the trial whose node was killed while "
