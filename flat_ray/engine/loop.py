@@ -331,19 +331,10 @@ class _Job:
         logged as ``original_wait_s``."""
         started = time.perf_counter()
         holder = {"trial": self.cfg.tracking.run_name, "run": self.payload["mlflow"]["run_id"]}
-        mine = original.claim(cache, holder, self._claim_ended, poll_s=CLAIM_POLL_S, share=broadcast_object,
-                              leader=self.rank == 0)
+        mine = original.claim(cache, holder, original.run_ended(self.payload["mlflow"]["uri"]), poll_s=CLAIM_POLL_S,
+                              share=broadcast_object, leader=self.rank == 0)
         self.tracker.log_metrics({"original_wait_s": time.perf_counter() - started}, step=0)
         return mine
-
-    def _claim_ended(self, holder: original.Holder) -> bool:
-        """Whether the trial holding the claim has ended (its MLflow run is no longer RUNNING)."""
-        if not holder.get("run"):  # a claim made before claims named their run: left by an older sweep
-            return True
-        try:
-            return tracking.run_data(self.payload["mlflow"]["uri"], holder["run"]).info.status != "RUNNING"
-        except Exception:  # noqa: BLE001 - MLflow away for a moment: ask again at the next poll
-            return False
 
     def save_eval_logs(self, epoch: int, values: Any) -> None:
         """``eval.save_logs``: this evaluation's per-question results in TOFU's and open-unlearning's formats, in the

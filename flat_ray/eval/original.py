@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flat_ray import tracking
 from flat_ray.config import RunConfig
 from flat_ray.eval import open_unlearning
 from flat_ray.eval.tofu import LOG_FILES, SplitValues, write_log_dir
@@ -120,6 +121,21 @@ def try_claim(folder: str | Path, holder: Holder, ended: Callable[[Holder], bool
             fh.write(json.dumps(holder))
         return True
     return False
+
+
+def run_ended(uri: str) -> Callable[[Holder], bool]:
+    """``ended`` for :func:`try_claim` in a run: whether the holder's MLflow run (on tracking server ``uri``, the
+    sweep's) is no longer RUNNING."""
+
+    def ended(holder: Holder) -> bool:
+        if not holder.get("run"):  # a claim made before claims named their run: left by an older sweep
+            return True
+        try:
+            return tracking.run_data(uri, holder["run"]).info.status != "RUNNING"
+        except Exception:  # noqa: BLE001 - MLflow away for a moment: ask again at the next poll
+            return False
+
+    return ended
 
 
 def claim(folder: str | Path, holder: Holder, ended: Callable[[Holder], bool], poll_s: float = 2.0,

@@ -117,3 +117,15 @@ def test_the_ranks_of_a_trial_take_the_answer_of_rank_0(tmp_path):
 
     assert original.claim(folder, _t("t1"), lambda holder: False, poll_s=0.01, share=share, leader=False) is False
     assert polls == [None, None, None]  # a rank other than 0 never tries the claim itself
+
+
+def test_a_holder_has_ended_once_its_mlflow_run_is_no_longer_running(tmp_path):
+    from flat_ray import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tracking.start_run(uri, "cell", "t0", tmp_path / "artifacts", {}).run_id
+    ended = original.run_ended(uri)
+    assert ended({"trial": "t0", "run": run}) is False  # RUNNING
+    assert ended({"trial": "t0", "run": None}) is True  # an old claim without its run
+    tracking.set_status(uri, run, "FAILED")
+    assert ended({"trial": "t0", "run": run}) is True
