@@ -27,12 +27,16 @@ def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
 def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = None):
     """Config from ``[CONFIG.yaml] [key=value ...]``; with no file the embedded demo preset comes first."""
     from flat_ray.config import load_config
+    from flat_ray.launch.cluster import ray_address
     from flat_ray.preflight import check_inputs, check_model
 
     path, overrides = _split_args(args)
     if address:
         overrides.append(f"launch.address={address}")
     cfg = load_config(path, overrides, presets=(["demo"] if path is None else []) + list(presets))
+    if cfg.launch.address is None and ray_address(None):  # RAY_ADDRESS, below a config file's launch.address
+        cfg = load_config(path, [*overrides, f"launch.address={ray_address(None)}"],
+                          presets=(["demo"] if path is None else []) + list(presets))
     check_inputs(cfg)
     check_model(cfg)
     return cfg
@@ -151,7 +155,8 @@ _run_options = [
     click.option("--dry-run", is_flag=True, help="Build the model, data and one batch and compute the loss once; "
                                                   "no Ray, no training."),
     click.option("--resume", metavar="RUN_NAME", help="Continue the named run from its latest checkpoint."),
-    click.option("--address", metavar="ADDR", help="Join this Ray cluster (same as launch.address=ADDR)."),
+    click.option("--address", metavar="ADDR", help="Join this Ray cluster (same as launch.address=ADDR); default: "
+                 "RAY_ADDRESS where set, else a Ray of the run's own, even where another runs on this machine."),
     click.option("--gpu-memory", metavar="GIB|CLUSTER.yaml", help="GPU memory per worker (GiB, or the smallest GPU "
                  "of a Ray cluster YAML's node types): refuse a run whose memory plan does not fit; default: this "
                  "machine's GPU."),
@@ -274,7 +279,8 @@ def eval_cmd(args, model, benchmark, split, data_dir, reference, truth_ratio, ma
 @click.option("--resume", metavar="NAME", help="Continue an interrupted sweep; finished trials are not re-run.")
 @click.option("--dry-run", is_flag=True, help="Validate the space and print the trial table; start nothing.")
 @click.option("--list", "list_spaces", is_flag=True, help="List the shipped search spaces.")
-@click.option("--address", metavar="ADDR", help="Join this Ray cluster (e.g. auto); default: a local Ray.")
+@click.option("--address", metavar="ADDR", help="Join this Ray cluster (e.g. auto); default: RAY_ADDRESS where "
+              "set, else a Ray of the sweep's own, even where another runs on this machine.")
 @click.option("--storage-path", metavar="DIR", help="Shared storage for Ray state and checkpoints (required on "
                                                     "multi-node clusters: an NFS or bucket mount).")
 @click.option("--mlflow-uri", metavar="URI", help="MLflow tracking URI (an http server on a cluster).")

@@ -349,8 +349,9 @@ class LaunchConfig:
                                           f"strategy): {', '.join(PLACEMENT_STRATEGIES)}. 'auto' is STRICT_PACK "
                                           "for runs with several GPU workers (all ranks on one node: ZeRO-3's "
                                           "all-gathers never cross the network) and PACK otherwise.")
-    address: str | None = doc(None, "Ray cluster to join (e.g. 'auto' or ray://host:10001); null starts a local "
-                                    "Ray sized to this machine.")
+    address: str | None = doc(None, "Ray cluster to join (e.g. 'auto', HOST:6379 or ray://host:10001); null: "
+                                    "RAY_ADDRESS where set (as in a `ray job submit` entrypoint), else a Ray of the "
+                                    "run's own sized to this machine, even where another Ray runs there.")
     storage_path: str | None = doc(None, "Where Ray Train keeps checkpoints; null means <workdir>/ray_results. Use "
                                          "shared storage (NFS, s3://) on a multi-node cluster.")
     max_failures: int = doc(2, "How often a run restarts its workers from the last checkpoint after a worker or node "

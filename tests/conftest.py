@@ -91,20 +91,11 @@ def ray_local() -> str:
     credentials; this process does not."""
     import ray
 
+    from flat_ray.launch.cluster import start_local_ray
     from tests.runs import secret_env
 
-    if not ray.is_initialized():
-        secrets = secret_env()
-        before = {key: os.environ.get(key) for key in secrets}
-        os.environ.update(secrets)  # inherited by Ray's processes as they start, then gone from this one
-        try:
-            ray.init(num_cpus=2, logging_level="WARNING")
-        finally:
-            for key, value in before.items():  # (moto's dummy S3 secret stays)
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    if not ray.is_initialized():  # (moto's dummy S3 secret stays in this process)
+        start_local_ray(2, env=secret_env(), logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

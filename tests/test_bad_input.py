@@ -119,6 +119,12 @@ MISTAKES = [
          "GPU(s); lower launch.gpus_per_worker", via="script"),
     case("train-more-cpus-than-exist", ["train", "launch.num_workers=1000", *RUN_PATHS],
          "CPUs but this machine has"),
+    # an address nothing answers at: at once, where ray.init would retry its connection for many minutes
+    case("train-ray-address-nothing-answers", ["train", "--address", "127.0.0.1:1", *RUN_PATHS],
+         "no Ray answers at 127.0.0.1:1 (--address, launch.address or RAY_ADDRESS): Connection refused; is the "
+         "cluster up?"),
+    case("tune-ray-address-is-a-dashboard-url", ["tune", "--address", "http://127.0.0.1:8265", *TUNE_PATHS],
+         "Ray address http://127.0.0.1:8265 is a dashboard (Ray Jobs) URL; give the cluster's address"),
     case("tune-tofu-without-toFUs-retain-logs", ["tune", "--space", "tofu", *TUNE_PATHS],
          "cell llama2-7b-tofu_forget01-flat: eval.reference 'tofu/data/ft_epoch5_lr1e-05_llama2-7b_retain99_wd0.01/"
          "eval_results/ds_size300' does not exist"),
@@ -269,6 +275,21 @@ def test_mistake_gives_one_line_exit_2_and_writes_nothing(argv, message, via, tm
     assert code == 2, (code, err)
     assert tree(tmp_path) == before, "files were written"
     assert not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_ray_address_in_the_environment_is_the_default_address(tmp_path, monkeypatch, capsys, tripwires):
+    """RAY_ADDRESS (what `ray job submit` sets for its entrypoint) is the address of train and tune where neither
+    --address nor launch.address gives one, and is checked like one; launch.address wins over it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    wd = [f"paths.workdir={tmp_path}/wd"]
+    for argv, address in ((["train", *wd], "127.0.0.1:1"), (["tune", "--space", "demo", *wd], "127.0.0.1:1"),
+                          (["train", "launch.address=127.0.0.1:9", *wd], "127.0.0.1:9")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.startswith(f"flat-ray: error: no Ray answers at {address} "), (argv, err)
+    assert tree(tmp_path) == []
 
 
 def test_the_matrix_is_broad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -124,10 +125,74 @@ def check_cell(cfg: RunConfig, cell: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------- connecting
+def ray_address(given: str | None) -> str | None:
+    """The Ray cluster a command joins: ``given`` (``--address``, ``launch.address``), else ``RAY_ADDRESS`` (Ray's own
+    convention: `ray job submit` sets it for its entrypoint), else None: a Ray of the command's own."""
+    return given or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_address(address: str) -> None:
+    """Refuse at once an address no Ray answers at: ``ray.init`` would retry its connection for many minutes. A
+    dashboard URL (what `ray job submit` takes) is not a cluster's address either."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise FlatRayError(f"Ray address {address} is a dashboard (Ray Jobs) URL; give the cluster's address "
+                           "(HEAD_IP:6379), auto on one of its nodes, or submit the command with `ray job submit`")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FlatRayError(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise FlatRayError(f"no Ray answers at {address} (--address, launch.address or RAY_ADDRESS): "
+                           f"{exc.strerror or exc}; is the cluster up? (`ray status --address {address}`)") from None
+
+
+def start_local_ray(num_cpus: int | None, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """Start a Ray of this process's own, even where another Ray runs on the machine (``ray.init`` would join the
+    newest `ray start` cluster instead), its processes started with ``env`` and with their own cluster's address
+    in ``RAY_ADDRESS``. Without it Ray's state API, through which Ray Train's placement-group cleaner asks whether
+    a run's controller is alive, finds the other cluster (/tmp/ray/ray_current_cluster), hears that the controller
+    does not exist, and ends or removes the run's placement group."""
+    import ray
+
+    port = free_port()
+    own = {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}", "RAY_GCS_SERVER_PORT": str(port), **(env or {})}
+    before = {key: os.environ.get(key) for key in own}
+    os.environ.update(own)  # inherited by Ray's processes as they start, then gone from this one
+    try:
+        return ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _other_ray() -> str | None:
+    """The newest `ray start` cluster of this machine, if one is recorded (Ray's own record of it)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+        socket.create_connection(address.rsplit(":", 1), timeout=1).close()  # a record left by a crash: no hint
+        return address
+    except Exception:  # nothing recorded, nothing answering, or a private helper of Ray's gone: no hint
+        return None
+
+
 def connect_ray(address: str | None) -> None:
-    """Join ``address`` or start a local Ray sized to the machine. The workers' own output (Ray Train, DeepSpeed,
-    transformers) stays in Ray's log files (``<session dir>/logs``, printed at start) unless ``flat-ray
-    --verbose``; flat-ray's own progress reaches the console through :mod:`flat_ray.launch.relay`."""
+    """Join ``address`` or start a Ray of this process's own sized to the machine. The workers' own output (Ray
+    Train, DeepSpeed, transformers) stays in Ray's log files (``<session dir>/logs``, printed at start) unless
+    ``flat-ray --verbose``; flat-ray's own progress reaches the console through :mod:`flat_ray.launch.relay`."""
     import ray
 
     if ray.is_initialized():
@@ -136,10 +201,19 @@ def connect_ray(address: str | None) -> None:
     loud = verbose()
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if loud else logging.ERROR, "log_to_driver": loud}
     if address:  # a joined cluster's nodes start workers with their own environment: pass the cache/offline ones
+        check_address(address)
         forwarded = forwarded_env()
-        ctx = ray.init(address=address, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}), **kwargs)
+        try:
+            ctx = ray.init(address=address, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}),
+                           **kwargs)
+        except ConnectionError as exc:  # auto with no cluster to find, a cluster that refused this process
+            raise FlatRayError(f"could not join Ray at {address}: {str(exc).splitlines()[0]}") from None
     else:
-        ctx = ray.init(num_cpus=os.cpu_count(), **kwargs)
+        other = _other_ray()
+        if other:
+            log.warning("a Ray cluster runs on this machine (%s); this command starts a Ray of its own: pass "
+                        "--address auto to run on that cluster instead", other)
+        ctx = start_local_ray(os.cpu_count(), **kwargs)
     if not loud:  # an errored trial's traceback: the sweep names its error.txt instead
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     session = getattr(ctx, "address_info", {}).get("session_dir")  # a ray:// client context has none

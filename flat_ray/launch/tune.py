@@ -34,7 +34,12 @@ from flat_ray.errors import FlatRayError, RunFailed
 from flat_ray.eval import original
 from flat_ray.eval.run import auto_reference
 from flat_ray.export import drop_checkpoints, export_run
-from flat_ray.launch.cluster import check_sweep, connect_for_sweep, release_orphaned_placement_groups
+from flat_ray.launch.cluster import (
+    check_sweep,
+    connect_for_sweep,
+    ray_address,
+    release_orphaned_placement_groups,
+)
 from flat_ray.launch.driver import finetuner, preflight
 from flat_ray.launch.records import (
     close_cut_off_trials,
@@ -203,6 +208,7 @@ def run_sweep(space_name: str, overrides: list[str], *, name: str | None = None,
         name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise FlatRayError(f"sweep name {name!r} may only use letters, digits, '_', '.' and '-'")
+    address = ray_address(address)  # below --address and a resumed sweep's own; RAY_ADDRESS in a Ray job
     space, sweep_dir, storage, uri = plan_sweep(space, name=name, address=address, storage_path=storage_path,
                                                 mlflow_uri=mlflow_uri)
     if not resume and (sweep_dir / SWEEP_FILE).exists():
