@@ -34,8 +34,9 @@ def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = 
     if address:
         overrides.append(f"launch.address={address}")
     cfg = load_config(path, overrides, presets=(["demo"] if path is None else []) + list(presets))
-    if cfg.launch.address is None and ray_address(None):  # RAY_ADDRESS, below a config file's launch.address
-        cfg = load_config(path, [*overrides, f"launch.address={ray_address(None)}"],
+    from_env = ray_address(None)
+    if cfg.launch.address is None and from_env:  # RAY_ADDRESS, below a config file's launch.address
+        cfg = load_config(path, [*overrides, f"launch.address={from_env}"],
                           presets=(["demo"] if path is None else []) + list(presets))
     check_inputs(cfg)
     check_model(cfg)
