@@ -86,8 +86,8 @@ def s3_bucket() -> str:
 @pytest.fixture(scope="session")
 def ray_local() -> str:
     """The suite's one Ray (2 CPUs, whatever the machine), started in this process; returns its address. Tests call
-    run_training here, and the `flat-ray` processes they start join it with ``--address``: no test starts a second
-    Ray. Every Ray process holds the secrets of tests/runs.py in its environment, as a cluster's nodes would hold
+    run_training here, and the `flat-ray` processes they start join it with ``--address``: no test's run starts a
+    second Ray (tests/launch/test_connect.py starts one on purpose, beside this one, for half a minute). Every Ray process holds the secrets of tests/runs.py in its environment, as a cluster's nodes would hold
     credentials; this process does not."""
     import ray
 
