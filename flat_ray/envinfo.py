@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 PACKAGES = ("torch", "transformers", "datasets", "ray", "deepspeed", "mlflow", "lm_eval", "flat-ray")
 
@@ -51,3 +53,19 @@ def environment() -> dict[str, str]:
     info["cpu_count"] = str(os.cpu_count())
     info["platform"] = platform.platform()
     return info
+
+
+@contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (and so in every process started meanwhile), the old ones put back
+    after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from flat_ray.envinfo import environ
 from flat_ray.errors import FlatRayError
 
 log = logging.getLogger(__name__)
@@ -59,27 +60,12 @@ def check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://", "databricks")):
         raise FlatRayError(f"tracking.mlflow_uri {uri!r} is not supported; use sqlite:///PATH or http(s)://HOST:PORT")
     try:
-        with _probe_settings():  # one quick try here; MLflow's own retries and back-off for everything after
+        # one quick try here (no retries, a 5 s timeout); MLflow's own retries and back-off for everything after
+        with environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
             _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # MlflowException, requests' ConnectionError, ...
         raise FlatRayError(f"MLflow server {uri} is unreachable ({type(exc).__name__}); start it "
                            "(mlflow server --host 127.0.0.1) or set tracking.mlflow_uri") from None
-
-
-@contextmanager
-def _probe_settings() -> Iterator[None]:
-    """No retries and a 5 s timeout for the reachability probe only; the process's settings are put back."""
-    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    before = {k: os.environ.get(k) for k in probe}
-    os.environ.update(probe)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def git_sha() -> str | None:

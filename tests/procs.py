@@ -86,23 +86,3 @@ def start_server(cmd: list[str], url: str, what: str, timeout: float = 120) -> s
             assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
             time.sleep(0.2)
 
-
-def stop_ray(port: int) -> None:
-    """Kill the processes of the Ray whose GCS listens on ``port`` (and their children) and nothing else: `ray stop`
-    would end every Ray on the machine, the suite's own included."""
-    marks = (f":{port}\0", f"={port}\0")  # --gcs-address=IP:PORT, --gcs_server_port=PORT, ...
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    mine: list[psutil.Process] = []
-    for proc in psutil.process_iter(["cmdline"]):
-        line = "\0".join(proc.info["cmdline"] or []) + "\0"
-        if proc.pid not in me and any(mark in line for mark in marks):
-            try:  # with their children: Ray's agents retitle themselves (ray::DashboardAgent, no arguments left)
-                mine += [proc, *proc.children(recursive=True)]
-            except psutil.Error:
-                pass
-    for proc in mine:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(set(mine), timeout=30)

@@ -20,7 +20,7 @@ from typing import Any
 from flat_ray.assets import workdir
 from flat_ray.config import RunConfig
 from flat_ray.console import verbose
-from flat_ray.envinfo import forwarded_env
+from flat_ray.envinfo import environ, forwarded_env
 from flat_ray.errors import FlatRayError
 from flat_ray.placement import (
     NodeType,
@@ -159,16 +159,8 @@ def start_local_ray(num_cpus: int | None, env: dict[str, str] | None = None, **k
 
     port = free_port()
     own = {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}", "RAY_GCS_SERVER_PORT": str(port), **(env or {})}
-    before = {key: os.environ.get(key) for key in own}
-    os.environ.update(own)  # inherited by Ray's processes as they start, then gone from this one
-    try:
+    with environ(own):  # inherited by Ray's processes as they start, then gone from this one
         return ray.init(address="local", num_cpus=num_cpus, **kwargs)
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def free_port() -> int:

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import stop_ray
-
 PROBE = """
 import json, ray
 from flat_ray.launch.cluster import connect_ray
@@ -36,10 +34,15 @@ print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "seen": seen, "s
 
 
 @pytest.mark.slow
-def test_a_run_beside_another_ray_starts_its_own_whose_processes_ask_their_own_cluster():
+def test_a_run_beside_another_ray_starts_its_own_whose_processes_ask_their_own_cluster(tmp_path):
     from ray._private.utils import get_ray_address_file
 
     from flat_ray.launch.cluster import free_port
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from cluster_demo import (
+        stop_cluster,  # only that cluster's processes: `ray stop` would end the suite's Ray too
+    )
 
     record = Path(get_ray_address_file(None))  # Ray's record of the machine's newest `ray start` cluster
     saved = record.read_text() if record.exists() else None
@@ -56,7 +59,7 @@ def test_a_run_beside_another_ray_starts_its_own_whose_processes_ask_their_own_c
         assert res.returncode == 0, res.stderr[-3000:]
         found = json.loads(res.stdout.splitlines()[-1])
     finally:
-        stop_ray(port)
+        stop_cluster(f"127.0.0.1:{port}", tmp_path)
         if saved is None:
             record.unlink(missing_ok=True)
         else:
