@@ -5,6 +5,7 @@ preflight, each sweep cell, ``flat-ray eval``."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flat_ray.config import AUTO_REFERENCE, RECIPES, RunConfig
@@ -13,6 +14,22 @@ from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY
+
+# the files and folders a config names that a run's Ray processes open, as ``(section, key)``
+INPUT_PATHS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "data_dir"), ("data", "template_file"),
+               ("eval", "reference"))
+
+
+def absolute_inputs(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every input path that exists here made absolute. Ray's processes do not share the command's
+    working directory (a worker starts where its node's Ray started: a job's working directory on a cluster head is
+    not where `ray start` ran), so a relative path would name another file there, or none."""
+    for section, key in INPUT_PATHS:
+        value = getattr(getattr(cfg, section), key)
+        if value and Path(value).expanduser().exists():
+            part = dataclasses.replace(getattr(cfg, section), **{key: str(Path(value).expanduser().resolve())})
+            cfg = dataclasses.replace(cfg, **{section: part})
+    return cfg
 
 
 def check_inputs(cfg: RunConfig, reference: bool = True) -> None:

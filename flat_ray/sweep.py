@@ -619,7 +619,7 @@ def reference_source(cfg: RunConfig) -> str:
     logs = path if path.is_file() else next((path / f for f in (LOG_FILES["forget"], OPEN_UNLEARNING_EVAL)
                                              if (path / f).is_file()), path)
     kind = "open-unlearning's results" if logs.name == OPEN_UNLEARNING_EVAL else "TOFU-format eval logs"
-    return f"published logs at {ref} ({kind})"
+    return f"published logs at {path.resolve()} ({kind})"  # where this command found them, whatever its folder
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -34,7 +34,10 @@ Then it checks, and exits 1 with the list of what failed:
    (the socat forward);
 3. `ray status` against the head's GCS address (with the node's Ray auth settings) shows the head;
 4. the README's sweep line (the line after `# the sweep` in its cluster code block) succeeds as written, with
-   `--dry-run` added to its flat-ray command (the job runs on the head with the node's venv);
+   `--dry-run` added to its flat-ray command (the job runs on the head with the node's venv); where TOFU's published
+   logs are in ../shared/data, its Llama-2 retain90 logs are first put where the README's `git clone` of
+   locuslab/tofu puts them on the shared mount (this machine cannot reach GitHub), and the dry run must list that
+   cell's reference there: the job runs where the tofu space's relative references resolve;
 5. a second `ray up -y --no-restart` keeps the same MLflow server process, still answering;
 6. `ray down -y` leaves no Ray process of the node (MLflow and its forward are not Ray's: on a cloud `ray down`
    ends them with the instance; here the rehearsal stops them afterwards).
@@ -62,6 +65,9 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# TOFU's published logs of its Llama-2 retain90 model (../shared/data), and their folder in a clone of locuslab/tofu
+TOFU_LOGS = ROOT.parent / "shared" / "data" / "tofu_eval_logs" / "llama2-7b_retain90"
+TOFU_RETAIN90 = "ft_epoch5_lr1e-05_llama2-7b_retain90_wd0.01"
 RAY = ROOT / ".venv" / "bin" / "ray"
 USER = "flat-ray-rehearsal"
 APT_PACKAGES = ["openssh-server", "rsync", "socat", "nfs-common"]
@@ -300,9 +306,18 @@ PrintMotd no
             self.fail(f"`ray status --address={self.addr}:6379` does not show the head (exit {rc})")
 
     def check_job(self) -> None:
+        """The README's sweep line as a job; where TOFU's published logs are at hand (../shared/data), one of them
+        stands in for the README's clone of locuslab/tofu on the shared mount, and the job must find it there."""
+        planted = None
+        if TOFU_LOGS.is_dir():
+            planted = self.shared / "tofu" / "data" / TOFU_RETAIN90 / "eval_results" / "ds_size300"
+            shutil.copytree(TOFU_LOGS, planted)
         rc, out = self.run("job", ["bash", "-c", self.sweep], timeout=300, env=self.ray_env())
         if rc != 0 or "nothing was started" not in out:
             self.fail(f"the README's sweep line with --dry-run (exit {rc})")
+        elif planted and f"published logs at {planted} " not in out:
+            self.fail(f"the README's sweep line did not find the tofu space's reference where the README's clone "
+                      f"puts it ({planted})")
 
     def check_down(self) -> None:
         """No Ray process of the node is left; says which of its services outlived `ray down`."""
@@ -485,8 +500,8 @@ def readme_sweep_line(readme: str, site_shared: str, shared: str) -> str:
         if not line.rstrip().endswith("\\"):
             break
     text = "\n".join(command)
-    if not text.endswith("'") or "bash -lc 'flat-ray " not in text:
-        raise SystemExit(f"rehearsal: the README's sweep line is not `... bash -lc 'flat-ray ...'`:\n{text}")
+    if not text.endswith("'") or not re.search(r"bash -lc '(cd \S+ && )?flat-ray ", text):
+        raise SystemExit(f"rehearsal: the README's sweep line is not `... bash -lc '[cd DIR && ]flat-ray ...'`:\n{text}")
     return substitute(text[:-1] + " --dry-run'", site_shared, shared)
 
 

@@ -129,4 +129,5 @@ def interrupted(ray_local, zero3, tmp_path_factory, s3_bucket):
     cfg, res = zero3
     work = tmp_path_factory.mktemp("interrupted") / "work"
     work.mkdir()
-    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted", ray_local, f"{s3_bucket}/runs")
+    return run_interrupted(res.model_dir.parent / "config.yaml", work, "interrupted", ray_local, f"{s3_bucket}/runs",
+                           res.model_dir.parent / "eval_logs" / "epoch0")

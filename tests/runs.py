@@ -7,13 +7,17 @@
   after the first checkpoint (Ray Train restarts the workers from it), the driver and every process of its run are
   SIGKILLed after the second, a cut-short newer checkpoint is planted, and `flat-ray train --resume` finishes the
   run. Reliability tests compare it with ``zero3``; security tests scan
-  everything it wrote and printed for the secrets.
+  everything it wrote and printed for the secrets. Its forget-quality reference (``zero3``'s epoch-0 evaluation
+  logs) is a path relative to its own working directory, which is not the Ray processes' (as a cluster job's is
+  not), and that folder is gone while Ray Train restarts the workers after the lost one: it is read by the driver
+  only, as a file on the head's own disk would have to be.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,9 +99,11 @@ class Interrupted:
     resumed: subprocess.CompletedProcess
 
 
-def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, storage: str) -> Interrupted:
+def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, storage: str,
+                    reference: Path) -> Interrupted:
     """The ``interrupted`` run (module docstring) on the Ray at ``address``, its Ray state in cloud storage at
-    ``storage`` (``s3://…``). ``config_yaml`` is the uninterrupted run's config."""
+    ``storage`` (``s3://…``). ``config_yaml`` is the uninterrupted run's config, ``reference`` the eval logs it
+    scores forget quality against (copied beside ``work`` and named by a relative path)."""
     from pyarrow import fs
 
     from flat_ray.errors import IncompleteCheckpoint
@@ -105,8 +111,10 @@ def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, stor
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **secret_env()}
     # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
+    shutil.copytree(reference, work.parent / "retain_logs")
     args = ["--address", address, str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
-            "eval.gathered=false", "launch.checkpoint_metric=null", f"launch.storage_path={storage}"]
+            "eval.gathered=false", "launch.checkpoint_metric=null", f"launch.storage_path={storage}",
+            "eval.reference=retain_logs"]
     run_dir = Place.of(storage) / name
     log_path = work.parent / f"{name}-first.log"
     with log_path.open("w") as log:
@@ -116,11 +124,14 @@ def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, stor
         alive = lambda: first.poll() is None  # noqa: E731
         wait_for_checkpoints(run_dir, 1, alive)
         at_kill = len(registered(run_dir))
+        (work.parent / "retain_logs").rename(work.parent / "retain_logs.away")  # the restarted workers cannot read it
         victim = train_workers()[-1]
         victim.send_signal(signal.SIGKILL)
         wait_for_checkpoints(run_dir, at_kill + 1, alive)  # written by the restarted workers
     finally:
         kill_tree(first)  # nothing of the killed run registers a checkpoint after this
+    if (work.parent / "retain_logs.away").exists():  # the resumed driver reads it again
+        (work.parent / "retain_logs.away").rename(work.parent / "retain_logs")
     last = run_dir / registered(run_dir)[-1]
     last_epoch = verify_in(last)["epoch"]
     # a newer checkpoint folder whose copy was cut short by the crash: Ray Train never registered it, and

@@ -201,8 +201,8 @@ def test_the_tofu_spaces_optimise_tofu_score_against_toFUs_own_retain_logs(tmp_p
     with pytest.raises(SystemExit):
         main(["tune", "--space", "tofu_baselines", "--dry-run"])
     main_out = capsys.readouterr().out
-    assert ("cell llama2-7b-tofu_forget05-npo: published logs at tofu/data/ft_epoch5_lr1e-05_llama2-7b_retain95_wd0.01/"
-            "eval_results/ds_size300 (TOFU-format eval logs)") in main_out
+    found = (tmp_path / "tofu/data/ft_epoch5_lr1e-05_llama2-7b_retain95_wd0.01/eval_results/ds_size300").resolve()
+    assert f"cell llama2-7b-tofu_forget05-npo: published logs at {found} (TOFU-format eval logs)" in main_out
 
 
 @pytest.mark.parametrize("name", ["demo", "tofu"])

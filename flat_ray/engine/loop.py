@@ -36,7 +36,7 @@ from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval import original
 from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
-from flat_ray.eval.tofu import read_reference, read_reference_mia, summarize
+from flat_ray.eval.tofu import summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer, train_only
@@ -211,8 +211,8 @@ class _Job:
         job._build_engine()
         if cfg.eval.enabled:  # the benchmark's suite on bounded subsets of its splits
             job.eval_rows = suite_for(cfg).rows(cfg, cfg.eval.max_examples)
-            job.reference_tr = read_reference(cfg.eval.reference)[0] if cfg.eval.reference else None
-            job.reference_mia = read_reference_mia(cfg.eval.reference) if cfg.eval.reference else None
+            reference = payload.get("reference") or {}  # read by the driver (the file may be on its node only)
+            job.reference_tr, job.reference_mia = reference.get("truth_ratios"), reference.get("mia")
         return job
 
     def _build_engine(self) -> None:

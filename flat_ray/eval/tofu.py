@@ -217,6 +217,12 @@ def read_reference(ref: str | Path) -> tuple[np.ndarray, str]:
     return forget_truth_ratios(read_log(p)), f"tofu-log:{p}"
 
 
+def reference_values(ref: str | Path) -> dict[str, Any]:
+    """What a run's evaluations need of a forget-quality reference: ``truth_ratios`` (:func:`read_reference`) and
+    ``mia`` (:func:`read_reference_mia`). The driver reads them and sends them to the workers with the run."""
+    return {"truth_ratios": read_reference(ref)[0], "mia": read_reference_mia(ref)}
+
+
 def read_reference_mia(ref: str | Path) -> dict[str, Any] | None:
     """What the reference (retain) model's logs give the membership-inference metrics, from the open-unlearning file
     in or beside ``ref`` (flat-ray eval writes one with its TOFU logs): ``auc``, its Min-K% AUC (PrivLeak), and

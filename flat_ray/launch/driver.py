@@ -22,7 +22,7 @@ from flat_ray.console import RunConsole
 from flat_ray.data import load_split, make_template_source
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.run import auto_reference
-from flat_ray.eval.tofu import read_reference
+from flat_ray.eval.tofu import read_reference, reference_values
 from flat_ray.export import (
     choose,
     drop_checkpoints,
@@ -45,7 +45,7 @@ from flat_ray.metrics import METRICS
 from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
 from flat_ray.pipeline import profile_for
 from flat_ray.placement import ACCELERATOR_PREFIX, worker_bundle
-from flat_ray.preflight import check_inputs, check_model
+from flat_ray.preflight import absolute_inputs, check_inputs, check_model
 from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
@@ -227,9 +227,11 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, resume_from: str 
     # stopped trial, a worker-group start that timed out) would keep this run's workers waiting forever
     release_orphaned_placement_groups()
     model_path = resolve_model_path(cfg, finetuner(console))
-    cfg = auto_reference(cfg, finetuner(console))
+    cfg = absolute_inputs(auto_reference(cfg, finetuner(console)))  # as the workers, in their own folders, see them
     tracker, output_dir = open_run(cfg, uri, storage, name, state, model_path, tags)
     payload = {"run": cfg.to_dict(), "model_path": model_path, "output_dir": str(output_dir),
+               # the forget-quality reference's values, read here: workers on other nodes need no copy of its file
+               "reference": reference_values(cfg.eval.reference) if cfg.eval.enabled and cfg.eval.reference else None,
                "storage_dir": str(storage / name),
                "mlflow": {"uri": uri, "run_id": tracker.run_id},
                # Ray Train V2 dropped resume_from_checkpoint: a starting checkpoint travels in the config

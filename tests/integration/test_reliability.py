@@ -194,6 +194,11 @@ def test_a_lost_worker_and_a_killed_driver_end_where_the_uninterrupted_run_ends(
     for key in ("eval/forget_prob", "eval/retain_prob", "eval/forget_truth_ratio"):
         ea, eb = by_step(clean.mlflow_uri, clean.run_id, key), by_step(uri, run_id, key)
         assert sorted(ea) == sorted(eb) == [0, 2, 4] and [eb[s] for s in ea] == pytest.approx(list(ea.values()), abs=1e-4)
+    # forget quality against the uninterrupted run's epoch-0 logs, named relative to the driver's folder and read by
+    # the driver only (the restarted workers ran while that folder was away): the same model on the same questions
+    # before training gives truth ratios whose two-sample KS test has p-value 1
+    quality = by_step(uri, run_id, "eval/forget_quality")
+    assert sorted(quality) == [0, 2, 4] and quality[0] == pytest.approx(1.0) and all(0 < q <= 1 for q in quality.values())
     model_dir = Path(state["output_dir"]) / "model"
     wa, wb = load_file(clean.model_dir / "model.safetensors"), load_file(model_dir / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)

@@ -48,7 +48,8 @@ def test_the_rehearsal_config_is_cluster_yaml_on_the_local_provider(rehearsal, t
 
 def test_the_readme_sweep_line_carries_what_the_multi_node_guard_wants(rehearsal):
     line = rehearsal.readme_sweep_line((ROOT / "README.md").read_text(), "/shared", "/t")
-    assert line.startswith("ray job submit --address http://127.0.0.1:8265 -- bash -lc 'flat-ray tune ")
+    # from the shared mount, where the README's clone of locuslab/tofu holds the tofu space's relative references
+    assert line.startswith("ray job submit --address http://127.0.0.1:8265 -- bash -lc 'cd /t && flat-ray tune ")
     for part in ("--address auto", "--storage-path /t/ray", "--mlflow-uri http://$(hostname -I | cut -d\" \" -f1):5000",
                  "paths.workdir=/t/work"):
         assert part in line, part
