@@ -216,6 +216,9 @@ def _sharded_lm_eval(rank: int, world: int, model_dir: str, task_dir: str, port:
     result = _counted_lm_eval(model_dir, task_dir)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
+    # rank 0 holds the group's TCP store: tearing the group down while the other rank still uses it aborted that rank
+    # once in CI ("terminate called without an active exception", SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 
