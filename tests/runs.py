@@ -110,8 +110,8 @@ def run_interrupted(config_yaml: Path, work: Path, name: str, address: str, stor
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **secret_env()}
-    # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
     shutil.copytree(reference, work.parent / "retain_logs")
+    # evaluated from the shards (the uninterrupted run evaluates from a gathered copy): the numbers must agree
     args = ["--address", address, str(config_yaml), f"paths.workdir={work}", f"tracking.run_name={name}", "launch.max_failures=1",
             "eval.gathered=false", "launch.checkpoint_metric=null", f"launch.storage_path={storage}",
             "eval.reference=retain_logs"]
