@@ -5,6 +5,7 @@ User mistakes (:class:`flat_ray.errors.FlatRayError`) print one line on stderr a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -34,10 +35,8 @@ def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = 
     if address:
         overrides.append(f"launch.address={address}")
     cfg = load_config(path, overrides, presets=(["demo"] if path is None else []) + list(presets))
-    from_env = ray_address(None)
-    if cfg.launch.address is None and from_env:  # RAY_ADDRESS, below a config file's launch.address
-        cfg = load_config(path, [*overrides, f"launch.address={from_env}"],
-                          presets=(["demo"] if path is None else []) + list(presets))
+    if cfg.launch.address is None and ray_address(None):  # RAY_ADDRESS, below a config file's launch.address
+        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, address=ray_address(None)))
     check_inputs(cfg)
     check_model(cfg)
     return cfg

@@ -20,15 +20,23 @@ INPUT_PATHS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "data
                ("eval", "reference"))
 
 
-def absolute_inputs(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every input path that exists here made absolute. Ray's processes do not share the command's
-    working directory (a worker starts where its node's Ray started: a job's working directory on a cluster head is
-    not where `ray start` ran), so a relative path would name another file there, or none."""
+def absolute_paths(cfg: RunConfig) -> dict[str, str]:
+    """``section.key -> absolute path`` for every input path of ``cfg`` that exists here. Ray's processes do not share
+    the command's working directory (a worker starts where its node's Ray started: a job's working directory on a
+    cluster head is not where `ray start` ran), so a relative path would name another file there, or none."""
+    out = {}
     for section, key in INPUT_PATHS:
         value = getattr(getattr(cfg, section), key)
         if value and Path(value).expanduser().exists():
-            part = dataclasses.replace(getattr(cfg, section), **{key: str(Path(value).expanduser().resolve())})
-            cfg = dataclasses.replace(cfg, **{section: part})
+            out[f"{section}.{key}"] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def absolute_inputs(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with :func:`absolute_paths` in place of the paths it names."""
+    for dotted, path in absolute_paths(cfg).items():
+        section, key = dotted.split(".")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: path})})
     return cfg
 
 

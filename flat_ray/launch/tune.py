@@ -51,7 +51,7 @@ from flat_ray.launch.search import SCHEDULER_BUILDERS, SEARCH_BUILDERS, param_sp
 from flat_ray.launch.trial import trial_fn
 from flat_ray.metrics import rank_value
 from flat_ray.models import DEMO_ORIGINAL, fetch_weights
-from flat_ray.preflight import INPUT_PATHS, absolute_inputs
+from flat_ray.preflight import absolute_paths
 from flat_ray.report import collect
 from flat_ray.storage import Place
 from flat_ray.sweep import (
@@ -130,11 +130,7 @@ def _absolute(cell: Cell, base: dict[str, Any], uri: str, storage: Place) -> Cel
     """Trials run in Ray's processes with their own working directory: make every path absolute."""
     cfg = cell.config
     extra: dict[str, Any] = {"paths.workdir": str(workdir(cfg)), "tracking.mlflow_uri": uri,
-                             "launch.storage_path": str(storage / "train")}
-    made = absolute_inputs(cfg)
-    for section, key in INPUT_PATHS:
-        if getattr(getattr(made, section), key) != getattr(getattr(cfg, section), key):
-            extra[f"{section}.{key}"] = getattr(getattr(made, section), key)
+                             "launch.storage_path": str(storage / "train"), **absolute_paths(cfg)}
     return with_constants(cell, extra, base)
 
 
