@@ -23,6 +23,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def filesystem(path: str | Path) -> int:
+    """The filesystem (device id) ``path`` is on, or would be created on: that of its nearest existing folder."""
+    path = Path(path).expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.stat().st_dev
+
+
 def check_writable(path: str | Path, what: str) -> None:
     """Fail with one line if ``path`` (a folder that may not exist yet) cannot be created or written.
 

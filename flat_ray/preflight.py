@@ -12,6 +12,7 @@ from flat_ray.config import AUTO_REFERENCE, RECIPES, RunConfig
 from flat_ray.data import BENCHMARKS
 from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
+from flat_ray.fileio import filesystem
 from flat_ray.losses import METHODS
 from flat_ray.models import DEMO_ORIGINAL, TINY
 
@@ -30,6 +31,13 @@ def absolute_paths(cfg: RunConfig) -> dict[str, str]:
         if value and Path(value).expanduser().exists():
             out[f"{section}.{key}"] = str(Path(value).expanduser().resolve())
     return out
+
+
+def node_local_inputs(cfg: RunConfig, shared: Path) -> dict[str, str]:
+    """The input paths of ``cfg`` that a run's workers open themselves (all but ``eval.reference``, which the driver
+    reads and sends) and that are not on the filesystem of ``shared``, the storage every node mounts."""
+    return {key: path for key, path in absolute_paths(cfg).items()
+            if key != "eval.reference" and filesystem(path) != filesystem(shared)}
 
 
 def absolute_inputs(cfg: RunConfig) -> RunConfig:

@@ -3,9 +3,11 @@ report's pure parts."""
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -351,12 +353,12 @@ def test_text_benchmark_spaces_follow_their_recipes():
 
 
 def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, caplog):
     """Joined to a cluster whose GPU nodes scale from zero (this local Ray has no GPU; its node types are
     cluster.yaml's, read as from the head's ~/ray_bootstrap_config.yaml), a sweep does not run one trial at a time:
     as many as fit the cluster at its largest may be pending, so the autoscaler sees their whole demand. Those
     trials run on nodes yet to come, so shared storage, a server MLflow and the work folder on the storage's
-    filesystem are required up front."""
+    filesystem are required up front, and a local input off that filesystem is named."""
     from flat_ray.launch.cluster import check_sweep
     from flat_ray.storage import Place
 
@@ -378,6 +380,26 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
                                                rf"outputs, exports\) is not on the filesystem of --storage-path "
                                                rf"{elsewhere}.*set paths.workdir on the shared mount"):
             check_sweep(space, "auto", elsewhere, "http://head:5000")
+        # a template file on this machine's own disk (here: another filesystem than the shared one) is named, once,
+        # as an input the trials' nodes must hold at that path; a missing one (the dry run's case) is not listed
+        template = Path(tempfile.mkstemp(suffix=".jsonl", dir="/dev/shm")[1])
+        try:
+            template.write_text('{"text": "I cannot say."}\n')
+            local = load_space("tofu", [f"data.template_file={template}"], check_files=False)
+            with caplog.at_level(logging.WARNING, logger="flat_ray"):
+                assert check_sweep(local, "auto", shared, "http://head:5000") == want
+        finally:
+            template.unlink()
+        assert [r.getMessage() for r in caplog.records if "data.template_file" in r.getMessage()] == [
+            f"data.template_file {template} is not on the filesystem of --storage-path {shared}: trials on other "
+            "nodes read it there at the same path (baked into their image) or fail; put it on the shared mount"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flat_ray"):  # the same space, the file now on the shared mount
+            (tmp_path / "shared").mkdir(exist_ok=True)
+            (tmp_path / "shared" / "t.jsonl").write_text('{"text": "I cannot say."}\n')
+            check_sweep(load_space("tofu", [f"data.template_file={tmp_path / 'shared' / 't.jsonl'}"],
+                                   check_files=False), "auto", shared, "http://head:5000")
+        assert not [r for r in caplog.records if "filesystem of --storage-path" in r.getMessage()]
     monkeypatch.delenv("FLAT_RAY_CLUSTER_CONFIG")  # this Ray alone: one node, 2 CPUs, no GPU, never grows
     with pytest.raises(FlatRayError, match=r"cell llama2-7b-tofu_forget01-flat: one trial asks for 2 workers x "
                                            r"\(CPU 8, GPU 1, memory 78.3 GiB\) on one node \(STRICT_PACK\) but no "

@@ -22,6 +22,7 @@ from flat_ray.config import RunConfig
 from flat_ray.console import verbose
 from flat_ray.envinfo import environ, forwarded_env
 from flat_ray.errors import FlatRayError
+from flat_ray.fileio import filesystem
 from flat_ray.placement import (
     NodeType,
     check_holdable,
@@ -30,6 +31,7 @@ from flat_ray.placement import (
     max_trials,
     node_types_from_yaml,
 )
+from flat_ray.preflight import node_local_inputs
 from flat_ray.storage import Place
 from flat_ray.sweep import Space
 
@@ -288,13 +290,6 @@ def connect_for_sweep(address: str | None) -> None:
     connect_ray(address)
 
 
-def _device(path: Path) -> int:
-    """The filesystem ``path`` is (or would be created) on."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path.stat().st_dev
-
-
 def check_sweep(space: Space, address: str | None, storage: Place | None, uri: str) -> dict[str, int]:
     """Concurrency per cell, and shared storage plus a server MLflow wherever trials run on other nodes.
 
@@ -324,8 +319,20 @@ def check_sweep(space: Space, address: str | None, storage: Place | None, uri: s
         raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
                            "(the server cluster.yaml starts)")
     work = workdir(space.cells[0].config)
-    if where and storage.local and _device(work) != _device(storage.local):
+    if where and storage.local and filesystem(work) != filesystem(storage.local):
         raise FlatRayError(f"{where}: the work folder {work} (sweep state, trial outputs, exports) is not on the "
                            f"filesystem of --storage-path {storage}, so the head would not see what the trials "
                            f"write; set paths.workdir on the shared mount (e.g. paths.workdir={storage / 'work'})")
+    if where and storage.local:
+        _warn_node_local(space, storage)
     return out
+
+
+def _warn_node_local(space: Space, storage: Place) -> None:
+    """One line per local model, tokenizer, data or template path that trials' workers open and that is not on the
+    storage path's filesystem: a node the autoscaler adds has it only where its image does (a model baked into
+    the image at that path works; a folder on the head's own disk does not, and the trial fails on its node)."""
+    found = {item for cell in space.cells for item in node_local_inputs(cell.config, storage.local).items()}
+    for key, path in sorted(found):
+        log.warning("%s %s is not on the filesystem of --storage-path %s: trials on other nodes read it there at "
+                    "the same path (baked into their image) or fail; put it on the shared mount", key, path, storage)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -45,12 +47,30 @@ def use_reserved_cpus(cpus_per_worker: float) -> int:
     return threads
 
 
+def check_node_inputs(payload: Mapping[str, Any], node: str) -> None:
+    """Fail with one line where this worker's node lacks a local file or folder the run opens here (the model, its
+    tokenizer, the data, the template file). The driver found each of them and sent its absolute path, so a
+    missing one is on the driver's machine only: on a multi-node cluster, a folder on the head's own disk."""
+    run = payload["run"]
+    paths = {"model.name_or_path": payload["model_path"], "model.tokenizer": run["model"].get("tokenizer"),
+             "data.data_dir": run["data"].get("data_dir"), "data.template_file": run["data"].get("template_file")}
+    lacking = [f"{key} {path}" for key, path in paths.items()
+               if path and Path(path).is_absolute() and not Path(path).exists()]
+    if lacking:
+        from flat_ray.errors import FlatRayError
+
+        raise FlatRayError(f"node {node} has no {', '.join(lacking)}, which the run's driver found on its own "
+                           "machine: on a multi-node cluster keep local models, data and templates on the shared "
+                           "mount (the filesystem of --storage-path), or at the same path in every node's image")
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     from flat_ray.engine.loop import WorkerContext, train_worker
     from flat_ray.launch.relay import emitter
 
     quiet_worker_logs()
     use_reserved_cpus(config["run"]["launch"]["cpus_per_worker"])
+    check_node_inputs(config, ray.util.get_node_ip_address())
     ctx = ray.train.get_context()
     wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
                          node=ray.get_runtime_context().get_node_id())

@@ -101,3 +101,28 @@ def test_placement_groups_that_dead_actors_left_are_released_and_no_others(ray_l
         for group in made:
             if state(group) != "REMOVED":
                 remove_placement_group(group)
+
+
+def test_a_worker_on_a_node_without_the_drivers_local_inputs_fails_in_one_line(tmp_path, tiny_model_dir):
+    """The payload a worker receives names the local model, tokenizer, data and template by the absolute paths the
+    driver found them at; a node without one of them (a folder on the head's own disk, on a multi-node cluster)
+    fails the worker with one line naming the node and each missing path, before anything is loaded. Hub ids and
+    unset inputs are not paths to check."""
+    from flat_ray.config import load_config
+    from flat_ray.errors import FlatRayError
+    from flat_ray.launch.worker import check_node_inputs
+
+    template = tmp_path / "template.jsonl"
+    template.write_text('{"text": "I cannot say."}\n')
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.template_file={template}"])
+    payload = {"run": cfg.to_dict(), "model_path": str(tiny_model_dir)}
+    check_node_inputs(payload, "10.0.1.5")  # this node has them
+    check_node_inputs({**payload, "model_path": "meta-llama/Llama-2-7b-hf"}, "10.0.1.5")  # a hub id: the HF cache's
+    template.unlink()  # as a node without the head's disk sees it
+    gone = tmp_path / "models" / "original"
+    with pytest.raises(FlatRayError) as refused:
+        check_node_inputs({**payload, "model_path": str(gone)}, "10.0.1.5")
+    assert str(refused.value) == (
+        f"node 10.0.1.5 has no model.name_or_path {gone}, data.template_file {template}, which the run's driver "
+        "found on its own machine: on a multi-node cluster keep local models, data and templates on the shared "
+        "mount (the filesystem of --storage-path), or at the same path in every node's image")
