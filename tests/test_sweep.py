@@ -391,7 +391,7 @@ def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard
         finally:
             template.unlink()
         assert [r.getMessage() for r in caplog.records if "data.template_file" in r.getMessage()] == [
-            f"data.template_file {template} is not on the filesystem of --storage-path {shared}: trials on other "
+            f"data.template_file {template} is not on the filesystem of --storage-path {shared}: workers on other "
             "nodes read it there at the same path (baked into their image) or fail; put it on the shared mount"]
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="flat_ray"):  # the same space, the file now on the shared mount

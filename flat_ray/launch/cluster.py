@@ -15,8 +15,9 @@ import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from flat_ray import tracking
 from flat_ray.assets import workdir
 from flat_ray.config import RunConfig
 from flat_ray.console import verbose
@@ -108,12 +109,21 @@ def _holdable(cfg: RunConfig, what: str, model_path: str | None = None) -> tuple
 
 
 def check_run(cfg: RunConfig, name: str, model_path: str | None = None) -> None:
-    """Refuse a run that no node type can hold; say so when it will wait for room (a node the autoscaler adds,
-    another run's workers to finish)."""
+    """Refuse a run that no node type can hold, or whose workers may run on other nodes without shared storage and
+    an MLflow server (as a sweep's trials); say so when it will wait for room (a node the autoscaler adds, another
+    run's workers to finish)."""
     types, autoscaling = _holdable(cfg, f"run {name}", model_path)
-    if room_now(cfg, model_path):
+    fits = room_now(cfg, model_path)
+    node = None if fits else landing(cfg, types, model_path)
+    nodes = len(_alive_nodes())
+    where = (f"run {name}: the Ray cluster has {nodes} nodes" if nodes > 1 else
+             f"run {name} waits for a {node.name} node the autoscaler adds" if autoscaling and node else None)
+    if where:
+        storage = Place.of(cfg.launch.storage_path) if cfg.launch.storage_path else None
+        require_shared(where, storage, cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg)), workdir(cfg),
+                       "run outputs, evaluation logs, exports", [cfg], RUN_KNOBS)
+    if fits:
         return
-    node = landing(cfg, types, model_path)
     why = (f"waiting for the autoscaler to add a {node.name} node" if autoscaling and node is not None
            else "waiting for running work to free it")
     log.info("run %s asks Ray for %s; no node has room for it now: %s", name, describe_request(cfg, model_path), why)
@@ -312,27 +322,49 @@ def check_sweep(space: Space, address: str | None, storage: Place | None, uri: s
         out[cell.name] = most
     where = (f"the Ray cluster has {len(nodes)} nodes" if len(nodes) > 1 else
              f"cell {waiting[0]} waits for nodes the autoscaler adds" if waiting else None)
-    if where and storage is None:
-        raise FlatRayError(f"{where}: pass --storage-path on shared storage (an NFS mount) so every node sees the "
-                           "checkpoints")
-    if where and uri.startswith("sqlite:"):
-        raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass --mlflow-uri http://HEAD:5000 "
-                           "(the server cluster.yaml starts)")
-    work = workdir(space.cells[0].config)
-    if where and storage.local and filesystem(work) != filesystem(storage.local):
-        raise FlatRayError(f"{where}: the work folder {work} (sweep state, trial outputs, exports) is not on the "
-                           f"filesystem of --storage-path {storage}, so the head would not see what the trials "
-                           f"write; set paths.workdir on the shared mount (e.g. paths.workdir={storage / 'work'})")
-    if where and storage.local:
-        _warn_node_local(space, storage)
+    if where:
+        require_shared(where, storage, uri, workdir(space.cells[0].config), "sweep state, trial outputs, exports",
+                       [cell.config for cell in space.cells])
     return out
 
 
-def _warn_node_local(space: Space, storage: Place) -> None:
-    """One line per local model, tokenizer, data or template path that trials' workers open and that is not on the
-    storage path's filesystem: a node the autoscaler adds has it only where its image does (a model baked into
-    the image at that path works; a folder on the head's own disk does not, and the trial fails on its node)."""
-    found = {item for cell in space.cells for item in node_local_inputs(cell.config, storage.local).items()}
+class Knobs(NamedTuple):
+    """How a command's user names the storage path and sets it and the MLflow URI, for its error lines."""
+    storage: str
+    set_storage: str
+    set_mlflow: str
+
+
+SWEEP_KNOBS = Knobs("--storage-path", "--storage-path", "--mlflow-uri ")
+RUN_KNOBS = Knobs("launch.storage_path", "launch.storage_path=DIR", "tracking.mlflow_uri=")
+
+
+def require_shared(where: str, storage: Place | None, uri: str, work: Path, holds: str, cfgs: list[RunConfig],
+                   knobs: Knobs = SWEEP_KNOBS) -> None:
+    """What runs on other nodes needs (``where`` says why they will): the Ray storage on shared storage, an MLflow
+    server (a SQLite file is one node's), and the work folder, which ``holds`` what the head reads back, on the
+    storage path's filesystem (with cloud storage that cannot be checked: the work folder must be a shared mount).
+    A local input of ``cfgs`` off that filesystem is named, not refused (a node image may hold it)."""
+    if storage is None:
+        raise FlatRayError(f"{where}: pass {knobs.set_storage} on shared storage (an NFS mount) so every node sees "
+                           "the checkpoints")
+    if uri.startswith("sqlite:"):
+        raise FlatRayError(f"{where} but MLflow is a local SQLite file ({uri}); pass {knobs.set_mlflow}"
+                           "http://HEAD:5000 (the server cluster.yaml starts)")
+    if storage.local and filesystem(work) != filesystem(storage.local):
+        raise FlatRayError(f"{where}: the work folder {work} ({holds}) is not on the filesystem of {knobs.storage} "
+                           f"{storage}, so the head would not see what the workers write; set paths.workdir on the "
+                           f"shared mount (e.g. paths.workdir={storage / 'work'})")
+    if storage.local:
+        _warn_node_local(cfgs, storage, knobs.storage)
+
+
+def _warn_node_local(cfgs: list[RunConfig], storage: Place, storage_flag: str) -> None:
+    """One line per local model, tokenizer, data or template path that the workers open and that is not on the
+    storage path's filesystem: another node has it only where its image does (a model baked into the image at
+    that path works; a folder on the head's own disk does not, and the workers fail on their node)."""
+    found = {item for cfg in cfgs for item in node_local_inputs(cfg, storage.local).items()}
     for key, path in sorted(found):
-        log.warning("%s %s is not on the filesystem of --storage-path %s: trials on other nodes read it there at "
-                    "the same path (baked into their image) or fail; put it on the shared mount", key, path, storage)
+        log.warning("%s %s is not on the filesystem of %s %s: workers on other nodes read it there at the same "
+                    "path (baked into their image) or fail; put it on the shared mount", key, path, storage_flag,
+                    storage)

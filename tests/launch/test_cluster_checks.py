@@ -8,11 +8,12 @@ import time
 import pytest
 
 
-def test_a_run_waits_for_the_autoscaler_and_one_no_node_type_holds_is_refused(ray_local, tmp_path, caplog):
+def test_a_run_waits_for_the_autoscaler_and_one_no_node_type_holds_is_refused(ray_local, tmp_path, caplog, capsys):
     """A run never compares what it wants with what the cluster has now: one whose workers need an A10G this Ray
     lacks, on a cluster whose autoscaler offers an A10G node type (written to this Ray's GCS as an autoscaler
-    would), says it waits for that node type; one that asks for an accelerator no node type offers is refused in
-    one line before anything is written."""
+    would), says it waits for that node type, once its storage, MLflow and work folder are ones that node shares
+    (each missing one is refused in one line, as for a sweep); one that asks for an accelerator no node type
+    offers is refused in one line before anything is written."""
     import logging
 
     import ray
@@ -24,25 +25,48 @@ def test_a_run_waits_for_the_autoscaler_and_one_no_node_type_holds_is_refused(ra
     from flat_ray.errors import FlatRayError
     from flat_ray.launch.cluster import check_run
 
+    with caplog.at_level(logging.INFO, logger="flat_ray"):
+        check_run(load_config(None, []), "r3")  # the demo's 2 x 0.99 CPU: room on this Ray now, no waiting line
+    assert "r3" not in caplog.text
     config = autoscaler_pb2.ClusterConfig()
     gpu = config.node_group_configs.add(name="fake_a10g", max_count=2)
     gpu.resources["CPU"], gpu.resources["memory"], gpu.resources["accelerator_type:A10G"] = 4, 8 * 2**30, 1
     key = (ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(), ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode())
     internal_kv._internal_kv_put(key[1], config.SerializeToString(), namespace=key[0])
     try:
-        cfg = load_config(None, ["launch.accelerator_type=A10G", "launch.cpus_per_worker=2"])
+        # its workers will run on a node the autoscaler adds: that node needs the checkpoints, MLflow and the run's
+        # outputs on shared storage, as a sweep's trials do
+        a10g = ["launch.accelerator_type=A10G", "launch.cpus_per_worker=2"]
+        with pytest.raises(FlatRayError, match="^run r1 waits for a fake_a10g node the autoscaler adds: pass "
+                                               r"launch.storage_path=DIR on shared storage \(an NFS mount\)"):
+            check_run(load_config(None, a10g), "r1")
+        shared = [f"launch.storage_path={tmp_path / 'shared'}", f"paths.workdir={tmp_path / 'shared' / 'work'}"]
+        with pytest.raises(FlatRayError, match=r"^run r1 waits for a fake_a10g node the autoscaler adds but MLflow is "
+                                               r"a local SQLite file \(sqlite:///.*\); pass "
+                                               r"tracking.mlflow_uri=http://HEAD:5000 \(the server cluster.yaml"):
+            check_run(load_config(None, [*a10g, *shared]), "r1")
+        with pytest.raises(FlatRayError, match=r"the work folder .*/wd \(run outputs, evaluation logs, exports\) is "
+                                               r"not on the filesystem of launch.storage_path /dev/shm/"):
+            check_run(load_config(None, [*a10g, "launch.storage_path=/dev/shm/flat-ray-shared",
+                                         "tracking.mlflow_uri=http://head:5000", f"paths.workdir={tmp_path / 'wd'}"]),
+                      "r1")
+        cfg = load_config(None, [*a10g, *shared, "tracking.mlflow_uri=http://head:5000"])
         with caplog.at_level(logging.INFO, logger="flat_ray"):
             check_run(cfg, "r1")
         assert "run r1 asks Ray for 2 workers x (CPU 2, memory 2.0 GiB, A10G) (PACK); no node has room for it " \
                "now: waiting for the autoscaler to add a fake_a10g node" in caplog.text
         with pytest.raises(FlatRayError, match=r"launch.accelerator_type=H100 is on no node type \(they offer: A10G\)"):
             check_run(load_config(None, ["launch.accelerator_type=H100"]), "r2")
+        before = sorted(tmp_path.rglob("*"))
+        with pytest.raises(SystemExit) as exc:  # through the CLI: one line, exit 2, nothing written
+            main(["train", "--address", ray_local, *a10g, "model.name_or_path=tiny", "tracking.run_name=r4",
+                  f"paths.workdir={tmp_path}/wd"])
+        assert exc.value.code == 2 and sorted(tmp_path.rglob("*")) == before
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "flat-ray: error: run r4 waits for a fake_a10g node the autoscaler adds: pass "
+            "launch.storage_path=DIR on shared storage (an NFS mount) so every node sees the checkpoints"]
     finally:
         internal_kv._internal_kv_del(key[1], namespace=key[0])
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="flat_ray"):
-        check_run(load_config(None, []), "r3")  # the demo's 2 x 0.99 CPU: room on this Ray now, no waiting line
-    assert "r3" not in caplog.text
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exc:
         main(["train", "launch.accelerator_type=H100", "model.name_or_path=tiny", f"paths.workdir={tmp_path}/wd"])
