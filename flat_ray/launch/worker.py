@@ -61,7 +61,7 @@ def check_node_inputs(payload: Mapping[str, Any], node: str) -> None:
 
         raise FlatRayError(f"node {node} has no {', '.join(lacking)}, which the run's driver found on its own "
                            "machine: on a multi-node cluster keep local models, data and templates on the shared "
-                           "mount (the filesystem of --storage-path), or at the same path in every node's image")
+                           "mount (the storage path's filesystem), or at the same path in every node's image")
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

@@ -149,4 +149,4 @@ def test_a_worker_on_a_node_without_the_drivers_local_inputs_fails_in_one_line(t
     assert str(refused.value) == (
         f"node 10.0.1.5 has no model.name_or_path {gone}, data.template_file {template}, which the run's driver "
         "found on its own machine: on a multi-node cluster keep local models, data and templates on the shared "
-        "mount (the filesystem of --storage-path), or at the same path in every node's image")
+        "mount (the storage path's filesystem), or at the same path in every node's image")
