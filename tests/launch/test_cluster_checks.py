@@ -58,6 +58,7 @@ def test_a_run_waits_for_the_autoscaler_and_one_no_node_type_holds_is_refused(ra
         with pytest.raises(FlatRayError, match=r"launch.accelerator_type=H100 is on no node type \(they offer: A10G\)"):
             check_run(load_config(None, ["launch.accelerator_type=H100"]), "r2")
         before = sorted(tmp_path.rglob("*"))
+        capsys.readouterr()  # what logging printed so far (in the suite, through handlers of earlier CLI tests)
         with pytest.raises(SystemExit) as exc:  # through the CLI: one line, exit 2, nothing written
             main(["train", "--address", ray_local, *a10g, "model.name_or_path=tiny", "tracking.run_name=r4",
                   f"paths.workdir={tmp_path}/wd"])
