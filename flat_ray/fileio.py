@@ -23,12 +23,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def filesystem(path: str | Path) -> int:
-    """The filesystem (device id) ``path`` is on, or would be created on: that of its nearest existing folder."""
-    path = Path(path).expanduser()
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself where it exists, else the closest folder above it that does."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    return path.stat().st_dev
+    return path
+
+
+def filesystem(path: str | Path) -> int:
+    """The filesystem (device id) ``path`` is on, or would be created on: that of its nearest existing folder."""
+    return nearest_existing(Path(path).expanduser()).stat().st_dev
 
 
 def check_writable(path: str | Path, what: str) -> None:
@@ -37,9 +41,7 @@ def check_writable(path: str | Path, what: str) -> None:
     Nothing is left behind: the check looks at the nearest existing folder and creates and removes one
     temporary file there."""
     p = Path(path).expanduser()
-    existing = p
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(p)
     if not existing.is_dir():
         raise FlatRayError(f"{what} {str(p)!r} is not usable: {str(existing)!r} is a file, not a folder")
     try:

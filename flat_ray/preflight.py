@@ -19,6 +19,8 @@ from flat_ray.models import DEMO_ORIGINAL, TINY
 # the files and folders a config names that a run's Ray processes open, as ``(section, key)``
 INPUT_PATHS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "data_dir"), ("data", "template_file"),
                ("eval", "reference"))
+# those each worker opens itself (the driver reads ``eval.reference`` and sends its values with the run)
+WORKER_INPUTS = tuple((section, key) for section, key in INPUT_PATHS if (section, key) != ("eval", "reference"))
 
 
 def absolute_paths(cfg: RunConfig) -> dict[str, str]:
@@ -36,8 +38,9 @@ def absolute_paths(cfg: RunConfig) -> dict[str, str]:
 def node_local_inputs(cfg: RunConfig, shared: Path) -> dict[str, str]:
     """The input paths of ``cfg`` that a run's workers open themselves (all but ``eval.reference``, which the driver
     reads and sends) and that are not on the filesystem of ``shared``, the storage every node mounts."""
+    opened = {f"{section}.{key}" for section, key in WORKER_INPUTS}
     return {key: path for key, path in absolute_paths(cfg).items()
-            if key != "eval.reference" and filesystem(path) != filesystem(shared)}
+            if key in opened and filesystem(path) != filesystem(shared)}
 
 
 def absolute_inputs(cfg: RunConfig) -> RunConfig:

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from flat_ray import tracking
 from flat_ray.assets import workdir
 from flat_ray.config import RunConfig
 from flat_ray.console import verbose
 from flat_ray.envinfo import environ, forwarded_env
 from flat_ray.errors import FlatRayError
 from flat_ray.fileio import filesystem
+from flat_ray.launch.records import run_uri
 from flat_ray.placement import (
     NodeType,
     check_holdable,
@@ -120,8 +120,8 @@ def check_run(cfg: RunConfig, name: str, model_path: str | None = None) -> None:
              f"run {name} waits for a {node.name} node the autoscaler adds" if autoscaling and node else None)
     if where:
         storage = Place.of(cfg.launch.storage_path) if cfg.launch.storage_path else None
-        require_shared(where, storage, cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg)), workdir(cfg),
-                       "run outputs, evaluation logs, exports", [cfg], RUN_KNOBS)
+        require_shared(where, storage, run_uri(cfg), workdir(cfg), "run outputs, evaluation logs, exports", [cfg],
+                       RUN_KNOBS)
     if fits:
         return
     why = (f"waiting for the autoscaler to add a {node.name} node" if autoscaling and node is not None

@@ -96,9 +96,14 @@ def result_sentence(before: dict[str, float], after: dict[str, float]) -> str:
                      else f"{k} {after[f'eval/{k}']:.4g}" for k in keys)
 
 
+def run_uri(cfg: RunConfig) -> str:
+    """The MLflow tracking URI a run records to: ``tracking.mlflow_uri``, else the work folder's SQLite file."""
+    return cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
+
+
 def prepare_run(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, str, Place, str, dict[str, str]]:
     """The config to run (a resumed run's own), its MLflow URI, storage, name and saved state."""
-    uri = cfg.tracking.mlflow_uri or tracking.default_uri(workdir(cfg))
+    uri = run_uri(cfg)
     storage = storage_root(cfg)
     name = resume or run_name(cfg)
     state_path = storage / name / STATE_FILE

@@ -51,9 +51,10 @@ def check_node_inputs(payload: Mapping[str, Any], node: str) -> None:
     """Fail with one line where this worker's node lacks a local file or folder the run opens here (the model, its
     tokenizer, the data, the template file). The driver found each of them and sent its absolute path, so a
     missing one is on the driver's machine only: on a multi-node cluster, a folder on the head's own disk."""
-    run = payload["run"]
-    paths = {"model.name_or_path": payload["model_path"], "model.tokenizer": run["model"].get("tokenizer"),
-             "data.data_dir": run["data"].get("data_dir"), "data.template_file": run["data"].get("template_file")}
+    from flat_ray.preflight import WORKER_INPUTS
+
+    paths = {f"{section}.{key}": payload["run"][section].get(key) for section, key in WORKER_INPUTS}
+    paths["model.name_or_path"] = payload["model_path"]  # the folder the driver resolved (the demo's built model)
     lacking = [f"{key} {path}" for key, path in paths.items()
                if path and Path(path).is_absolute() and not Path(path).exists()]
     if lacking:
