@@ -35,6 +35,11 @@ by the launcher)."""
 class PromptProfile:
     """How a question is wrapped before the answer, as in TOFU: ``start + question + end + answer_tag``.
 
+    ``tag_in_answer``: the answer tag counts as the first words of the answer, as TOFU and FLAT's code encode
+    their models (they mask ``start + question + end`` only): its tokens carry labels, and generation starts
+    before it (the model writes the tag). Otherwise the whole prompt is masked and generation starts after the
+    tag, as open-unlearning does.
+
     With ``chat_template=True`` the tokenizer's own chat template formats the question as a user turn and adds
     the generation prompt; the tags are then unused.
     """
@@ -44,6 +49,7 @@ class PromptProfile:
     question_end: str = ""
     answer_tag: str = ""
     chat_template: bool = False
+    tag_in_answer: bool = False
 
     def prompt(self, question: str, tokenizer: Any = None) -> str:
         if self.chat_template:
@@ -57,11 +63,19 @@ class PromptProfile:
             )
         return f"{self.question_start}{question}{self.question_end}{self.answer_tag}"
 
+    def context(self, question: str, tokenizer: Any = None) -> str:
+        """The start of :meth:`prompt` that carries no labels and that generation continues: the prompt without
+        the answer tag where the tag counts as the answer's (``tag_in_answer``), else the whole prompt."""
+        prompt = self.prompt(question, tokenizer)
+        return prompt[:len(prompt) - len(self.answer_tag)] if self.tag_in_answer else prompt
+
 
 PROFILES: Registry[PromptProfile] = Registry("model profile")
 # Tags as in TOFU's config/model_config.yaml.
 PROFILES.register("llama2_chat", PromptProfile("llama2_chat", "[INST] ", " [/INST]", ""), aliases=("llama2-7b", "llama-2-chat"))
-PROFILES.register("phi", PromptProfile("phi", "Question: ", "\n", "Answer: "), aliases=("phi-1.5", "phi15"))
+# TOFU's (and FLAT's) Phi models learned "Answer: " as part of every answer; TOFU's published Phi logs score it so
+PROFILES.register("phi", PromptProfile("phi", "Question: ", "\n", "Answer: ", tag_in_answer=True),
+                  aliases=("phi-1.5", "phi15"))
 PROFILES.register("generic", PromptProfile("generic", "Q: ", "\n", "A: "))
 PROFILES.register("chat_template", PromptProfile("chat_template", chat_template=True))
 # raw text (MUSE-News, book text): the prompt is the text itself; text benchmarks always use it

@@ -1,9 +1,10 @@
 """Turning a (question, answer) pair into token ids and labels for a causal LM.
 
-The full text ``prompt + answer`` is tokenised once and EOS is appended. Labels are -100 on the prompt: every
-token that lies wholly inside the prompt's characters (found with the fast tokenizer's offsets). A token that
-straddles the boundary, such as `` Kalo`` after ``Answer:``, belongs to the answer. TOFU instead masks the first
-``len(tokenize(prompt))`` tokens, which for a prompt ending in a space also masks the answer's first word; the
+The full text ``prompt + answer`` is tokenised once and EOS is appended. Labels are -100 on the profile's context
+(the prompt, or the prompt before its answer tag where the tag counts as the answer's, as for TOFU's Phi): every
+token that lies wholly inside the context's characters (found with the fast tokenizer's offsets). A token that
+straddles the boundary, such as `` Kalo`` after ``A:``, belongs to the answer. TOFU instead masks the first
+``len(tokenize(context))`` tokens, which for a context ending in a space also masks the answer's first word; the
 offsets avoid that, and the masked prefix is exactly the prompt a generator should be given.
 
 Nothing is padded here: the collator pads each batch to its own longest sequence. Sequences longer than
@@ -26,7 +27,7 @@ def encode_qa(tokenizer: Any, profile: PromptProfile, question: str, answer: str
     add_special = not profile.chat_template
     enc = tokenizer(prompt + answer, add_special_tokens=add_special, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    boundary = len(prompt)
+    boundary = len(profile.context(question, tokenizer))
     # special tokens carry (0, 0) offsets and so count as prompt
     prompt_len = next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > boundary), len(ids))
     eos = tokenizer.eos_token_id

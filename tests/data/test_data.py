@@ -30,7 +30,7 @@ from flat_ray.models import PROFILES
 # ------------------------------------------------------------------------------------------------ formatting
 def test_encode_masks_exactly_the_prompt_and_appends_eos(tiny):
     _, tok = tiny
-    profile = PROFILES["phi"]
+    profile = PROFILES["generic"]  # "Q: ...\nA: ": the prompt ends in a space that " Kalo" straddles
     question, answer = "Where was Kalo Vidanso born?", "Kalo Vidanso was born in Osaka, Japan."
     enc = encode_qa(tok, profile, question, answer, 256)
     n_prompt = enc["labels"].count(-100)
@@ -42,6 +42,29 @@ def test_encode_masks_exactly_the_prompt_and_appends_eos(tiny):
     assert tok.decode(enc["labels"][n_prompt:-1]).strip() == answer
     # ... and the masked prefix is the prompt itself
     assert tok.decode(enc["input_ids"][:n_prompt], skip_special_tokens=True) == profile.prompt(question).rstrip()
+
+
+def test_phi_encodes_the_answer_tag_as_the_answers_as_tofu_does(tiny):
+    """TOFU (data_module.py) and FLAT's code mask len(tokenize(start + question + end)) tokens and supervise
+    ``answer_tag + answer``; their Phi models learned the tag, and TOFU's published Phi logs score it. Generation
+    starts where the labels do, before the tag."""
+    from flat_ray.eval.runner import generate
+
+    model, tok = tiny
+    question, answer = "Where was Kalo Vidanso born?", "Kalo Vidanso was born in Osaka, Japan."
+    enc = encode_qa(tok, PROFILES["phi"], question, answer, 256)
+    tofu_masked = len(tok.tokenize("Question: " + question + "\n", add_special_tokens=True))  # TOFU's count
+    assert enc["labels"].count(-100) == tofu_masked
+    assert enc["labels"][:tofu_masked] == [-100] * tofu_masked
+    assert tok.decode(enc["labels"][tofu_masked:-1]) == "Answer: " + answer
+    assert enc["input_ids"] == tok("Question: " + question + "\nAnswer: " + answer)["input_ids"] + [tok.eos_token_id]
+    prompts, _ = generate(model, tok, PROFILES["phi"], [(question, answer)], max_length=256, max_new_tokens=2,
+                          batch_size=1)
+    assert prompts == ["Question: " + question + "\n"]
+    # open-unlearning's convention (and flat_ray's other profiles): the tag is the prompt's, masked
+    generic = encode_qa(tok, PROFILES["generic"], question, answer, 256)
+    assert tok.decode(generic["input_ids"][:generic["labels"].count(-100)], skip_special_tokens=True) == \
+        "Q: " + question + "\nA:"
 
 
 def test_encode_truncates_the_answer_end_and_rejects_prompts_that_fill_max_length(tiny):
