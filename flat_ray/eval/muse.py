@@ -84,8 +84,10 @@ def privleak(auc: float, auc_retrain: float) -> float:
     return 100.0 * (auc - auc_retrain) / auc_retrain
 
 
-def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, max_length: int, batch_size: int,
+def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, batch_size: int,
              auc_retrain: float, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> dict[str, float]:
+    """MUSE's four numbers. Prompts and PrivLeak's texts are used whole (up to the model's context), as MUSE
+    tokenises them, whatever the run's ``data.max_length``."""
     from flat_ray.eval.runner import generate_texts, text_token_logprobs
 
     kw = {"batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device}
@@ -102,8 +104,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, max_
                                                          for g, r in zip(gens, qa, strict=True)]))
     scores = {}
     for split in ("forget", "holdout"):
-        lps = text_token_logprobs(model, tokenizer, [r["text"] for r in rows[f"privleak_{split}"]],
-                                  max_length=max_length, **kw)
+        lps = text_token_logprobs(model, tokenizer, [r["text"] for r in rows[f"privleak_{split}"]], **kw)
         scores[split] = [-min_k_score(lp) for lp in lps]  # higher = more likely a training member
     auc = roc_auc(scores["forget"], scores["holdout"])
     out["privleak_auc"] = auc

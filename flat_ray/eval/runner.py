@@ -205,11 +205,10 @@ def _encode_text(tokenizer: Any, text: str, max_length: int, keep: str) -> dict[
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                    max_length: int | None = None, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[str]:
     """Greedy continuations of raw text prompts, sharded over the ranks and gathered: every rank returns all of
-    them, in order. A prompt keeps its last ``max_length`` tokens (default: what the model's context leaves
-    after the new tokens)."""
+    them, in order, as decoded (not stripped). A prompt keeps its last ``max_length`` tokens (default: what the
+    model's context leaves after the new tokens)."""
     if max_length is None:
-        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
-        max_length = max(1, context - max_new_tokens)
+        max_length = max(1, _context(model) - max_new_tokens)
     idx, keep = shard(len(prompts), rank, world_size)
     items = [_encode_text(tokenizer, prompts[i], max_length, "end") for i in idx]
     was_training = model.training
@@ -219,14 +218,20 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
                               device=device) if items else []
     finally:
         model.train(was_training)
-    return _gather({"text": [t.strip() for t in texts]}, keep, idx)["text"]
+    return _gather({"text": texts}, keep, idx)["text"]  # as decoded: MUSE cuts KnowMem's answer before stripping
+
+
+def _context(model: Any) -> int:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
 
 
 @torch.no_grad()
-def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int,
-                        rank: int = 0, world_size: int = 1, device: Any = "cpu") -> list[np.ndarray]:
+def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int,
+                        max_length: int | None = None, rank: int = 0, world_size: int = 1,
+                        device: Any = "cpu") -> list[np.ndarray]:
     """Log-probability of every token of each text given the tokens before it (the first ``max_length``
-    tokens), sharded over the ranks and gathered."""
+    tokens; default: as many as the model's context holds), sharded over the ranks and gathered."""
+    max_length = max_length or _context(model)
     idx, keep = shard(len(texts), rank, world_size)
     items = [_encode_text(tokenizer, texts[i], max_length, "start") for i in idx]
     collate = Collator(tokenizer.pad_token_id)
@@ -240,7 +245,7 @@ def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, max
             batch = collate(chunk)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             # fp32 log-probs of the gold tokens, chunk by chunk: no fp32 copy of the (B, T, V) logits
-            lp, valid = token_logprobs(model(input_ids=ids, attention_mask=mask).logits,
+            lp, valid = token_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
                                        ids.masked_fill(mask == 0, IGNORE_INDEX))
             if b < n_batches:
                 out += [row[m].cpu().tolist() for row, m in zip(lp, valid, strict=True)]

@@ -84,9 +84,9 @@ def _summary_report(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[st
 
 def _muse_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",
               reference_tr=None, reference_mia=None, progress=None) -> dict[str, Any]:
-    return add_derived(muse.evaluate(model, tokenizer, rows, max_length=cfg.data.max_length,
-                                     batch_size=cfg.eval.batch_size, auc_retrain=cfg.eval.privleak_auc_retrain,
-                                     rank=rank, world_size=world_size, device=device))
+    return add_derived(muse.evaluate(model, tokenizer, rows, batch_size=cfg.eval.batch_size,
+                                     auc_retrain=cfg.eval.privleak_auc_retrain, rank=rank, world_size=world_size,
+                                     device=device))
 
 
 def _hp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_size=1, device="cpu",

@@ -214,6 +214,59 @@ def test_privleak_is_refused_as_an_objective(tmp_path):
         load_space(str(path))
 
 
+def test_muse_numbers_by_muses_own_rules_whatever_the_runs_max_length(tiny, muse_dir):
+    """MUSE's code written out: PrivLeak scores each text whole (metrics/privleak.py: ``tokenizer.encode(text)``,
+    no cut), so a run's data.max_length (16 here, shorter than every text) changes nothing; KnowMem cuts the raw
+    decoded generation of each prompt alone at its first stop (metrics/knowmem.py), stripping nothing before."""
+    import torch
+
+    from flat_ray.eval.suites import suite_for
+    from flat_ray.pipeline import profile_for
+
+    model, tok = tiny
+    cfg = load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "eval.max_examples=4",
+                             "eval.batch_size=1", "data.max_length=16", "eval.privleak_auc_retrain=0.5"])
+    suite = suite_for(cfg)
+    rows = suite.rows(cfg, cfg.eval.max_examples)
+    out = suite.run(model, tok, profile_for(cfg, "x", tok), rows, cfg)
+
+    def minus_min_40(text: str) -> float:
+        ids = torch.tensor([tok.encode(text)])
+        assert ids.shape[1] > 16
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        lp = sorted(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+        return float(np.mean(lp[:max(1, int(len(lp) * 0.4))]))
+
+    forget = [minus_min_40(r["text"]) for r in rows["privleak_forget"]]
+    holdout = [minus_min_40(r["text"]) for r in rows["privleak_holdout"]]
+    pairs = [(h > f) + 0.5 * (h == f) for h in holdout for f in forget]  # AUC: holdout is label 1
+    assert out["privleak_auc"] == pytest.approx(np.mean(pairs))
+    assert out["privleak"] == pytest.approx(100 * (np.mean(pairs) - 0.5) / 0.5)
+
+    def knowmem(split: str) -> float:
+        f1 = []
+        for r in rows[f"knowmem_{split}"]:
+            prompt = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in rows[f"icl_{split}"])
+            ids = tok(prompt + f"Question: {r['question']}\nAnswer: ", return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+            text = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)[0]
+            for stop in ("\n\n", "\nQuestion", "Question:"):
+                text = text.split(stop)[0]
+            f1.append(muse.rouge_l_f1(text, r["answer"]))
+        return 100 * float(np.mean(f1))
+
+    assert out["knowmem_forget"] == pytest.approx(knowmem("forget"))
+    assert out["knowmem_retain"] == pytest.approx(knowmem("retain"))
+
+
+def test_a_generation_that_opens_with_a_stop_scores_nothing_as_in_muse():
+    """MUSE cuts the raw text: an answer that opens with a blank line is empty (F1 0); stripping first would keep
+    "Paris"."""
+    assert muse.cut_answer("\n\nParis\n\nQuestion: next?") == ""
+    assert muse.rouge_l_f1(muse.cut_answer(" \n\nParis"), "Paris") == 0.0
+
+
 def test_muse_and_hp_evaluation_on_the_tiny_model(tiny, muse_dir, book_dir):
     model, tokenizer = tiny
     cfg = load_config(None, ["data.benchmark=muse_news", f"data.data_dir={muse_dir}", "eval.max_examples=4",
@@ -322,7 +375,7 @@ def test_raw_prompts_longer_than_the_context_keep_their_end(tiny):
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() != ""
+    assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) and text.strip()  # as decoded
     # a different beginning is cut away: the same continuation
     (other,) = generate_texts(model, tokenizer, ["An unrelated opening line. " * 8 + long_prompt], max_new_tokens=4,
                               batch_size=1)
