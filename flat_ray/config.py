@@ -157,7 +157,8 @@ class MethodConfig:
     divergence: str = doc("total_variation", "FLAT f-divergence (canonical key or alias such as tv, js, KL, "
                                              f"Total-Variation): {DIVERGENCES.choices()}.")
     normalize: str = doc("paper", "Score normalisation: 'paper' (per-sample mean answer-token probability) or "
-                                  "'repo' (released code: sum over the padded batch / B*(T-1); parity studies only).")
+                                  "'repo' (released code: batches padded to data.max_length T, sum / B*(T-1); parity "
+                                  "studies only).")
     beta: float = doc(0.1, "Inverse temperature of NPO and DPO (0.1 in the NPO paper and the FLAT comparisons).")
     simnpo_beta: float = doc(2.5, "SimNPO's beta (2.5, the SimNPO paper's TOFU setting).")
     gamma: float = doc(0.0, "SimNPO's reward margin gamma, as in the SimNPO paper: -(2/beta) log sigmoid(-beta "

@@ -17,6 +17,7 @@ from flat_ray.data import (
 )
 from flat_ray.data.text import chunk_rows
 from flat_ray.losses import METHODS
+from flat_ray.losses.flat import PADDED_TO_MAX_LENGTH
 from flat_ray.models import (
     PROFILES,
     load_model_and_tokenizer,
@@ -61,6 +62,14 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict]
                           retain_rows=retain_rows, seed=cfg.optim.seed)
 
 
+def train_collator(cfg: RunConfig, tokenizer: Any) -> Collator:
+    """The training batches' collator: each split padded to its own longest sequence, or to ``data.max_length``
+    where the method's score divides by the padded length (FLAT's ``repo`` normalization: the released code pads
+    every sequence to its max_length)."""
+    fixed = "normalize" in METHODS[cfg.method.name].knobs and cfg.method.normalize in PADDED_TO_MAX_LENGTH
+    return Collator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.max_length if fixed else None)
+
+
 def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
     # data first: a bad data file should fail before a model is built or downloaded
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
@@ -70,6 +79,6 @@ def prepare(cfg: RunConfig, *, load_model: bool = True) -> Prepared:
         tokenizer=cfg.model.tokenizer)
     profile = profile_for(cfg, path, tokenizer)
     dataset = build_dataset(cfg, tokenizer, profile, rows)
-    return Prepared(model, tokenizer, dataset, Collator(tokenizer.pad_token_id), path)
+    return Prepared(model, tokenizer, dataset, train_collator(cfg, tokenizer), path)
 
 

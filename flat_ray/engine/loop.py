@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from flat_ray import lora, tracking
 from flat_ray.config import config_from_dict
-from flat_ray.data import Collator, load_split
+from flat_ray.data import load_split
 from flat_ray.distributed import all_reduce, broadcast_object
 from flat_ray.engine import ds
 from flat_ray.engine.checkpoint import EPOCH_FILE, verify, write_manifest
@@ -40,7 +40,7 @@ from flat_ray.eval.tofu import summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer, train_only
-from flat_ray.pipeline import build_dataset, profile_for
+from flat_ray.pipeline import build_dataset, profile_for, train_collator
 from flat_ray.schedule import lr_multiplier, optimizer_steps, warmup_steps
 
 log = logging.getLogger("flat_ray.train")
@@ -203,7 +203,7 @@ class _Job:
         # drop_last=False pads every rank to the same number of micro-batches, which the collectives need
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.optim.seed)
         loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
-                            collate_fn=Collator(tokenizer.pad_token_id))
+                            collate_fn=train_collator(cfg, tokenizer))
         # the lr schedule needs at least one step even when a run is too short to take one
         total_steps = max(1, optimizer_steps(len(loader), cfg.optim.epochs, cfg.optim.grad_accum_steps))
         job = cls(cfg, payload, ctx.rank, ctx.world_size, tracker, show, tokenizer, profile, dataset, sampler, loader,

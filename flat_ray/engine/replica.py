@@ -29,7 +29,7 @@ from flat_ray.eval.suites import suite_for
 from flat_ray.eval.tofu import read_reference, read_reference_mia
 from flat_ray.losses import METHODS
 from flat_ray.models import load_model_and_tokenizer
-from flat_ray.pipeline import build_dataset, profile_for
+from flat_ray.pipeline import build_dataset, profile_for, train_collator
 from flat_ray.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_steps, warmup_steps
 
 
@@ -61,7 +61,7 @@ def replay(cfg: RunConfig, model_path: str, world_size: int | None = None, devic
         return {k: v for k, v in out.items() if isinstance(v, float)}
 
     before = evaluate() if evaluate_before else {}
-    train(cfg, model, dataset, Collator(tokenizer.pad_token_id), world, device)
+    train(cfg, model, dataset, train_collator(cfg, tokenizer), world, device)
     return {"before": before, "after": evaluate()}
 
 

@@ -54,6 +54,9 @@ def _repo_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 NORMALIZATIONS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("normalization")
 NORMALIZATIONS.register("paper", _paper_scores)
 NORMALIZATIONS.register("repo", _repo_scores)
+# normalizations whose score depends on the padded length: their training batches are padded to data.max_length,
+# as the released code pads every sequence, so that B * (T - 1) is its denominator
+PADDED_TO_MAX_LENGTH = frozenset({"repo"})
 
 
 def _derivative(fn: Fn, x: torch.Tensor) -> torch.Tensor:
