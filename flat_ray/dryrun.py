@@ -18,7 +18,8 @@ from flat_ray.memory import GIB, arch_for, fit_hint, host_plan, misfits, plan
 from flat_ray.models import count_parameters, load_model_and_tokenizer
 from flat_ray.pipeline import prepare
 from flat_ray.placement import gpu_memory_gib, landing, node_types_from_yaml, this_machine, trials_per_node
-from flat_ray.sweep import Space, format_table, load_space, reference_source, shipped_spaces, trial_table
+from flat_ray.sweep import Space, load_space, shipped_spaces
+from flat_ray.sweep_table import format_table, reference_source, trial_table
 
 
 def dry_run(cfg: RunConfig) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from flat_ray.errors import FlatRayError
 from flat_ray.memory import GIB
 from flat_ray.metrics import METRICS, add_derived, fq_scaled
 from flat_ray.report import markdown, pareto_front
-from flat_ray.sweep import load_space, max_concurrent, shipped_spaces, trial_table
+from flat_ray.sweep import load_space, shipped_spaces
+from flat_ray.sweep_table import max_concurrent, trial_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

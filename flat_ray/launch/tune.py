@@ -54,16 +54,9 @@ from flat_ray.models import DEMO_ORIGINAL, fetch_weights
 from flat_ray.preflight import absolute_paths
 from flat_ray.report import collect
 from flat_ray.storage import Place
-from flat_ray.sweep import (
-    TRIAL_FN_CPU,
-    Cell,
-    Space,
-    format_table,
-    load_space,
-    trial_table,
-    with_constants,
-)
+from flat_ray.sweep import TRIAL_FN_CPU, Cell, Space, load_space, with_constants
 from flat_ray.sweep_state import SWEEP_FILE, saved_space
+from flat_ray.sweep_table import format_table, trial_table
 
 # The per-trial function (and with it Ray Train V2's controller, which runs on its node) stays on the head: a
 # placement group would otherwise prefer the node with the most free CPUs, a GPU node, whose loss would kill the
