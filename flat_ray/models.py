@@ -85,17 +85,18 @@ AUTO_PROFILE = "auto"
 
 
 def resolve_profile(profile: str, model_name: str, tokenizer: Any = None) -> PromptProfile:
-    """Pick a profile; ``auto`` chooses by model name (Llama-2-chat, Phi), then the tokenizer's chat template,
-    then ``generic``."""
+    """Pick a profile; ``auto`` chooses TOFU's tags for a Llama-2-chat model, then the tokenizer's chat template
+    (Phi-3's, a Llama-3-instruct's), then TOFU's Phi tags for a model named phi-something without one (Phi-1.5:
+    "phi" at the start of a name part, so "dolphin" is not one), then ``generic``."""
     if profile != AUTO_PROFILE:
         return PROFILES[profile]
     lowered = model_name.lower()
     if "llama-2" in lowered and "chat" in lowered:
         return PROFILES["llama2_chat"]
-    if "phi" in lowered:
-        return PROFILES["phi"]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return PROFILES["chat_template"]
+    if re.search(r"(?<![a-z0-9])phi", lowered):
+        return PROFILES["phi"]
     return PROFILES["generic"]
 
 

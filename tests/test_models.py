@@ -81,6 +81,10 @@ def test_resolve_profile_auto(tiny):
     assert resolve_profile("auto", "microsoft/phi-1_5").name == "phi"
     assert resolve_profile("auto", "/models/tiny", tok).name == "generic"
     assert resolve_profile("phi", "anything") is PROFILES["phi"]
+    assert resolve_profile("auto", "locuslab/tofu_ft_phi-1.5", tok).name == "phi"  # no chat template
+    assert resolve_profile("auto", "cognitivecomputations/dolphin-2.1", tok).name == "generic"  # not a Phi
+    chat = type("Tok", (), {"chat_template": "{{ messages }}"})()  # Phi-3.5-mini-instruct's tokenizer has one
+    assert resolve_profile("auto", "microsoft/Phi-3.5-mini-instruct", chat).name == "chat_template"
 
 
 def test_a_model_without_tokenizer_files_loads_its_tokenizer_from_model_tokenizer(tiny_model_dir, tmp_path):
