@@ -65,34 +65,48 @@ HEADER_NAMES = {"text", "template", "answer", "templates"}
 
 
 def read_template_file(path: str | Path) -> list[str]:
-    """Read templates from ``.jsonl`` (``{"text": ...}`` per line) or ``.csv`` (first column)."""
+    """Read templates from ``.jsonl`` (``{"text": ...}`` per line), ``.txt`` (one per line), TOFU's
+    ``data/idontknow.jsonl`` (one plain refusal per line, the file FLAT's code draws from, despite its suffix) or
+    ``.csv`` (first column)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FlatRayError(f"template file {str(p)!r} does not exist; give a .jsonl file with a 'text' field per line or a one-column .csv")
-    texts: list[str] = []
-    if p.suffix.lower() == ".csv":
+        raise FlatRayError(f"template file {str(p)!r} does not exist; give a .jsonl file with a 'text' field per line, "
+                           "a .txt file with one template per line or a one-column .csv")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
         with p.open(newline="", encoding="utf-8") as fh:
             rows = [row for row in csv.reader(fh) if row and row[0].strip()]
         if rows and rows[0][0].strip().lower() in HEADER_NAMES:
             rows = rows[1:]
         texts = [row[0].strip() for row in rows]
-    elif p.suffix.lower() in {".jsonl", ".json"}:
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FlatRayError(f"{p}:{lineno}: not valid JSON ({exc.msg}); expected one {{\"text\": ...}} object per line") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise FlatRayError(f"{p}:{lineno}: expected an object with a string field 'text'")
-            texts.append(obj["text"].strip())
+    elif suffix in {".jsonl", ".json", ".txt"}:
+        lines = [(n, line.strip()) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
+        plain = suffix == ".txt" or bool(lines) and not lines[0][1].startswith("{")
+        texts = [_plain_line(p, n, line) if plain else _json_line(p, n, line) for n, line in lines]
     else:
-        raise FlatRayError(f"template file {str(p)!r} has suffix {p.suffix!r}; use .jsonl or .csv")
+        raise FlatRayError(f"template file {str(p)!r} has suffix {p.suffix!r}; use .jsonl, .txt or .csv")
     texts = [t for t in texts if t]
     if not texts:
         raise FlatRayError(f"template file {str(p)!r} contains no templates")
     return texts
+
+
+def _json_line(p: Path, lineno: int, line: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise FlatRayError(f"{p}:{lineno}: not valid JSON ({exc.msg}); expected one {{\"text\": ...}} object per line") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise FlatRayError(f"{p}:{lineno}: expected an object with a string field 'text'")
+    return obj["text"].strip()
+
+
+def _plain_line(p: Path, lineno: int, line: str) -> str:
+    if line.startswith("{"):  # a JSON object among plain lines: a broken .jsonl, not a refusal
+        raise FlatRayError(f"{p}:{lineno}: a JSON object in a file of plain lines; use one format: "
+                           "{\"text\": ...} objects, or one plain template per line")
+    return line
 
 
 class TemplateSource:

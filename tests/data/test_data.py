@@ -152,9 +152,21 @@ def test_template_files_jsonl_and_csv_with_and_without_header(tmp_path):
     (tmp_path / "empty.csv").write_text("text\n")
     with pytest.raises(FlatRayError, match="contains no templates"):
         read_template_file(tmp_path / "empty.csv")
-    (tmp_path / "x.txt").write_text("a")
-    with pytest.raises(FlatRayError, match="use .jsonl or .csv"):
-        read_template_file(tmp_path / "x.txt")
+    (tmp_path / "x.yaml").write_text("a")
+    with pytest.raises(FlatRayError, match="use .jsonl, .txt or .csv"):
+        read_template_file(tmp_path / "x.yaml")
+    # TOFU's data/idontknow.jsonl (FLAT's templates): one plain refusal per line, whatever its suffix
+    (tmp_path / "idontknow.jsonl").write_text("I'm not certain about that.\nThat's beyond my current knowledge base.\n")
+    assert read_template_file(tmp_path / "idontknow.jsonl") == ["I'm not certain about that.",
+                                                               "That's beyond my current knowledge base."]
+    (tmp_path / "t.txt").write_text("No idea.\n\nPass.\n")
+    assert read_template_file(tmp_path / "t.txt") == ["No idea.", "Pass."]
+    (tmp_path / "mixed.jsonl").write_text('No idea.\n{"text": "Pass."}\n')
+    with pytest.raises(FlatRayError, match=r"mixed.jsonl:2: a JSON object in a file of plain lines"):
+        read_template_file(tmp_path / "mixed.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": "No idea."\n')
+    with pytest.raises(FlatRayError, match=r"broken.jsonl:1: not valid JSON"):
+        read_template_file(tmp_path / "broken.jsonl")
 
 
 def test_template_column_source():
