@@ -126,7 +126,8 @@ class DataConfig:
     chunk_tokens: int = doc(512, "Text benchmarks (muse_news, hp): the text is cut into chunks of this many "
                                  "tokens for training.")
     prompt_fraction: float = doc(0.5, "Text benchmarks: the first fraction of each chunk's tokens is the prompt; "
-                                      "the rest is the continuation to forget (FLAT pairs it with a template).")
+                                      "the rest is the continuation to forget (FLAT pairs it with a template). 0: "
+                                      "no prompt, every token is forgotten (as MUSE's baselines train).")
 
     def __post_init__(self):
         try:
@@ -147,8 +148,8 @@ class DataConfig:
             raise FlatRayError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.chunk_tokens < 16:
             raise FlatRayError(f"data.chunk_tokens must be >= 16, got {self.chunk_tokens}")
-        if not 0 < self.prompt_fraction < 1:
-            raise FlatRayError(f"data.prompt_fraction must be between 0 and 1 (exclusive), got {self.prompt_fraction}")
+        if not 0 <= self.prompt_fraction < 1:
+            raise FlatRayError(f"data.prompt_fraction must be in [0, 1), got {self.prompt_fraction}")
 
 
 @dataclass

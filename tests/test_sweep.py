@@ -347,10 +347,21 @@ def test_text_benchmark_spaces_follow_their_recipes():
     assert [c.trials(muse.num_samples) for c in muse.cells] == [8, 2]  # divergences only for FLAT
     assert muse.cells[0].config.data.benchmark == "muse_news" and muse.objective == ["muse_score"]
     assert muse.cells[0].config.data.chunk_tokens == 2048 and muse.cells[0].config.data.max_length > 2048
+    # MUSE's baselines (baselines/iterative.py): HF TrainingArguments with lr_scheduler_type='constant', the default
+    # warm-up 0 and weight decay 0, 10 epochs, 32 sequences per step; NPO's chunks all labels (dataset.py)
+    for cell in muse.cells:
+        o, n = cell.config.optim, cell.config.launch.num_workers
+        assert (o.schedule, o.warmup_ratio, o.weight_decay, o.epochs) == ("constant", 0, 0, 10)
+        assert o.micro_batch_size * o.grad_accum_steps * n == 32
+    assert [c.config.data.prompt_fraction for c in muse.cells] == [0.5, 0]
     hp = load_space("hp")
     (cell,) = hp.cells
     assert cell.config.data.benchmark == "hp" and cell.config.data.data_dir is None  # the user passes the book
     assert hp.objective == ["completion_score"] and hp.modes == ["max"]
+    # FLAT's copyright runs (README: batch 4 x accumulation 4 x 2 GPUs; unlearn.py: warm-up of one epoch of 5)
+    o = cell.config.optim
+    assert o.micro_batch_size * o.grad_accum_steps * cell.config.launch.num_workers == 32
+    assert (o.epochs, o.warmup_ratio) == (5, 0.2)
 
 
 def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local, tmp_path,

@@ -54,9 +54,10 @@ def chunk_rows(rows: Sequence[dict], tokenizer: Any, chunk_tokens: int, prompt_f
         window = ids[start:start + chunk_tokens]
         if len(window) < 8:
             continue
-        cut = max(1, min(len(window) - 1, round(len(window) * prompt_fraction)))
+        # prompt_fraction 0: no prompt, every token is trained on (MUSE's baselines train so)
+        cut = 0 if prompt_fraction == 0 else max(1, min(len(window) - 1, round(len(window) * prompt_fraction)))
         prompt, answer = tokenizer.decode(window[:cut]), tokenizer.decode(window[cut:])
-        if prompt.strip() and answer.strip():
+        if (prompt.strip() or not cut) and answer.strip():
             out.append({"question": prompt, "answer": answer})
     if not out:
         raise FlatRayError(f"the text is too short to cut into {chunk_tokens}-token chunks; give more text or a "

@@ -118,6 +118,27 @@ def test_chunking_cuts_token_windows_into_prompt_and_continuation(tiny):
         chunk_rows([{"text": "tiny"}], tokenizer, 64, 0.5)
 
 
+def test_prompt_fraction_zero_trains_on_every_token_as_muses_baselines(tiny):
+    """MUSE's baselines train each chunk as BOS + its tokens with every token a label (dataset.py: labels =
+    input_ids): with data.prompt_fraction=0 only the BOS is masked, so each chunk token is predicted from the ones
+    before it, the first one from BOS."""
+    from flat_ray.data import encode_qa
+    from flat_ray.models import PROFILES
+
+    _, tokenizer = tiny
+    text = " ".join(f"word{i}" for i in range(300))
+    rows = chunk_rows([{"text": text}], tokenizer, chunk_tokens=64, prompt_fraction=0.0)
+    assert all(r["question"] == "" for r in rows)
+    window = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
+    enc = encode_qa(tokenizer, PROFILES["raw"], rows[0]["question"], rows[0]["answer"], 128)
+    assert enc["input_ids"][0] == tokenizer.bos_token_id and enc["labels"][0] == -100
+    assert enc["labels"][1:] == enc["input_ids"][1:] and enc["input_ids"][1:65] == window
+    cfg = load_config(None, ["data.benchmark=muse_news", "data.prompt_fraction=0"])
+    assert cfg.data.prompt_fraction == 0
+    with pytest.raises(FlatRayError, match=r"data.prompt_fraction must be in \[0, 1\), got 1"):
+        load_config(None, ["data.benchmark=muse_news", "data.prompt_fraction=1"])
+
+
 def test_completion_rows_split_passages_by_words():
     rows = completion_rows([{"text": " ".join(map(str, range(10)))}, {"text": "a b"}], prompt_words=4, max_rows=None)
     assert rows[0] == {"prompt": "0 1 2 3", "continuation": "4 5 6 7 8 9"}
