@@ -22,10 +22,12 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from 1/(warmup+1) to 1 over
-    ``warmup`` steps, then ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant``."""
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up ``step / warmup`` over
+    ``warmup`` steps, then ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant``. These are the Hugging Face
+    schedules TOFU's, FLAT's and MUSE's Trainer runs use (``get_linear_schedule_with_warmup`` and its kin): the
+    first optimizer step of a warm-up runs at lr 0 (AdamW's moments still take its gradient)."""
     if warmup > 0 and step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return DECAYS[schedule](progress)
 

@@ -12,7 +12,12 @@ from flat_ray.schedule import lr_multiplier, micro_batches_per_epoch, optimizer_
 def test_schedule_warmup_then_decay():
     total, warm = 10, 2
     linear = [lr_multiplier(s, total, warm, "linear") for s in range(total)]
-    assert linear[:2] == pytest.approx([1 / 3, 2 / 3]) and linear[2] == 1.0
+    assert linear[:2] == pytest.approx([0, 1 / 2]) and linear[2] == 1.0
+    # transformers' get_linear_schedule_with_warmup (TOFU's, FLAT's Trainer), written out: the LambdaLR factor of
+    # the optimizer step that has `s` steps before it
+    for n, w in ((6, 1), (31, 6), (62, 12), (12, 1)):  # TOFU forget01/05/10 and the demo's FLAT run
+        hf = [s / max(1, w) if s < w else max(0.0, (n - s) / max(1, n - w)) for s in range(n)]
+        assert [lr_multiplier(s, n, w, "linear") for s in range(n)] == pytest.approx(hf)
     assert all(a > b for a, b in zip(linear[2:], linear[3:], strict=False)) and linear[-1] == pytest.approx(1 / 8)
     assert [lr_multiplier(s, total, warm, "constant") for s in range(2, total)] == [1.0] * 8
     cosine = [lr_multiplier(s, total, warm, "cosine") for s in range(2, total)]
