@@ -7,8 +7,9 @@ straddles the boundary, such as `` Kalo`` after ``A:``, belongs to the answer. T
 ``len(tokenize(context))`` tokens, which for a context ending in a space also masks the answer's first word; the
 offsets avoid that, and the masked prefix is exactly the prompt a generator should be given.
 
-Nothing is padded here: the collator pads each batch to its own longest sequence. Sequences longer than
-``max_length`` are cut at the end (EOS included), which only ever shortens the answer.
+Nothing is padded here: the collator pads each batch to its own longest sequence (to ``data.max_length``
+under FLAT's ``repo`` normalization). Sequences longer than ``max_length`` are cut at the end (EOS included),
+which only ever shortens the answer.
 """
 
 from __future__ import annotations
