@@ -104,7 +104,10 @@ def evaluate(model: Any, tokenizer: Any, rows: Mapping[str, list[dict]], *, batc
                                                          for g, r in zip(gens, qa, strict=True)]))
     scores = {}
     for split in ("forget", "holdout"):
-        lps = text_token_logprobs(model, tokenizer, [r["text"] for r in rows[f"privleak_{split}"]], **kw)
+        # one text per forward, as MUSE scores them: a whole text may be far longer than data.max_length, and the
+        # memory plan holds one of them, not eval.batch_size
+        lps = text_token_logprobs(model, tokenizer, [r["text"] for r in rows[f"privleak_{split}"]],
+                                  **{**kw, "batch_size": 1})
         scores[split] = [-min_k_score(lp) for lp in lps]  # higher = more likely a training member
     auc = roc_auc(scores["forget"], scores["holdout"])
     out["privleak_auc"] = auc
