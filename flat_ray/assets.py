@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # The demo's model: big enough (about 1 M parameters) to keep forget and retain authors apart, small enough to
 # fine-tune on two CPU cores in under two minutes.
+# The training code's own part of a built model's recipe: raise it when a change of the code (not of the config)
+# changes what a fine-tune produces, so cached models are rebuilt. 2: the Hugging Face warm-up (first step at lr
+# 0) and Phi's answer tag in the labels (2026-12-08).
+TRAINING_CODE = 2
 DEMO_SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4)
 
 # runs a fine-tuning config to the end and returns the exported model directory
@@ -103,6 +107,7 @@ def _recipe_path(ft: RunConfig, kind: str, prefix: str = "demo") -> Path:
     recipe["method"] = {"name": ft.method.name, **{k: getattr(ft.method, k) for k in METHODS[ft.method.name].knobs}}
     recipe["world_size"] = ft.launch.num_workers
     recipe["tiny"] = tiny_model_path(ft).name
+    recipe["training_code"] = TRAINING_CODE
     if prefix != "demo":  # what the built model is evaluated with is part of what is cached
         recipe["eval"] = ft.to_dict()["eval"]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

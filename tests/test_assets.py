@@ -37,3 +37,14 @@ def test_a_recipe_cache_key_reads_only_the_knobs_its_method_reads(tmp_path):
     flat = dataclasses.replace(ft, method=dataclasses.replace(ft.method, name="flat"))
     js = dataclasses.replace(flat, method=dataclasses.replace(flat.method, divergence="jensen_shannon"))
     assert _recipe_path(flat, "original") != _recipe_path(js, "original")  # a knob flat reads
+
+
+def test_a_training_code_change_rebuilds_cached_models(tmp_path, monkeypatch):
+    """A model built by older training code (another warm-up, another encoding) is not reused: the cache key holds
+    assets.TRAINING_CODE."""
+    from flat_ray import assets
+
+    ft = assets.demo_finetune_config(load_config(None, [f"paths.workdir={tmp_path}"], presets=["demo"]))
+    now = assets._recipe_path(ft, "original")
+    monkeypatch.setattr(assets, "TRAINING_CODE", assets.TRAINING_CODE - 1)
+    assert assets._recipe_path(ft, "original") != now and now.parent == assets._recipe_path(ft, "original").parent
