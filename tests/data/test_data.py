@@ -139,34 +139,32 @@ def test_template_assignment_is_seeded_per_epoch():
     assert set(a.assign(500)) <= set(BUILTIN_TEMPLATES) and len(set(a.assign(500))) > 20
 
 
-def test_template_files_jsonl_and_csv_with_and_without_header(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"text": "No idea."}\n\n{"text": "Unknown to me."}\n')
-    assert read_template_file(tmp_path / "t.jsonl") == ["No idea.", "Unknown to me."]
-    (tmp_path / "h.csv").write_text("text\nNo idea.\n\"Can't say, sorry.\"\n")
-    assert read_template_file(tmp_path / "h.csv") == ["No idea.", "Can't say, sorry."]
-    (tmp_path / "n.csv").write_text("No idea.\nPass.\n")
-    assert read_template_file(tmp_path / "n.csv") == ["No idea.", "Pass."]
-    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
-    with pytest.raises(FlatRayError, match=r"bad.jsonl:1: expected an object with a string field 'text'"):
-        read_template_file(tmp_path / "bad.jsonl")
-    (tmp_path / "empty.csv").write_text("text\n")
-    with pytest.raises(FlatRayError, match="contains no templates"):
-        read_template_file(tmp_path / "empty.csv")
-    (tmp_path / "x.yaml").write_text("a")
-    with pytest.raises(FlatRayError, match="use .jsonl, .txt or .csv"):
-        read_template_file(tmp_path / "x.yaml")
+TEMPLATE_FILES = {  # file name: (content, templates read)
+    "t.jsonl": ('{"text": "No idea."}\n\n{"text": "Unknown to me."}\n', ["No idea.", "Unknown to me."]),
+    "h.csv": ("text\nNo idea.\n\"Can't say, sorry.\"\n", ["No idea.", "Can't say, sorry."]),
+    "n.csv": ("No idea.\nPass.\n", ["No idea.", "Pass."]),
     # TOFU's data/idontknow.jsonl (FLAT's templates): one plain refusal per line, whatever its suffix
-    (tmp_path / "idontknow.jsonl").write_text("I'm not certain about that.\nThat's beyond my current knowledge base.\n")
-    assert read_template_file(tmp_path / "idontknow.jsonl") == ["I'm not certain about that.",
-                                                               "That's beyond my current knowledge base."]
-    (tmp_path / "t.txt").write_text("No idea.\n\nPass.\n")
-    assert read_template_file(tmp_path / "t.txt") == ["No idea.", "Pass."]
-    (tmp_path / "mixed.jsonl").write_text('No idea.\n{"text": "Pass."}\n')
-    with pytest.raises(FlatRayError, match=r"mixed.jsonl:2: a JSON object in a file of plain lines"):
-        read_template_file(tmp_path / "mixed.jsonl")
-    (tmp_path / "broken.jsonl").write_text('{"text": "No idea."\n')
-    with pytest.raises(FlatRayError, match=r"broken.jsonl:1: not valid JSON"):
-        read_template_file(tmp_path / "broken.jsonl")
+    "idontknow.jsonl": ("I'm not certain about that.\nThat's beyond my current knowledge base.\n",
+                        ["I'm not certain about that.", "That's beyond my current knowledge base."]),
+    "t.txt": ("No idea.\n\nPass.\n", ["No idea.", "Pass."]),
+}
+REFUSED_TEMPLATE_FILES = {  # file name: (content, the refusal's pattern)
+    "bad.jsonl": ('{"txt": "x"}\n', r"bad.jsonl:1: expected an object with a string field 'text'"),
+    "empty.csv": ("text\n", "contains no templates"),
+    "x.yaml": ("a", "use .jsonl, .txt or .csv"),
+    "mixed.jsonl": ('No idea.\n{"text": "Pass."}\n', r"mixed.jsonl:2: a JSON object in a file of plain lines"),
+    "broken.jsonl": ('{"text": "No idea."\n', r"broken.jsonl:1: not valid JSON"),
+}
+
+
+def test_template_files_jsonl_and_csv_with_and_without_header(tmp_path):
+    for name, (content, templates) in TEMPLATE_FILES.items():
+        (tmp_path / name).write_text(content)
+        assert read_template_file(tmp_path / name) == templates, name
+    for name, (content, message) in REFUSED_TEMPLATE_FILES.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(FlatRayError, match=message):
+            read_template_file(tmp_path / name)
 
 
 def test_template_column_source():
