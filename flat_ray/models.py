@@ -85,13 +85,14 @@ AUTO_PROFILE = "auto"
 
 
 def resolve_profile(profile: str, model_name: str, tokenizer: Any = None) -> PromptProfile:
-    """Pick a profile; ``auto`` chooses TOFU's tags for a Llama-2-chat model, then the tokenizer's chat template
+    """Pick a profile; ``auto`` chooses TOFU's tags for a Llama-2-chat model (TOFU's own fine-tune,
+    ``locuslab/tofu_ft_llama2-7b``, is one), then the tokenizer's chat template
     (Phi-3's, a Llama-3-instruct's), then TOFU's Phi tags for a model named phi-something without one (Phi-1.5:
     "phi" at the start of a name part, so "dolphin" is not one), then ``generic``."""
     if profile != AUTO_PROFILE:
         return PROFILES[profile]
     lowered = model_name.lower()
-    if "llama-2" in lowered and "chat" in lowered:
+    if re.search(r"llama[-_]?2", lowered) and re.search(r"chat|tofu", lowered):
         return PROFILES["llama2_chat"]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return PROFILES["chat_template"]

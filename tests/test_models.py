@@ -78,12 +78,15 @@ def test_trust_remote_code_is_off_by_default():
 def test_resolve_profile_auto(tiny):
     _, tok = tiny
     assert resolve_profile("auto", "meta-llama/Llama-2-7b-chat-hf").name == "llama2_chat"
+    chat = type("Tok", (), {"chat_template": "{{ messages }}"})()  # Llama-2-chat's tokenizer has one, not TOFU's tags
+    for tofu_llama in ("locuslab/tofu_ft_llama2-7b", "open-unlearning/tofu_Llama-2-7b-chat-hf_full"):
+        assert resolve_profile("auto", tofu_llama, chat).name == "llama2_chat", tofu_llama
+    assert resolve_profile("auto", "meta-llama/Llama-2-7b-hf", tok).name == "generic"  # the base model
     assert resolve_profile("auto", "microsoft/phi-1_5").name == "phi"
     assert resolve_profile("auto", "/models/tiny", tok).name == "generic"
     assert resolve_profile("phi", "anything") is PROFILES["phi"]
     assert resolve_profile("auto", "locuslab/tofu_ft_phi-1.5", tok).name == "phi"  # no chat template
     assert resolve_profile("auto", "cognitivecomputations/dolphin-2.1", tok).name == "generic"  # not a Phi
-    chat = type("Tok", (), {"chat_template": "{{ messages }}"})()  # Phi-3.5-mini-instruct's tokenizer has one
     assert resolve_profile("auto", "microsoft/Phi-3.5-mini-instruct", chat).name == "chat_template"
 
 
