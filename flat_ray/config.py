@@ -274,7 +274,13 @@ class EvalConfig:
     truth_ratio: str = doc(DEFAULT_TRUTH_RATIO, "Truth-ratio variant for the per-split statistic and model utility: "
                                                 f"{TRUTH_RATIOS.choices()} (arithmetic reproduces TOFU's published "
                                                 "numbers).")
-    prompt_words: int = doc(200, "hp completion test: words of each passage given as the prompt.")
+    prompt_words: int = doc(200, "hp completion test: words of each passage given as the prompt (a passage of "
+                                 "no more words: its first half).")
+    completion_file: str | None = doc(None, "hp: FLAT's own completion rows (a JSONL of prompt and response: "
+                                            "data/hp/hp_train_qa_200.jsonl or hp_test_qa_200.jsonl of a clone of "
+                                            "UCSC-REAL/FLAT) for the forget side of the completion test, scored as "
+                                            "FLAT's evaluate.py scores them (docs/eval.md); null: the forget "
+                                            "passages, cut at eval.prompt_words.")
     privleak_auc_retrain: float = doc(0.4772, "MUSE PrivLeak: the retrained model's forget-vs-holdout AUC (MUSE's "
                                               "published News value; `flat-ray eval` of a retain model prints "
                                               "its privleak_auc).")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flat_ray.config import AUTO_REFERENCE, RECIPES, RunConfig
 from flat_ray.data import BENCHMARKS
+from flat_ray.data.files import read_rows
 from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.fileio import filesystem
@@ -18,7 +19,7 @@ from flat_ray.models import DEMO_ORIGINAL, TINY
 
 # the files and folders a config names that a run's Ray processes open, as ``(section, key)``
 INPUT_PATHS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "data_dir"), ("data", "template_file"),
-               ("eval", "reference"))
+               ("eval", "reference"), ("eval", "completion_file"))
 # those each worker opens itself (the driver reads ``eval.reference`` and sends its values with the run)
 WORKER_INPUTS = tuple((section, key) for section, key in INPUT_PATHS if (section, key) != ("eval", "reference"))
 
@@ -61,6 +62,7 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
         raise FlatRayError(f"data.template_file {d.template_file!r} does not exist")
     if d.template_source == "file":  # an empty or malformed file fails here, not in a Ray worker
         read_template_file(Path(d.template_file).expanduser())
+    _check_completion_file(cfg)
     if d.data_dir:
         bench = BENCHMARKS[d.benchmark]
         bench.locate(d.data_dir, d.split)  # names the splits that are there when this one is not
@@ -85,6 +87,21 @@ def check_inputs(cfg: RunConfig, reference: bool = True) -> None:
     elif reference and cfg.eval.reference and not Path(cfg.eval.reference).expanduser().exists():
         raise FlatRayError(f"eval.reference {cfg.eval.reference!r} does not exist; give TOFU-format eval logs or "
                            "an open-unlearning result JSON")
+
+
+def _check_completion_file(cfg: RunConfig) -> None:
+    """``eval.completion_file`` is for the hp benchmark and holds rows with a prompt and a response."""
+    path = cfg.eval.completion_file
+    if not path:
+        return
+    if BENCHMARKS[cfg.data.benchmark].evaluation != "hp":
+        hp = ", ".join(sorted(k for k, b in BENCHMARKS.items() if b.evaluation == "hp"))
+        raise FlatRayError(f"eval.completion_file is FLAT's Harry-Potter completion test: it needs data.benchmark "
+                           f"{hp}, not {cfg.data.benchmark!r}")
+    if not Path(path).expanduser().is_file():
+        raise FlatRayError(f"eval.completion_file {path!r} does not exist; give FLAT's data/hp/hp_train_qa_200.jsonl "
+                           "or hp_test_qa_200.jsonl (a JSONL of prompt and response)")
+    read_rows(Path(path).expanduser(), required=("prompt", "response"))
 
 
 def check_model(cfg: RunConfig) -> None:

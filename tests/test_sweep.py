@@ -361,7 +361,28 @@ def test_text_benchmark_spaces_follow_their_recipes():
     # FLAT's copyright runs (README: batch 4 x accumulation 4 x 2 GPUs; unlearn.py: warm-up of one epoch of 5)
     o = cell.config.optim
     assert o.micro_batch_size * o.grad_accum_steps * cell.config.launch.num_workers == 32
-    assert (o.epochs, o.warmup_ratio) == (5, 0.2)
+    assert (o.epochs, o.warmup_ratio, o.max_grad_norm) == (5, 0.2, 0)  # FLAT's DeepSpeed config: no clipping
+    assert [c.config.optim.max_grad_norm for c in muse.cells] == [1.0, 1.0]  # MUSE's Trainer without DeepSpeed clips
+
+
+def test_tofu_spaces_train_as_flats_and_tofus_trainer_runs():
+    """FLAT's unlearn.py (and TOFU's forget.py) on TOFU: 32 sequences per step, max_steps = 5 * n // 32, warm-up
+    max(2, n // 32) steps in FLAT's code (max(1, ...) in TOFU's), and no gradient clipping: their DeepSpeed config has
+    no `gradient_clipping`, the Trainer fills only "auto" entries and leaves clipping to DeepSpeed (default 0). The
+    retain-model recipes (TOFU's finetune.py) use the same DeepSpeed config."""
+    from flat_ray.config import load_config
+    from flat_ray.schedule import micro_batches_per_epoch, optimizer_steps, warmup_steps
+
+    sizes = {"forget01": 40, "forget05": 200, "forget10": 400}
+    for cell in load_space("tofu", check_files=False).cells:
+        o, n = cell.config.optim, sizes[cell.config.data.split]
+        total = optimizer_steps(micro_batches_per_epoch(n, o.micro_batch_size, cell.config.launch.num_workers),
+                                o.epochs, o.grad_accum_steps)
+        assert (total, warmup_steps(total, o.warmup_ratio)) == (5 * n // 32, max(2, n // 32)), cell.name
+    for name in ("tofu", "tofu_lora", "tofu_baselines"):
+        assert {c.config.optim.max_grad_norm for c in load_space(name, check_files=False).cells} == {0}, name
+    for recipe in ("tofu_finetune_llama2-7b", "tofu_finetune_phi-1.5"):
+        assert load_config(None, [], presets=["finetune", recipe]).optim.max_grad_norm == 0
 
 
 def test_on_an_autoscaling_cluster_every_trial_may_wait_and_the_multi_node_guard_holds(ray_local, tmp_path,

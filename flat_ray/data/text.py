@@ -67,7 +67,8 @@ def chunk_rows(rows: Sequence[dict], tokenizer: Any, chunk_tokens: int, prompt_f
 
 def completion_rows(rows: Sequence[dict], prompt_words: int, max_rows: int | None) -> list[dict]:
     """Completion-test rows: the first ``prompt_words`` words of a passage as the prompt, the words after them as
-    the true continuation. Passages with no words after the prompt are skipped."""
+    the true continuation; a passage of at most ``prompt_words`` words is cut in half instead (a one-word passage
+    is skipped)."""
     out = []
     for r in rows:
         words = r["text"].split()

@@ -208,7 +208,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     them, in order, as decoded (not stripped). A prompt keeps its last ``max_length`` tokens (default: what the
     model's context leaves after the new tokens)."""
     if max_length is None:
-        max_length = max(1, _context(model) - max_new_tokens)
+        max_length = max(1, context_length(model) - max_new_tokens)
     idx, keep = shard(len(prompts), rank, world_size)
     items = [_encode_text(tokenizer, prompts[i], max_length, "end") for i in idx]
     was_training = model.training
@@ -221,7 +221,40 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     return _gather({"text": texts}, keep, idx)["text"]  # as decoded: MUSE cuts KnowMem's answer before stripping
 
 
-def _context(model: Any) -> int:
+@torch.no_grad()
+def generate_at_width(model: Any, tokenizer: Any, prompts: Sequence[list[int]], widths: Sequence[int], *,
+                      pad_id: int, total_length: int, skip: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      device: Any = "cpu") -> list[str]:
+    """Greedy continuations of tokenised prompts as code that pads by hand generates them: each prompt left-padded
+    with ``pad_id`` to its own ``widths`` entry and attending to those pads (an all-ones mask, what ``generate``
+    assumes when given none and the pad token is the EOS token), ``total_length`` tokens in all (padding
+    included), decoded from ``skip`` tokens past the padded prompt. Batches hold prompts of one width; sharded over
+    the ranks and gathered, in order."""
+    idx, keep = shard(len(prompts), rank, world_size)
+    batches = []
+    for width in sorted({widths[i] for i in idx}):
+        same = [i for i in idx if widths[i] == width]
+        batches += [(width, same[b:b + batch_size]) for b in range(0, len(same), batch_size)]
+    texts: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for k in range(_same_count(len(batches))):
+            width, chunk = batches[min(k, len(batches) - 1)]
+            ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in chunk],
+                               device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=total_length,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                                 synced_gpus=multi_process())
+            if k < len(batches):
+                decoded = tokenizer.batch_decode(out[:, width + skip:], skip_special_tokens=True)
+                texts.update(zip(chunk, decoded, strict=True))
+    finally:
+        model.train(was_training)
+    return _gather({"text": [texts[i] for i in idx]}, keep, idx)["text"]
+
+
+def context_length(model: Any) -> int:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
 
 
@@ -231,7 +264,7 @@ def text_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], *, bat
                         device: Any = "cpu") -> list[np.ndarray]:
     """Log-probability of every token of each text given the tokens before it (the first ``max_length``
     tokens; default: as many as the model's context holds), sharded over the ranks and gathered."""
-    max_length = max_length or _context(model)
+    max_length = max_length or context_length(model)
     idx, keep = shard(len(texts), rank, world_size)
     items = [_encode_text(tokenizer, texts[i], max_length, "start") for i in idx]
     collate = Collator(tokenizer.pad_token_id)

@@ -121,7 +121,8 @@ SUITES.register("tofu", Suite(
 SUITES.register("muse", Suite(lambda cfg, limit: muse.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit),
                               _whole("muse", _muse_run), _summary_report(_muse_run)))
 SUITES.register("hp", Suite(
-    lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words),
+    lambda cfg, limit: hp.eval_rows(cfg.data.benchmark, cfg.data.data_dir, limit, cfg.eval.prompt_words,
+                                    cfg.eval.completion_file),
     _whole("completion", _hp_run), _summary_report(_hp_run)))
 
 

@@ -401,3 +401,95 @@ def test_raw_prompts_longer_than_the_context_keep_their_end(tiny):
     (other,) = generate_texts(model, tokenizer, ["An unrelated opening line. " * 8 + long_prompt], max_new_tokens=4,
                               batch_size=1)
     assert other == text
+
+
+def _flat_rows(n: int, rng: random.Random, words: tuple[int, int]) -> list[dict]:
+    """Rows in FLAT's completion-file schema: an instruction and an opening, the passage's true continuation."""
+    vocab = "the keeper counted gulls and wrote the number in his logbook before tide turned then slept".split()
+    return [{"prompt": "Finish this text: " + " ".join(rng.choice(vocab) for _ in range(rng.randint(*words))),
+             "response": " ".join(rng.choice(vocab) for _ in range(rng.randint(10, 30)))} for _ in range(n)]
+
+
+def _flats_padding(tokenizer, prompts: list[str], batch: int = 16) -> list[list[int]]:
+    """FLAT's evaluate.py, written out: the prompts tokenised by `datasets.map` (batched: blocks of 1,000, each
+    padded on the left with the EOS token to its longest), then cut into batches of 16 and each batch left-padded
+    again by hand to its longest row. Returns every row's ids as the model sees them."""
+    import copy
+
+    from datasets import Dataset
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    ds = Dataset.from_dict({"prompt": prompts}).map(
+        lambda ex: tok(ex["prompt"], padding=True, truncation=True, max_length=1024), batched=True)
+    out = []
+    for s in range(0, len(ds), batch):
+        ids = ds[s:s + batch]["input_ids"]
+        width = max(len(x) for x in ids)
+        out += [[tok.eos_token_id] * (width - len(x)) + x for x in ids]
+    return out
+
+
+def test_flat_widths_are_the_padding_of_flats_batches(tiny):
+    """1,010 prompts: the first block of 1,000 shorter than the next 10, so the batch of rows 992-1007 spans both
+    blocks and pads to the second's longest, as FLAT's code pads it."""
+    _, tok = tiny
+    rng = random.Random(3)
+    prompts = [r["prompt"] for r in _flat_rows(1000, rng, (3, 12)) + _flat_rows(10, rng, (20, 25))]
+    expected = [len(ids) for ids in _flats_padding(tok, prompts)]
+    widths = hp.flat_widths([len(tok(p, truncation=True, max_length=1024)["input_ids"]) for p in prompts])
+    assert widths == expected and expected[991] < expected[992] == expected[1009]
+
+
+def test_hp_completion_file_scores_as_flats_evaluate(tiny, book_dir, tmp_path):
+    """eval.completion_file: the forget side of the hp test is FLAT's evaluate.py on its own rows. Its steps written
+    out here on the tiny model: `### Question: ` tags, FLAT's padding (above) attended to (generate gets no attention
+    mask), 600 tokens in all (the tiny model's 512-token context here), the first generated token dropped, BLEU and
+    ROUGE-L recall against `### Answer: ` and the whole response. The first `eval.max_examples` rows are scored,
+    padded as among all rows."""
+    import sacrebleu
+    import torch
+
+    from flat_ray.eval.runner import rouge_l_recall
+    from flat_ray.eval.suites import suite_for
+
+    model, tok = tiny
+    rows = _flat_rows(40, random.Random(4), (3, 30))
+    _jsonl(tmp_path / "hp_train_qa_200.jsonl", rows)
+    padded = _flats_padding(tok, [f"### Question: {r['prompt']}\n" for r in rows])
+    bleus, recalls = [], []
+    for s in range(0, len(rows), 16):
+        ids = torch.tensor(padded[s:s + 16])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_length=512, do_sample=False, eos_token_id=tok.eos_token_id)
+        gens = tok.batch_decode(out[:, ids.shape[1] + 1:], skip_special_tokens=True)
+        for gen, row in zip(gens, rows[s:s + 16], strict=True):
+            reference = "### Answer: " + row["response"]
+            bleus.append(sacrebleu.corpus_bleu([gen], [[reference]]).score)
+            recalls.append(rouge_l_recall(gen, reference))
+    for limit in (None, 10):
+        cfg = load_config(None, ["data.benchmark=hp", f"data.data_dir={book_dir}", "eval.batch_size=6",
+                                 f"eval.completion_file={tmp_path / 'hp_train_qa_200.jsonl'}"])
+        check_inputs(cfg)
+        got = suite_for(cfg).run(model, tok, None, {"forget": suite_for(cfg).rows(cfg, limit)["forget"]}, cfg)
+        n = limit or len(rows)
+        assert got["forget_bleu"] == pytest.approx(np.mean(bleus[:n]), abs=1e-6)
+        assert got["forget_rougeL_recall"] == pytest.approx(np.mean(recalls[:n]), abs=1e-6)
+    assert 0 < np.mean(recalls) < 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["data.benchmark=tofu", "eval.completion_file={flat}"],
+     "eval.completion_file is FLAT's Harry-Potter completion test: it needs data.benchmark hp, not 'tofu'"),
+    (["data.benchmark=hp", "data.data_dir={book}", "eval.completion_file={tmp}/none.jsonl"],
+     "eval.completion_file '{tmp}/none.jsonl' does not exist; give FLAT's data/hp/hp_train_qa_200.jsonl"),
+    (["data.benchmark=hp", "data.data_dir={book}", "eval.completion_file={book}/retain.txt"],
+     "retain.txt"),
+])
+def test_a_bad_completion_file_is_refused_in_one_line(args, message, book_dir, tmp_path):
+    flat = tmp_path / "flat.jsonl"
+    _jsonl(flat, [{"prompt": "p", "response": "r"}])
+    fill = {"flat": flat, "book": book_dir, "tmp": tmp_path}
+    with pytest.raises(FlatRayError) as exc:
+        check_inputs(load_config(None, [a.format(**fill) for a in args]))
+    assert message.format(**fill) in str(exc.value) and "\n" not in str(exc.value)
