@@ -42,7 +42,20 @@ def _load(args: tuple[str, ...], presets: list[str] = (), address: str | None = 
     return cfg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """An unknown command with no close match names the commands there are (click suggests only close ones)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            close = getattr(exc, "possibilities", None) or "Did you mean" in exc.message
+            if close or not exc.message.startswith("No such command"):
+                raise
+            raise click.UsageError(f"{exc.message} Commands: {', '.join(self.list_commands(ctx))}.", ctx) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flat-ray")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -86,10 +99,17 @@ def env() -> None:
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=VALUE]...")
 @click.option("--print", "print_config", is_flag=True, help="Print the resolved config as YAML.")
 def validate(args: tuple[str, ...], print_config: bool) -> None:
-    """Load and validate a config (with overrides) without running anything.
+    """Check a config (with overrides) as `flat-ray train` does before it starts: its values, the files it names,
+    the model's tokenizer, the data, templates and evaluation rows, the MLflow URI's form. Runs and writes nothing.
 
     With no config file this is the embedded demo's config (what `flat-ray train` runs)."""
+    from flat_ray import tracking
+    from flat_ray.preflight import check_loadable
+
     cfg = _load(args)
+    check_loadable(cfg)
+    if cfg.tracking.mlflow_uri:
+        tracking.check_scheme(cfg.tracking.mlflow_uri)
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
     click.echo(f"ok: {cfg.method.name}/{cfg.method.divergence} on {cfg.data.benchmark}/{cfg.data.split}, "

@@ -104,6 +104,42 @@ def _check_completion_file(cfg: RunConfig) -> None:
     read_rows(Path(path).expanduser(), required=("prompt", "response"))
 
 
+def check_loadable(cfg: RunConfig) -> None:
+    """What a run reads before Ray starts, read once here, where a mistake costs nothing: the model's tokenizer
+    (small: loading it proves a hub id resolves, or fails fast offline, and that the prompt profile formats a
+    question with it), LoRA's target modules, the data split, the template source, the evaluation rows and the
+    reference logs. Every run's preflight and `flat-ray validate`."""
+    from flat_ray import lora
+    from flat_ray.data import load_split, make_template_source
+    from flat_ray.eval.tofu import read_reference
+    from flat_ray.models import load_model_and_tokenizer, load_tokenizer
+    from flat_ray.pipeline import profile_for
+
+    name = cfg.model.name_or_path
+    if name not in (TINY, DEMO_ORIGINAL):
+        local = Path(name).expanduser()
+        if (local.exists() or name.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
+            raise FlatRayError(f"model path {name!r} does not exist or has no config.json; give a directory saved "
+                               "with save_pretrained or a hub id")
+        _, tokenizer = load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code,
+                                                revision=cfg.model.revision, load_model=False,
+                                                tokenizer=cfg.model.tokenizer)
+        profile_for(cfg, name, tokenizer).prompt("?", tokenizer)
+        lora.check_model(name, cfg)  # target modules the model lacks fail here, not on a GPU node
+    elif cfg.model.tokenizer:
+        load_tokenizer(cfg.model.tokenizer, cfg.model.trust_remote_code)
+    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
+    if "template" in METHODS[cfg.method.name].batch_keys:  # a missing template column or file fails here
+        make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
+                             column=cfg.data.template_column)
+    if cfg.eval.enabled:
+        from flat_ray.eval.suites import suite_for
+
+        suite_for(cfg).rows(cfg, 1)
+        if cfg.eval.reference and cfg.eval.reference != AUTO_REFERENCE:  # auto: built after these checks
+            read_reference(cfg.eval.reference)
+
+
 def check_model(cfg: RunConfig) -> None:
     """What the config names inside the model exists there: the decoder layer a method reads and the parameters
     ``model.trainable`` picks."""

@@ -47,6 +47,12 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_scheme(uri: str) -> None:
+    """A tracking URI flat-ray can use: a SQLite file or a server."""
+    if not uri.startswith(("sqlite:///", "http://", "https://", "databricks")):
+        raise FlatRayError(f"tracking.mlflow_uri {uri!r} is not supported; use sqlite:///PATH or http(s)://HOST:PORT")
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast, before anything is trained or written, when the tracking server cannot be reached."""
     if uri.startswith("sqlite:///"):
@@ -57,8 +63,7 @@ def check_reachable(uri: str) -> None:
         if not os.access(probe, os.W_OK):
             raise FlatRayError(f"MLflow store {uri} is not writable (no write access to {probe}); set tracking.mlflow_uri")
         return
-    if not uri.startswith(("http://", "https://", "databricks")):
-        raise FlatRayError(f"tracking.mlflow_uri {uri!r} is not supported; use sqlite:///PATH or http(s)://HOST:PORT")
+    check_scheme(uri)
     try:
         # one quick try here (no retries, a 5 s timeout); MLflow's own retries and back-off for everything after
         with environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):

@@ -196,7 +196,19 @@ MISTAKES = [
     case("validate-not-a-bool", ["validate", "eval.enabled=maybe", *RUN_PATHS], "eval.enabled must be bool"),
     case("validate-unknown-section", ["validate", "{in}/unknown_section.yaml", *RUN_PATHS],
          "unknown config key 'optimizer' (did you mean 'optim'?); sections: model, data"),
+    # validate makes the checks train makes before it starts (each of these once passed validate with "ok")
+    case("validate-mlflow-uri-scheme", ["validate", *RUN_PATHS, "tracking.mlflow_uri=file://{tmp}/mlruns"],
+         "/mlruns' is not supported; use sqlite:///PATH or http(s)://HOST:PORT"),
+    case("validate-hp-without-data", ["validate", "data.benchmark=hp", "model.name_or_path={tiny}", *RUN_PATHS],
+         "benchmark hp needs data.data_dir"),
+    case("validate-template-column-missing", ["validate", "data.template_source=column",
+                                              "data.template_column=refusal", *RUN_PATHS],
+         "template column 'refusal' is missing or empty in 20 forget rows (first: row 0)"),
+    case("validate-lora-module-missing", ["validate", "model.name_or_path={tiny}", "model.lora_rank=8",
+                                          "model.lora_target_modules=q_proj,nope_proj", *RUN_PATHS],
+         "model.lora_target_modules names nope_proj, which this model does not have"),
     case("unknown-command", ["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    case("unknown-command-far-from-any", ["run"], "No such command 'run'. Commands: env, eval, export, finetune, report, train, tune, validate."),
     case("unknown-log-level", ["--log-level", "VERBOSE", "validate"], "'VERBOSE' is not one of 'debug'"),
 ]
 

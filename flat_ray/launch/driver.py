@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flat_ray import lora, tracking
+from flat_ray import tracking
 from flat_ray.assets import FineTune, resolve_model_path, workdir
-from flat_ray.config import AUTO_REFERENCE, RunConfig
+from flat_ray.config import RunConfig
 from flat_ray.console import RunConsole
-from flat_ray.data import load_split, make_template_source
 from flat_ray.errors import Diverged, FlatRayError, RunFailed
 from flat_ray.eval.run import auto_reference
-from flat_ray.eval.tofu import read_reference, reference_values
+from flat_ray.eval.tofu import reference_values
 from flat_ray.export import (
     choose,
     drop_checkpoints,
@@ -40,12 +39,10 @@ from flat_ray.launch.records import (
     result_sentence,
     storage_root,
 )
-from flat_ray.losses import METHODS
 from flat_ray.metrics import METRICS
-from flat_ray.models import DEMO_ORIGINAL, TINY, fetch_weights, load_model_and_tokenizer, load_tokenizer
-from flat_ray.pipeline import profile_for
+from flat_ray.models import fetch_weights
 from flat_ray.placement import ACCELERATOR_PREFIX, worker_bundle
-from flat_ray.preflight import absolute_inputs, check_inputs, check_model
+from flat_ray.preflight import absolute_inputs, check_inputs, check_loadable, check_model
 from flat_ray.storage import Place
 
 log = logging.getLogger(__name__)
@@ -67,31 +64,7 @@ def preflight(cfg: RunConfig, uri: str | None) -> None:
     """Everything that can be checked without starting Ray or writing anything; with ``uri``, also that its MLflow
     server answers at once (None: a sweep's trial, whose sweep checked that; a trial that starts while the server is
     away for a moment waits for it through MLflow's own retries instead of failing)."""
-    name = cfg.model.name_or_path
-    if name not in (TINY, DEMO_ORIGINAL):
-        local = Path(name).expanduser()
-        if (local.exists() or name.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
-            raise FlatRayError(f"model path {name!r} does not exist or has no config.json; give a directory saved "
-                               "with save_pretrained or a hub id")
-        # the tokenizer is small: loading it here proves a hub id resolves (or fails fast when offline), and that
-        # the prompt profile can format a question with it
-        _, tokenizer = load_model_and_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision, load_model=False,
-                                                tokenizer=cfg.model.tokenizer)
-        profile_for(cfg, name, tokenizer).prompt("?", tokenizer)
-        lora.check_model(name, cfg)  # target modules the model lacks fail here, not on a GPU node
-    elif cfg.model.tokenizer:
-        load_tokenizer(cfg.model.tokenizer, cfg.model.trust_remote_code)
-    rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
-    if "template" in METHODS[cfg.method.name].batch_keys:  # a missing template column or file fails here
-        make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
-                             column=cfg.data.template_column)
-    if cfg.eval.enabled:
-        from flat_ray.eval.suites import suite_for
-
-        suite_for(cfg).rows(cfg, 1)
-        if cfg.eval.reference and cfg.eval.reference != AUTO_REFERENCE:  # auto: built after these checks
-            read_reference(cfg.eval.reference)
+    check_loadable(cfg)
     if uri:
         tracking.check_reachable(uri)
     storage = storage_root(cfg)
