@@ -141,7 +141,7 @@ class DataConfig:
             _choice("data.split", self.split, bench.splits)
         _choice("data.template_source", self.template_source, TEMPLATE_SOURCES.keys())
         if self.template_source == "file" and not self.template_file:
-            raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl or .csv)")
+            raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl, .txt or .csv)")
         if self.template_source == "column" and not self.template_column:
             raise FlatRayError("data.template_source=column needs data.template_column=NAME")
         if self.max_length < 8:

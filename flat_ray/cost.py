@@ -109,6 +109,15 @@ def estimate(cfg: RunConfig) -> TrialCost | None:
     return trial_cost(cfg, arch.params, examples, tokens, exact, questions)
 
 
+def _unknown(cfg: RunConfig) -> str:
+    """Why :func:`estimate` has no cost for ``cfg``: the model's size or the forget split's is not known here."""
+    from flat_ray.memory import arch_for
+
+    if arch_for(cfg.model.name_or_path) is None:
+        return "model size unknown here"
+    return "forget-set size unknown here: pass data.data_dir with the benchmark's files"
+
+
 def _local_rows(cfg: RunConfig) -> tuple[list[dict], dict[str, int]]:
     """The forget split's rows and the evaluation splits' sizes when the data is on this machine (the demo's, or
     ``data.data_dir``), else TOFU's published sizes (nothing is downloaded for an estimate)."""
@@ -195,7 +204,7 @@ def cost_lines(space, cluster: list | None, prices: dict[str, float] | None) -> 
         one = estimate(cfg)
         node, gpu, assumed = _gpu_type(cfg, cluster)
         if one is None or gpu not in PEAK_TFLOPS:
-            why = "model size unknown here" if one is None else f"no peak known for {gpu}"
+            why = _unknown(cfg) if one is None else f"no peak known for {gpu}"
             lines.append(f"  cell {cell.name}: {trials} trials, ? GPU-hours ({why})")
             unknown = True
             continue

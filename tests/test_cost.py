@@ -128,3 +128,17 @@ def test_a_retain_model_built_by_a_recipe_is_counted_once_per_model_and_split(tm
     assert len(built) == 2 and all("NousResearch/Llama-2-7b-chat-hf fine-tuned on retain95 by "
                                    "tofu_finetune_llama2-7b, built once): <= " in x for x in built)
     assert "built: NousResearch/Llama-2-7b-chat-hf fine-tuned on retain95 by tofu_finetune_llama2-7b" in out
+
+
+def test_a_cell_without_a_cost_says_what_is_unknown(tmp_path, monkeypatch):
+    """The muse space's model is a known 7B: what it lacks here is the forget set (MUSE's data is not on this
+    machine); a model of unknown size says so."""
+    from flat_ray.cost import cost_lines
+    from flat_ray.sweep import load_space
+
+    monkeypatch.chdir(tmp_path)
+    cluster = node_types_from_yaml(ROOT / "cluster.yaml")
+    lines = cost_lines(load_space("muse", check_files=False), cluster, None)
+    assert "? GPU-hours (forget-set size unknown here: pass data.data_dir with the benchmark's files)" in lines[1]
+    unknown = load_space("muse", ["model.name_or_path=org/unheard-of"], check_files=False)
+    assert "? GPU-hours (model size unknown here)" in cost_lines(unknown, cluster, None)[1]

@@ -136,7 +136,7 @@ def _builtin(rows, *, seed, **_):
 
 def _file(rows, *, seed, path=None, **_):
     if not path:
-        raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl or .csv)")
+        raise FlatRayError("data.template_source=file needs data.template_file=PATH (.jsonl, .txt or .csv)")
     return TemplateSource(pool=read_template_file(path), seed=seed)
 
 
