@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa", "piqa",
                "truthfulqa_mc1", "truthfulqa_mc2", "wikitext")
+PAPER_ACC_TASKS = PAPER_TASKS[:-1]  # the zero-shot tasks FLAT averages
+PAPER_AVERAGE = "paper_average"
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -101,8 +103,21 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include_pat
                            "once online to fill the datasets cache, or define the task in a local YAML with local "
                            "data files and pass its folder as --tasks-include") from None
     results = broadcast_object(results)  # lm-eval returns them on rank 0 only
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in results["results"].items():
-        out[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not k.startswith("alias") and "_stderr" not in k}
+    return with_paper_average(flatten(results["results"]))
+
+
+def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's per-task results as ``{task: {metric: value}}`` (its ``acc,none`` keys cut to ``acc``; stderrs
+    and aliases dropped)."""
+    return {task: {k.split(",")[0]: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not k.startswith("alias") and "_stderr" not in k}
+            for task, metrics in results.items()}
+
+
+def with_paper_average(out: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Adds ``paper_average: {acc}`` where every zero-shot task of the paper's set ran: the number FLAT's
+    evaluate.py reports as average accuracy, the plain mean of each task's ``acc`` (never ``acc_norm``), TruthfulQA's
+    mc1 and mc2 counted as two tasks."""
+    if all("acc" in out.get(t, {}) for t in PAPER_ACC_TASKS):
+        out = {**out, PAPER_AVERAGE: {"acc": sum(out[t]["acc"] for t in PAPER_ACC_TASKS) / len(PAPER_ACC_TASKS)}}
     return out

@@ -126,6 +126,14 @@ def recipe_reference(cfg: RunConfig, finetune: FineTune) -> Path:
     return logs
 
 
+def eval_device() -> str:
+    """Where `flat-ray eval` runs the model: the first GPU where there is one (the suites and lm-eval run it where
+    it is), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def model_location(cfg: RunConfig, finetune: FineTune | None = None) -> str:
     """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``; the demo's original
     is built with ``finetune`` when it is not cached yet."""
@@ -159,15 +167,17 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
     path = model_location(cfg, finetune)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
                                                 revision=cfg.model.revision, tokenizer=cfg.model.tokenizer)
+    device = eval_device()
+    model.to(device)
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
-                          batch_size=cfg.eval.batch_size, manager=manager) if tasks else {}
+                          batch_size=cfg.eval.batch_size, device=device, manager=manager) if tasks else {}
     out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
             "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
             "forget_quality_reference": ref_source, "lm_eval": utility,
             "lm_eval_version": lm_eval_version() if tasks else None}
-    summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, reference_tr=ref_tr,
+    summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, device=device, reference_tr=ref_tr,
                               reference_mia=ref_mia),
                "forget_quality_reference": ref_source}
 

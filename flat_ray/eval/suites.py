@@ -34,8 +34,8 @@ class Suite:
     # (model, tokenizer, profile, rows, cfg, *, rank, world_size, device, reference_tr, reference_mia, progress)
     # -> summary
     run: Callable[..., dict[str, Any]]
-    # (model, tokenizer, profile, rows, cfg, out_dir, meta, *, reference_tr, reference_mia) -> summary, logs written
-    # to out_dir
+    # (model, tokenizer, profile, rows, cfg, out_dir, meta, *, device, reference_tr, reference_mia) -> summary, logs
+    # written to out_dir
     report: Callable[..., dict[str, Any]]
     # prefix of `flat-ray eval`'s MLflow metrics; None: the benchmark's name
     prefix: str | None = None
@@ -51,12 +51,12 @@ def _tofu_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_
 
 
 def _tofu_report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
-                 reference_tr=None, reference_mia=None) -> dict[str, Any]:
+                 device="cpu", reference_tr=None, reference_mia=None) -> dict[str, Any]:
     """TOFU-format logs (per question, one file per split) and the summary, as TOFU's own evaluation writes, and
     open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` of the same values."""
     values = evaluate_tofu(model, tokenizer, profile, rows, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                           gradnorm=cfg.eval.mia_gradnorm)
+                           gradnorm=cfg.eval.mia_gradnorm, device=device)
     return write_tofu_logs(out_dir, values, cfg.eval.truth_ratio, reference_tr, meta, reference_mia)
 
 
@@ -74,8 +74,8 @@ def write_tofu_logs(out_dir: Path, values: Mapping[str, SplitValues], truth_rati
 def _summary_report(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """A suite whose logs are its summary: ``summary.json`` beside the run's metadata."""
     def report(model, tokenizer, profile, rows, cfg: RunConfig, out_dir: Path, meta: Mapping[str, Any], *,
-               reference_tr=None, reference_mia=None) -> dict[str, Any]:
-        summary = run(model, tokenizer, profile, rows, cfg)
+               device="cpu", reference_tr=None, reference_mia=None) -> dict[str, Any]:
+        summary = run(model, tokenizer, profile, rows, cfg, device=device)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
         return summary

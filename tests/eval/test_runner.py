@@ -116,6 +116,27 @@ def test_lm_eval_errors_name_the_task(tiny, local_task):
     assert task_manager(["flatray_toy"], str(local_task)) is task_manager(["flatray_toy"], f"{local_task}/.")
 
 
+def test_the_papers_average_is_flats_mean_of_plain_accuracy(monkeypatch):
+    """FLAT's evaluate.py (get_average_acc) averages `acc,none` of every zero-shot result, TruthfulQA's mc1 and mc2
+    as two tasks, never acc_norm; written out here on lm-eval's own result keys."""
+    import torch
+
+    from flat_ray.eval.harness import PAPER_AVERAGE, flatten, with_paper_average
+    from flat_ray.eval.run import eval_device
+
+    accs = dict(zip(PAPER_TASKS[:-1], (0.62, 0.55, 0.47, 0.61, 0.30, 0.66, 0.25, 0.71, 0.24, 0.38), strict=True))
+    raw = {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01, "acc_norm,none": a + 0.05} for t, a in accs.items()}
+    raw["wikitext"] = {"alias": "wikitext", "word_perplexity,none": 21.5, "byte_perplexity,none": 1.7}
+    out = with_paper_average(flatten(raw))
+    assert out[PAPER_AVERAGE] == {"acc": pytest.approx((0.62 + 0.55 + 0.47 + 0.61 + 0.30 + 0.66 + 0.25 + 0.71 + 0.24
+                                                        + 0.38) / 10)}
+    assert out["hellaswag"] == {"acc": 0.47, "acc_norm": pytest.approx(0.52)} and out["wikitext"]["word_perplexity"] == 21.5
+    del raw["piqa"]
+    assert PAPER_AVERAGE not in with_paper_average(flatten(raw))  # only where every task ran
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device() == "cuda"  # `flat-ray eval` runs the model on the GPU where there is one
+
+
 def run_cli(args, capsys):
     from cli.main import main
 
