@@ -11,6 +11,7 @@ from flat_ray.config import RunConfig
 from flat_ray.data import (
     BENCHMARKS,
     Collator,
+    TemplateSource,
     UnlearnDataset,
     load_split,
     make_template_source,
@@ -54,12 +55,20 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, profile: Any, rows: list[dict]
     if rows is None:
         rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)
     rows = _rows(cfg, tokenizer, rows)
-    templates = make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
-                                     column=cfg.data.template_column) if "template" in splits else None
+    templates = template_source(cfg, rows) if "template" in splits else None
     retain_rows = _rows(cfg, tokenizer, load_split(cfg.data.benchmark, cfg.retain_split(), cfg.data.data_dir)) \
         if "retain" in splits else None
     return UnlearnDataset(rows, tokenizer, profile, templates, max_length=cfg.data.max_length,
                           retain_rows=retain_rows, seed=cfg.optim.seed)
+
+
+def template_source(cfg: RunConfig, rows: list[dict]) -> TemplateSource:
+    """The configured template source; ``retain_text`` draws from the retain split of a text benchmark."""
+    split = cfg.retain_split()
+    retain = (lambda: load_split(cfg.data.benchmark, split, cfg.data.data_dir)) \
+        if BENCHMARKS[cfg.data.benchmark].text and split else None
+    return make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
+                                column=cfg.data.template_column, retain=retain)
 
 
 def train_collator(cfg: RunConfig, tokenizer: Any) -> Collator:

@@ -110,10 +110,10 @@ def check_loadable(cfg: RunConfig) -> None:
     question with it), LoRA's target modules, the data split, the template source, the evaluation rows and the
     reference logs. Every run's preflight and `flat-ray validate`."""
     from flat_ray import lora
-    from flat_ray.data import load_split, make_template_source
+    from flat_ray.data import load_split
     from flat_ray.eval.tofu import read_reference
     from flat_ray.models import load_model_and_tokenizer, load_tokenizer
-    from flat_ray.pipeline import profile_for
+    from flat_ray.pipeline import profile_for, template_source
 
     name = cfg.model.name_or_path
     if name not in (TINY, DEMO_ORIGINAL):
@@ -130,8 +130,7 @@ def check_loadable(cfg: RunConfig) -> None:
         load_tokenizer(cfg.model.tokenizer, cfg.model.trust_remote_code)
     rows = load_split(cfg.data.benchmark, cfg.data.split, cfg.data.data_dir)  # raises on a missing, empty, bad file
     if "template" in METHODS[cfg.method.name].batch_keys:  # a missing template column or file fails here
-        make_template_source(cfg.data.template_source, rows, seed=cfg.optim.seed, path=cfg.data.template_file,
-                             column=cfg.data.template_column)
+        template_source(cfg, rows)
     if cfg.eval.enabled:
         from flat_ray.eval.suites import suite_for
 

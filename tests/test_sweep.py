@@ -362,6 +362,7 @@ def test_text_benchmark_spaces_follow_their_recipes():
     o = cell.config.optim
     assert o.micro_batch_size * o.grad_accum_steps * cell.config.launch.num_workers == 32
     assert (o.epochs, o.warmup_ratio, o.max_grad_norm) == (5, 0.2, 0)  # FLAT's DeepSpeed config: no clipping
+    assert cell.config.data.template_source == "retain_text"  # FLAT's HP data: other text as the good answer
     assert [c.config.optim.max_grad_norm for c in muse.cells] == [1.0, 1.0]  # MUSE's Trainer without DeepSpeed clips
 
 

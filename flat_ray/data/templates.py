@@ -5,9 +5,11 @@ Sources (a registry, chosen by ``data.template_source``):
 - ``builtin``: :data:`BUILTIN_TEMPLATES`, written for this project;
 - ``file``: a user file, JSONL with a ``text`` field per line or CSV with one column (a header row is skipped
   when it reads ``text``/``template``/``answer``);
-- ``column``: a per-example column of the forget data (``data.template_column``).
+- ``column``: a per-example column of the forget data (``data.template_column``);
+- ``retain_text`` (text benchmarks): a whole text of the retain split, not after the forget prompt, every token of
+  it a label. FLAT's released code trains so on Harry Potter, pairing each forget passage with a C4 document.
 
-For ``builtin`` and ``file`` each forget example draws one template with a generator seeded by
+For ``builtin``, ``file`` and ``retain_text`` each forget example draws one template with a generator seeded by
 ``(seed, epoch)``: the same seed and epoch always give the same assignment, and the assignment is logged.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +114,14 @@ def _plain_line(p: Path, lineno: int, line: str) -> str:
 class TemplateSource:
     """Gives the template answer of every forget example for an epoch."""
 
-    def __init__(self, pool: Sequence[str] | None = None, column: Sequence[str] | None = None, seed: int = 0):
+    def __init__(self, pool: Sequence[str] | None = None, column: Sequence[str] | None = None, seed: int = 0,
+                 standalone: bool = False):
         if (pool is None) == (column is None):
             raise ValueError("give exactly one of pool or column")
         self.pool = list(pool) if pool is not None else None
         self.column = list(column) if column is not None else None
         self.seed = seed
+        self.standalone = standalone  # a whole sequence of its own, not an answer after the forget prompt
 
     def assign(self, n: int, epoch: int = 0) -> list[str]:
         """Template text for each of ``n`` examples at ``epoch``; reproducible for a given (seed, epoch)."""
@@ -149,12 +153,25 @@ def _column(rows, *, seed, column=None, **_):
     return TemplateSource(column=[r[column] for r in rows], seed=seed)
 
 
+def _retain_text(rows, *, seed, retain=None, **_):
+    if retain is None:
+        raise FlatRayError("data.template_source=retain_text draws whole texts of the retain split: it needs a text "
+                           "benchmark with one (muse_news, hp)")
+    texts = [r["text"] for r in retain() if r.get("text", "").strip()]
+    if not texts:
+        raise FlatRayError("data.template_source=retain_text: the retain split holds no text")
+    return TemplateSource(pool=texts, seed=seed, standalone=True)
+
+
 TEMPLATE_SOURCES: Registry = Registry("template source")
 TEMPLATE_SOURCES.register("builtin", _builtin)
 TEMPLATE_SOURCES.register("file", _file)
 TEMPLATE_SOURCES.register("column", _column)
+TEMPLATE_SOURCES.register("retain_text", _retain_text)
 
 
 def make_template_source(source: str, rows: Sequence[dict], *, seed: int, path: str | None = None,
-                         column: str | None = None) -> TemplateSource:
-    return TEMPLATE_SOURCES[source](rows, seed=seed, path=path, column=column)
+                         column: str | None = None,
+                         retain: Callable[[], Sequence[dict]] | None = None) -> TemplateSource:
+    """The configured source; ``retain`` loads the retain split's text rows (text benchmarks only)."""
+    return TEMPLATE_SOURCES[source](rows, seed=seed, path=path, column=column, retain=retain)

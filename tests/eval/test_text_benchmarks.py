@@ -327,6 +327,31 @@ def test_text_benchmarks_use_the_raw_profile_and_train_on_chunks(tiny_model_dir,
     assert BENCHMARKS["muse_news"].text and BENCHMARKS["hp"].evaluation == "hp"
 
 
+def test_retain_text_templates_are_whole_retain_texts_as_flats_hp_training(tiny_model_dir, book_dir):
+    """data.template_source=retain_text: FLAT's released code on Harry Potter pairs each forget passage with a
+    document of other text (C4), a sequence of its own, every token a label, not an answer after the forget
+    prompt. Here each template is one of the retain split's texts, drawn per epoch from the seed."""
+    from flat_ray.pipeline import prepare
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.benchmark=hp", f"data.data_dir={book_dir}",
+                             "data.chunk_tokens=48", "data.max_length=400", "data.template_source=retain_text"])
+    check_inputs(cfg)
+    prep = prepare(cfg)
+    tok, retain = prep.tokenizer, [r["text"] for r in load_split("hp", "retain", str(book_dir))]
+    for i in range(len(prep.dataset)):
+        template, forget = prep.dataset[i]["template"], prep.dataset[i]["forget"]
+        assert template["labels"][0] == -100 and template["labels"][1:] == template["input_ids"][1:]  # BOS, all labels
+        assert tok.decode(template["input_ids"], skip_special_tokens=True).strip() in retain
+        assert forget["labels"].count(-100) > 1  # the forget chunk keeps its prompt
+    drawn = [tok.decode(prep.dataset[i]["template"]["input_ids"], skip_special_tokens=True) for i in range(6)]
+    prep.dataset.set_epoch(1)
+    assert drawn != [tok.decode(prep.dataset[i]["template"]["input_ids"], skip_special_tokens=True) for i in range(6)]
+    with pytest.raises(FlatRayError, match="retain_text draws whole texts of the retain split: it needs a text"):
+        from flat_ray.preflight import check_loadable
+
+        check_loadable(load_config(None, ["data.template_source=retain_text"]))
+
+
 @pytest.mark.slow
 def test_npo_on_muse_news_trains_under_zero3_and_logs_per_epoch_muse_metrics(ray_local, tiny_model_dir, muse_dir,
                                                                               tmp_path):
