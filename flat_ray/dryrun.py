@@ -56,7 +56,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         "benchmark": f"{cfg.data.benchmark}/{cfg.data.split} ({BENCHMARKS[cfg.data.benchmark].description})",
         "forget_examples": n,
         "template_source": cfg.data.template_source,
-        "first_templates": prep.dataset.assignment[:3],
+        "first_templates": [t if len(t) <= 80 else t[:77] + "..." for t in prep.dataset.assignment[:3]],
         "method": f"{method.name} ({', '.join(f'{k}={getattr(cfg.method, k)}' for k in method.knobs)})",
         "optimizer_steps": optimizer_steps(micro, cfg.optim.epochs, cfg.optim.grad_accum_steps),
         "first_batch": {k: tuple(batch[k]["input_ids"].shape) for k in method.splits(vars(cfg.method))},

@@ -343,6 +343,10 @@ def test_retain_text_templates_are_whole_retain_texts_as_flats_hp_training(tiny_
         assert template["labels"][0] == -100 and template["labels"][1:] == template["input_ids"][1:]  # BOS, all labels
         assert tok.decode(template["input_ids"], skip_special_tokens=True).strip() in retain
         assert forget["labels"].count(-100) > 1  # the forget chunk keeps its prompt
+    from flat_ray.dryrun import dry_run
+
+    shown = dry_run(cfg)["first_templates"]  # the dry run shows a long template's start only
+    assert len(shown) == 3 and all(len(t) <= 80 and t[:60] in " ".join(retain) for t in shown)
     drawn = [tok.decode(prep.dataset[i]["template"]["input_ids"], skip_special_tokens=True) for i in range(6)]
     prep.dataset.set_epoch(1)
     assert drawn != [tok.decode(prep.dataset[i]["template"]["input_ids"], skip_special_tokens=True) for i in range(6)]
