@@ -17,8 +17,8 @@ class UnlearnDataset(Dataset):
     """Forget rows paired with template answers.
 
     Item ``i`` is ``{"forget": enc(q_i, y_f,i), "template": enc(q_i, y_e,i), "index": i}``: the template is its
-    own sequence (prompt + y_e; a standalone template, y_e alone), never the forget ``input_ids`` with other labels. Template assignment is fixed
-    per epoch (:meth:`set_epoch`) and reproducible from the source's seed. With ``templates=None`` (methods that
+    own sequence (prompt + y_e; a standalone template, y_e alone), never the forget ``input_ids`` with other
+    labels. Template assignment is fixed per epoch (:meth:`set_epoch`) and reproducible from the source's seed. With ``templates=None`` (methods that
     need no template, such as fine-tuning) items hold only ``forget``: the rows of the configured split. With
     ``retain_rows`` (methods with a retain term) each item also holds ``retain``, a retain example drawn per epoch from a
     generator seeded by ``(seed, epoch)``.
