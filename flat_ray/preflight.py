@@ -10,7 +10,6 @@ from pathlib import Path
 
 from flat_ray.config import AUTO_REFERENCE, RECIPES, RunConfig
 from flat_ray.data import BENCHMARKS
-from flat_ray.data.files import read_rows
 from flat_ray.data.templates import read_template_file
 from flat_ray.errors import FlatRayError
 from flat_ray.fileio import filesystem
@@ -101,7 +100,9 @@ def _check_completion_file(cfg: RunConfig) -> None:
     if not Path(path).expanduser().is_file():
         raise FlatRayError(f"eval.completion_file {path!r} does not exist; give FLAT's data/hp/hp_train_qa_200.jsonl "
                            "or hp_test_qa_200.jsonl (a JSONL of prompt and response)")
-    read_rows(Path(path).expanduser(), required=("prompt", "response"))
+    from flat_ray.eval.hp import read_completion_file
+
+    read_completion_file(path)
 
 
 def check_loadable(cfg: RunConfig) -> None:

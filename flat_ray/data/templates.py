@@ -156,7 +156,7 @@ def _column(rows, *, seed, column=None, **_):
 def _retain_text(rows, *, seed, retain=None, **_):
     if retain is None:
         raise FlatRayError("data.template_source=retain_text draws whole texts of the retain split: it needs a text "
-                           "benchmark with one (muse_news, hp)")
+                           "benchmark with one (muse_news, hp, wmdp)")
     texts = [r["text"] for r in retain() if r.get("text", "").strip()]
     if not texts:
         raise FlatRayError("data.template_source=retain_text: the retain split holds no text")

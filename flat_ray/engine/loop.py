@@ -35,7 +35,7 @@ from flat_ray.engine.step import method_loss, to_device
 from flat_ray.envinfo import forwarded_env
 from flat_ray.errors import StorageError
 from flat_ray.eval import original
-from flat_ray.eval.suites import PER_QUESTION, suite_for, write_tofu_logs
+from flat_ray.eval.suites import PER_QUESTION, interim_rows, scored, suite_for, write_tofu_logs
 from flat_ray.eval.tofu import summarize
 from flat_ray.fileio import atomic_write_text
 from flat_ray.losses import METHODS
@@ -278,7 +278,7 @@ class _Job:
 
         rows = self.eval_rows
         if cfg.eval.interim_examples and 0 < epoch < cfg.optim.epochs:  # between the first and the last: cheaper
-            rows = {split: part[:cfg.eval.interim_examples] for split, part in rows.items()}
+            rows = interim_rows(rows, cfg.eval.interim_examples)
         started = time.perf_counter()
         cache = self.payload.get("original_cache") if epoch == 0 else None
         summary = self._cached_original(cache) if cache else None
@@ -294,7 +294,7 @@ class _Job:
         # per split (the largest split's count)
         self.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()}, "epoch": epoch,
                                   "eval_s": time.perf_counter() - started,
-                                  "eval_examples": max(map(len, rows.values()), default=0)}, step=epoch)
+                                  "eval_examples": max(map(scored, rows.values()), default=0)}, step=epoch)
         if self.rank == 0:
             log.info("epoch %d eval: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             self.show({"kind": "metrics", "epoch": epoch, "metrics": metrics})
@@ -366,7 +366,9 @@ class _Job:
         out_dir = Path(self.payload["output_dir"])
         if self.rank == 0 and self.dataset.assignment:
             (out_dir / "templates").mkdir(parents=True, exist_ok=True)
-            (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(self.dataset.assignment, indent=0))
+            shown = [t[:80] for t in self.dataset.assignment] if self.dataset.templates.standalone \
+                else self.dataset.assignment  # a whole text per row: its start names it
+            (out_dir / "templates" / f"epoch_{epoch + 1}.json").write_text(json.dumps(shown, indent=0))
         method, knobs = self.method, self.knobs  # looked up once per epoch, not per micro-batch
         splits = method.splits(knobs)
         window_start, window_tokens = time.perf_counter(), 0

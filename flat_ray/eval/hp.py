@@ -14,6 +14,7 @@ dropped, the tagged response uncut as the reference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from flat_ray.data import load_split
 from flat_ray.data.files import read_rows
 from flat_ray.data.text import completion_rows
+from flat_ray.errors import FlatRayError
 
 INSTRUCTION = "Continue this passage in the same words as its original text:\n\n"
 # FLAT's completion test (UCSC-REAL/FLAT@bf2ef07: evaluate.py, dataset/harrypotter.py), its OPT tags
@@ -36,9 +38,24 @@ def eval_rows(benchmark: str, data_dir: str | None, limit: int | None, prompt_wo
     rows = {split: completion_rows(load_split(benchmark, split, data_dir), prompt_words, limit)
             for split in ("forget", "retain")}
     if completion_file:  # every row: the padding of the first ``limit`` depends on all of them
-        rows["forget"] = [{**r, "scored": not limit or i < limit}
-                          for i, r in enumerate(read_rows(completion_file, required=("prompt", "response")))]
+        rows["forget"] = first_rows(read_completion_file(completion_file), limit)
     return rows
+
+
+def read_completion_file(path: str) -> list[dict]:
+    """FLAT's completion rows: ``prompt`` and ``response`` strings, every one."""
+    rows = read_rows(Path(path).expanduser(), required=("prompt", "response"))
+    bad = next((i for i, r in enumerate(rows, 1) if not all(isinstance(r[k], str) for k in ("prompt", "response"))),
+               None)
+    if bad is not None:
+        raise FlatRayError(f"eval.completion_file {path}: row {bad} has a prompt or response that is not text")
+    return rows
+
+
+def first_rows(rows: list[dict], limit: int | None) -> list[dict]:
+    """The completion file's rows, the first ``limit`` of them scored (all are kept: FLAT pads each prompt as among
+    all of them)."""
+    return [{**r, "scored": not limit or i < limit} for i, r in enumerate(rows)]
 
 
 def flat_widths(lengths: Sequence[int], block: int = FLAT_MAP_ROWS, batch: int = FLAT_BATCH) -> list[int]:

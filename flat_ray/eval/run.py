@@ -30,7 +30,7 @@ from flat_ray.config import AUTO_REFERENCE, RunConfig
 from flat_ray.errors import FlatRayError
 from flat_ray.eval.harness import lm_eval_version, run_lm_eval, task_manager
 from flat_ray.eval.open_unlearning import read_logs
-from flat_ray.eval.suites import suite_for
+from flat_ray.eval.suites import scored, suite_for
 from flat_ray.eval.tofu import LOG_FILES, read_reference, read_reference_mia, summarize
 from flat_ray.models import load_model_and_tokenizer
 from flat_ray.pipeline import profile_for
@@ -134,6 +134,14 @@ def eval_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def eval_dtype(device: str) -> Any:
+    """bf16 on a GPU, as TOFU's evaluation loads its models (and an fp32 7B checkpoint fits a 24 GB card); on the
+    CPU the checkpoint's own dtype."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else None
+
+
 def model_location(cfg: RunConfig, finetune: FineTune | None = None) -> str:
     """A model path or hub id; a `flat-ray train` run directory means its exported ``model/``; the demo's original
     is built with ``finetune`` when it is not cached yet."""
@@ -165,16 +173,17 @@ def evaluate_model(cfg: RunConfig, *, reference: str | None = None, tasks: list[
         tracking.run_data_or_error(uri, run_id)
     manager = task_manager(tasks, tasks_include) if tasks else None
     path = model_location(cfg, finetune)
-    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision, tokenizer=cfg.model.tokenizer)
     device = eval_device()
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
+                                                revision=cfg.model.revision, tokenizer=cfg.model.tokenizer,
+                                                dtype=eval_dtype(device))
     model.to(device)
     profile = profile_for(cfg, cfg.model.name_or_path, tokenizer)
     utility = run_lm_eval(model, tokenizer, tasks, include_path=tasks_include, limit=limit,
                           batch_size=cfg.eval.batch_size, device=device, manager=manager) if tasks else {}
     out = Path(out_dir) if out_dir else workdir(cfg) / "evals" / f"{Path(path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"model": cfg.model.name_or_path, "model_path": path, "benchmark": cfg.data.benchmark,
-            "split": cfg.data.split, "questions": {k: len(v) for k, v in rows.items()},
+            "split": cfg.data.split, "questions": {k: scored(v) for k, v in rows.items()},
             "forget_quality_reference": ref_source, "lm_eval": utility,
             "lm_eval_version": lm_eval_version() if tasks else None}
     summary = {**suite.report(model, tokenizer, profile, rows, cfg, out, meta, device=device, reference_tr=ref_tr,

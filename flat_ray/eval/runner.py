@@ -243,11 +243,15 @@ def generate_at_width(model: Any, tokenizer: Any, prompts: Sequence[list[int]], 
             width, chunk = batches[min(k, len(batches) - 1)]
             ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in chunk],
                                device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=total_length,
-                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-                                 synced_gpus=multi_process())
+            # what max_length=total_length leaves after the padded prompt; a prompt that fills it gets no text
+            # (transformers refuses such a max_length; every rank still runs the call)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max(1, total_length - width), do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, synced_gpus=multi_process())
             if k < len(batches):
                 decoded = tokenizer.batch_decode(out[:, width + skip:], skip_special_tokens=True)
+                if width >= total_length:
+                    decoded = [""] * len(chunk)
                 texts.update(zip(chunk, decoded, strict=True))
     finally:
         model.train(was_training)

@@ -101,6 +101,18 @@ def _wmdp_run(model, tokenizer, profile, rows, cfg: RunConfig, *, rank=0, world_
                                      limit=cfg.eval.max_examples, batch_size=cfg.eval.batch_size, device=device))
 
 
+def interim_rows(rows: Mapping[str, list[dict]], n: int) -> dict[str, list[dict]]:
+    """The first ``n`` questions of each split; a completion file's rows stay whole, its first ``n`` scored (FLAT pads
+    each prompt as among all of them)."""
+    return {split: hp.first_rows(part, n) if part and "scored" in part[0] else part[:n]
+            for split, part in rows.items()}
+
+
+def scored(part: list[dict]) -> int:
+    """How many of a split's rows an evaluation scores (a completion file's are flagged)."""
+    return sum(r["scored"] for r in part) if part and "scored" in part[0] else len(part)
+
+
 def _whole(name: str, run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """A suite whose evaluation is one piece for progress purposes: reported as 0/1, then 1/1."""
     def wrapped(*args, progress=None, **kwargs) -> dict[str, Any]:

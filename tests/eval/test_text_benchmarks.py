@@ -514,11 +514,34 @@ def test_hp_completion_file_scores_as_flats_evaluate(tiny, book_dir, tmp_path):
      "eval.completion_file '{tmp}/none.jsonl' does not exist; give FLAT's data/hp/hp_train_qa_200.jsonl"),
     (["data.benchmark=hp", "data.data_dir={book}", "eval.completion_file={book}/retain.txt"],
      "retain.txt"),
+    (["data.benchmark=hp", "data.data_dir={book}", "eval.completion_file={tmp}/null.jsonl"],
+     "eval.completion_file {tmp}/null.jsonl: row 2 has a prompt or response that is not text"),
 ])
 def test_a_bad_completion_file_is_refused_in_one_line(args, message, book_dir, tmp_path):
     flat = tmp_path / "flat.jsonl"
     _jsonl(flat, [{"prompt": "p", "response": "r"}])
+    _jsonl(tmp_path / "null.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": None}])
     fill = {"flat": flat, "book": book_dir, "tmp": tmp_path}
     with pytest.raises(FlatRayError) as exc:
         check_inputs(load_config(None, [a.format(**fill) for a in args]))
     assert message.format(**fill) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_completion_file_edge_cases(tiny, book_dir, tmp_path, monkeypatch):
+    """A `~` path reads as the preflight checked it; a prompt that fills FLAT's 600 tokens (here the tiny model's 512)
+    gets an empty continuation instead of failing the evaluation; interim evaluations score the first
+    eval.interim_examples rows, still padded as among all of them."""
+    from flat_ray.eval.suites import interim_rows, scored, suite_for
+
+    model, tok = tiny
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rows = _flat_rows(5, random.Random(5), (3, 8))
+    _jsonl(tmp_path / "flat.jsonl", rows)
+    cfg = load_config(None, ["data.benchmark=hp", f"data.data_dir={book_dir}", "eval.completion_file=~/flat.jsonl"])
+    check_inputs(cfg)
+    forget = suite_for(cfg).rows(cfg, 3)["forget"]
+    assert [r["prompt"] for r in forget] == [r["prompt"] for r in rows] and scored(forget) == 3
+    assert scored(interim_rows({"forget": forget}, 2)["forget"]) == 2 and len(interim_rows({"x": rows}, 2)["x"]) == 2
+    long = [{"prompt": " ".join(["keeper"] * 600), "response": rows[0]["response"]}, *rows[:2]]
+    out = hp.evaluate(model, tok, {"forget": hp.first_rows(long, None)}, max_new_tokens=8, batch_size=4)
+    assert out == {"forget_bleu": 0.0, "forget_rougeL_recall": 0.0}  # every prompt padded past the 512 tokens
