@@ -264,3 +264,48 @@ def test_lm_eval_in_a_process_group_shares_the_questions_and_gives_one_process_n
     ranks = [json.loads(open(f"{out}.{r}").read()) for r in (0, 1)]
     assert ranks[0]["results"] == ranks[1]["results"] == one["results"]
     assert all(r["seen"] < one["seen"] <= ranks[0]["seen"] + ranks[1]["seen"] for r in ranks), (one, ranks)
+
+
+WIDTH_PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [6, 7], [9], [14, 15, 16, 17, 18, 19], [20, 21, 22, 23, 24]]
+WIDTH_OF = [10, 10, 10, 10, 10, 20, 20]  # rank 0 holds rows 0, 2, 4, 6 (3 batches of 2), rank 1 rows 1, 3, 5 (2)
+
+
+def _generate_at_width(rank: int, world: int, model_dir: str, port: int, out: str) -> None:
+    """One rank of a gloo group running FLAT-style padded generation; writes the gathered texts."""
+    import os
+
+    import torch.distributed as dist
+
+    from flat_ray.eval.runner import generate_at_width
+    from flat_ray.models import load_model_and_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, tok = load_model_and_tokenizer(model_dir)
+    texts = generate_at_width(model, tok, WIDTH_PROMPTS, WIDTH_OF, pad_id=tok.eos_token_id, total_length=30, skip=1,
+                              batch_size=2, rank=rank, world_size=world)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(texts, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_padded_generation_on_two_ranks_gives_one_process_texts(tiny_model_dir, tiny, tmp_path):
+    """eval.completion_file's generation (each prompt at its FLAT width) over two gloo ranks that hold different
+    numbers of batches: every rank runs as many `generate` calls as the busiest (synced decoding) and both return
+    the one-process texts, in order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from flat_ray.eval.runner import generate_at_width
+
+    model, tok = tiny
+    one = generate_at_width(model, tok, WIDTH_PROMPTS, WIDTH_OF, pad_id=tok.eos_token_id, total_length=30, skip=1,
+                            batch_size=2)
+    assert len(one) == 7 and any(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_generate_at_width, args=(2, str(tiny_model_dir), port, str(tmp_path / "gen")), nprocs=2)
+    assert [json.loads((tmp_path / f"gen.{r}").read_text()) for r in (0, 1)] == [one, one]
