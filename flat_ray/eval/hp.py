@@ -35,11 +35,12 @@ FLAT_BATCH = 16  # evaluate.py's batch size; a batch across two blocks pads agai
 
 def eval_rows(benchmark: str, data_dir: str | None, limit: int | None, prompt_words: int,
               completion_file: str | None = None) -> dict[str, list[dict]]:
-    rows = {split: completion_rows(load_split(benchmark, split, data_dir), prompt_words, limit)
-            for split in ("forget", "retain")}
-    if completion_file:  # every row: the padding of the first ``limit`` depends on all of them
-        rows["forget"] = first_rows(read_completion_file(completion_file), limit)
-    return rows
+    def passages(split: str) -> list[dict]:
+        return completion_rows(load_split(benchmark, split, data_dir), prompt_words, limit)
+
+    # a completion file's every row: the padding of the first ``limit`` depends on all of them
+    forget = first_rows(read_completion_file(completion_file), limit) if completion_file else passages("forget")
+    return {"forget": forget, "retain": passages("retain")}
 
 
 def read_completion_file(path: str) -> list[dict]:
